@@ -1,0 +1,40 @@
+"""Small pieces shared by the three command-line tools: logging, cache folder, env for Flower."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+# Every process our commands start gets these, so Flower never phones home, never checks for
+# updates, and never installs an app's dependencies at run time (it would pull a CUDA torch).
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Return a copy of this process's environment with Flower's switches set."""
+    env = dict(os.environ)
+    env.update(FLOWER_ENV)
+    env.update(extra or {})
+    return env
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr at INFO (DEBUG with ``verbose``)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where decoded-patch caches live: ``$IDC_CACHE_DIR``, else ``~/.cache/idc-fl``.
+
+    Never next to the data: a data folder may be read-only.
+    """
+    env = os.environ.get("IDC_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "idc-fl"

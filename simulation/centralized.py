@@ -1,0 +1,129 @@
+"""The centralized baseline: the paper's recipe on pooled patches, with its figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from common import metrics as M
+from common.data import PatchSet, load_patches
+from common.dataset import PatchDataset, make_loader
+from common.model import Norm, build_model
+from common.partition import Split, balance, split_by_patient, split_random
+from common.plots import plot_confusion, plot_curves, plot_examples
+from common.training import TrainConfig, evaluate, predict, resolve_device, train
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """The paper's recipe by default: Adam 1e-4, 40 epochs, 70/30 (validation taken from 70)."""
+
+    split: Literal["patient", "random"] = "patient"
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-4
+    patience: int | None = 5
+    balance: bool = False
+    augment: bool = True
+    seed: int = 0
+    norm: Norm = "batch"
+    fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.split not in ("patient", "random"):
+            raise ValueError(f"split must be 'patient' or 'random', got {self.split!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+
+    def train_config(self) -> TrainConfig:
+        """The loop's part of this config."""
+        return TrainConfig(epochs=self.epochs, lr=self.lr, patience=self.patience,
+                           progress=self.progress)  # fmt: skip
+
+
+def make_split(patches: PatchSet, config: BaselineConfig) -> Split:
+    """Split as configured, balancing the training part when asked."""
+    if config.split == "patient":
+        split = split_by_patient(patches.patients, config.fractions, config.seed)
+    else:
+        split = split_random(len(patches), config.fractions, config.seed)
+    if config.balance:
+        split = Split(balance(split.train, patches.labels, config.seed), split.val, split.test)
+    if len(split.train) == 0 or len(split.test) == 0:
+        raise ValueError(f"split left an empty part: {len(split.train)} train, "
+                         f"{len(split.test)} test patches; add patients")  # fmt: skip
+    return split
+
+
+def fit(
+    patches: PatchSet, train_idx: np.ndarray, val_idx: np.ndarray | None, config: BaselineConfig
+) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Train a fresh model on ``train_idx`` with the one training loop."""
+    model = build_model(config.norm, seed=config.seed)
+    train_ds = PatchDataset(patches.images, patches.labels, train_idx, config.augment, config.seed)
+    loader = make_loader(train_ds, config.batch_size, shuffle=True, seed=config.seed)
+    val_loader = None
+    if val_idx is not None and len(val_idx):
+        val_loader = make_loader(PatchDataset(patches.images, patches.labels, val_idx),
+                                 EVAL_BATCH, shuffle=False)  # fmt: skip
+    result = train(model, loader, config.train_config(), val_loader)
+    return model, result.history
+
+
+def eval_loader(patches: PatchSet, idx: np.ndarray) -> object:
+    """A plain, unshuffled loader over ``idx``."""
+    return make_loader(PatchDataset(patches.images, patches.labels, idx), EVAL_BATCH, False)
+
+
+def run_centralized(
+    data: Path, out: Path, config: BaselineConfig, cache_dir: Path | None = None
+) -> dict[str, object]:
+    """Train, evaluate on the held-out part, write metrics, weights and figures to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    patches = load_patches(data, cache_dir=cache_dir, workers=2)
+    split = make_split(patches, config)
+    log.info("split (%s): %d train, %d val, %d test patches", config.split,
+             len(split.train), len(split.val), len(split.test))  # fmt: skip
+    model, history = fit(patches, split.train, split.val, config)
+    device = resolve_device()
+    loader = eval_loader(patches, split.test)
+    test = evaluate(model, loader, device)  # type: ignore[arg-type]
+    labels, probs, _ = predict(model, loader, device)  # type: ignore[arg-type]
+    summary: dict[str, object] = {
+        "config": asdict(config),
+        "data": {"root": patches.report.root, "fingerprint": patches.fingerprint,
+                 "usable": patches.report.usable, "patients": patches.report.patients},
+        "split_sizes": {"train": len(split.train), "val": len(split.val),
+                        "test": len(split.test)},
+        "history": history,
+        "test": test,
+    }  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(M.json_safe(summary), indent=2))
+    torch.save(model.state_dict(), out / "model.pt")
+    plot_curves(history, out / "curves.png")
+    plot_confusion(test[M.CONFUSION], out / "confusion.png", "test")  # type: ignore[arg-type]
+    plot_examples(patches.images[split.test], labels, probs, out / "examples.png")
+    return summary
+
+
+def results_table(rows: dict[str, dict[str, object]]) -> str:
+    """A short fixed-width table of the headline metrics, one row per named result."""
+    cols = (M.ACCURACY, M.BALANCED_ACCURACY, M.F1, M.AUC)
+    lines = [f"{'':<24}" + "".join(f"{c:>19}" for c in cols)]
+    for name, res in rows.items():
+        cells = []
+        for c in cols:
+            v = res.get(c)
+            cells.append(f"{v:>19.4f}" if isinstance(v, float) else f"{'n/a':>19}")
+        lines.append(f"{name:<24}" + "".join(cells))
+    return "\n".join(lines)

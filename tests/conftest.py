@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny patch folders built in tmp_path, and the real data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DEFAULT_REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "idc-real"
+REAL_DATA = Path(os.environ.get("IDC_REAL_DATA", DEFAULT_REAL))
+
+
+def write_patch(
+    root: Path, patient: str, x: int, y: int, label: int, *, folder: str | None = None,
+    size: tuple[int, int] = (50, 50), mode: str = "RGB", value: int | None = None,
+) -> Path:
+    """Write one PNG in the Kaggle layout; ``folder`` overrides the class folder."""
+    d = root / patient / (folder if folder is not None else str(label))
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{patient}_idx5_x{x}_y{y}_class{label}.png"
+    rng = np.random.default_rng(hash((patient, x, y)) % 2**32)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    if value is not None:
+        arr[:] = value
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The shared real patches; fails under CI when missing, skips otherwise."""
+    if not REAL_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"real IDC data not found at {REAL_DATA} (set IDC_REAL_DATA)")
+        pytest.skip(f"real IDC data not found at {REAL_DATA} (set IDC_REAL_DATA to run)")
+    return REAL_DATA

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from common.dataset import PatchDataset, augment_batch, make_loader
+from common.model import build_model
+from common.training import TrainConfig, evaluate, train
+
+
+def toy(n=96, seed=0):
+    """Patches whose class is their brightness: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    images = rng.integers(0, 90, (n, 50, 50, 3)).astype(np.uint8)
+    images[labels == 1] += 120
+    return images, labels
+
+
+def test_dataset_batches_are_floats_in_unit_range():
+    images, labels = toy(10)
+    ds = PatchDataset(images, labels, np.array([3, 1, 7]))
+    x, y = ds.__getitems__([0, 2])
+    assert x.shape == (2, 3, 50, 50) and x.dtype == torch.float32
+    assert torch.allclose(x[0], torch.from_numpy(images[3]).permute(2, 0, 1).float() / 255)
+    assert y.tolist() == [labels[3], labels[7]]
+    xi, yi = ds[1]
+    assert torch.equal(xi, torch.from_numpy(images[1]).permute(2, 0, 1).float() / 255)
+
+
+def test_augmentation_keeps_shape_range_and_content():
+    x = torch.rand(32, 3, 50, 50)
+    out = augment_batch(x.clone(), np.random.default_rng(0))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(out, x)
+    # flips and rotations move pixels; jitter is mild, so channel means stay close
+    assert torch.allclose(out.mean((2, 3)), x.mean((2, 3)), atol=0.06)
+
+
+def test_loader_is_seeded():
+    images, labels = toy(40)
+    order = [make_loader(PatchDataset(images, labels), 8, True, seed=5) for _ in range(2)]
+    a = [y.tolist() for _, y in order[0]]
+    b = [y.tolist() for _, y in order[1]]
+    assert a == b
+
+
+def test_short_training_learns_and_evaluation_reports_all_metrics():
+    images, labels = toy(128)
+    model = build_model(seed=0)
+    loader = make_loader(PatchDataset(images, labels, augment=True), 32, True)
+    val = make_loader(PatchDataset(images, labels), 64, False)
+    before = evaluate(model, val, torch.device("cpu"))
+    result = train(model, loader, TrainConfig(epochs=3, lr=1e-3, patience=None), val)
+    after = evaluate(model, val, torch.device("cpu"))
+    assert len(result.history) == 3 and result.steps == 12 and result.examples == 3 * 128
+    assert after["loss"] < before["loss"]
+    assert after["balanced_accuracy"] > 0.8
+    assert set(after) >= {"loss", "accuracy", "balanced_accuracy", "precision", "recall", "f1",
+                          "auc", "confusion"}
+
+
+def test_early_stopping_restores_the_best_weights():
+    images, labels = toy(64)
+    model = build_model(seed=0)
+    loader = make_loader(PatchDataset(images, labels), 32, True)
+    # validation labels flipped: validation loss rises as training succeeds
+    val = make_loader(PatchDataset(images, 1 - labels), 64, False)
+    seen = []
+    result = train(model, loader, TrainConfig(epochs=8, lr=1e-3, patience=2), val,
+                   on_epoch=lambda row: seen.append(model.state_dict()["head.9.bias"].clone()))
+    assert result.stopped_early and len(result.history) < 8
+    best = min(result.history, key=lambda r: r["val_loss"])
+    assert result.best_epoch == int(best["epoch"])
+    assert torch.equal(model.state_dict()["head.9.bias"], seen[result.best_epoch - 1])
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="learning rate"):
+        TrainConfig(lr=-1)
