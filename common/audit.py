@@ -1,0 +1,408 @@
+"""Append-only, hash-chained, signed JSON Lines audit log written by the coordinator and sites.
+
+Format: one canonical JSON object per line (see :func:`canonical_json`) with ``seq`` (0, 1, 2,
+... across rotated files), ``time`` (UTC ISO-8601 ``Z``, clamped so it never decreases),
+``actor``, ``action``, ``object``, ``outcome``, optional ``details`` (JSON values; NaN and
+infinity refused), ``prev`` and ``sig``. ``sig`` is the owner's ECDSA-SHA256 signature
+(:mod:`common.keys`) over the canonical entry without ``sig``; ``prev`` is the SHA-256 hex of
+the whole previous canonical entry, ``sig`` included, or :data:`GENESIS` for the first.
+
+A live file past ``max_bytes`` is renamed ``<name>.<N>`` (oldest lowest) and the chain goes
+on in a fresh file. Reopening continues from the last entry, which must parse and carry this
+key's signature (only the tail is checked; :mod:`common.audit_verify` checks all). Each
+append is fsync-ed; any ``OSError`` becomes :class:`AuditError` and the log refuses further
+appends, so an audited run stops (fail closed). A thread lock serialises appends and a
+``flock`` on ``<name>.lock`` refuses a second writer.
+
+Limits: the chain proves order and completeness only up to the last entry present. Lines
+cut cleanly off the end leave a shorter valid chain, and the key holder can rewrite the whole
+log. Only evidence kept outside the log catches that: a head (:attr:`AuditLog.head`, or a
+report's ``last_seq``/``last_hash``) recorded where the owner cannot edit it and passed to
+``verify_log(..., expect_head=...)``, or the other party's log via ``cross_check``. Entries
+after the last head recorded elsewhere can still vanish unnoticed.
+
+Update events, the convention ``cross_check`` relies on: a site (``actor`` = its site name)
+appends ``update.sent`` (object: the run id) with details ``{"run_id": str, "round": int,
+"digest": str}`` when it hands an update to Flower; the coordinator appends
+``update.received`` (object: the site name) with details ``{"run_id", "round", "digest",
+"signature_valid": bool, "accepted": bool, ...}`` for every update that arrives, accepted or
+not. Digests come from :func:`digest_arrays`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from common import keys
+
+logger = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+UPDATE_SENT = "update.sent"
+UPDATE_RECEIVED = "update.received"
+
+_TEXT_FIELDS = ("time", "actor", "action", "object", "outcome", "prev", "sig")
+_FIELDS = frozenset({"seq", "details", *_TEXT_FIELDS})
+_ARRAYS_TAG = b"idc-arrays-v1\n"
+
+
+class AuditError(RuntimeError):
+    """The audit log cannot be opened, continued or written; the run must stop."""
+
+
+class LogHead(NamedTuple):
+    """The last entry of a log: its ``seq`` and chain hash."""
+
+    seq: int
+    hash: str
+
+
+def canonical_json(value: Mapping[str, Any]) -> bytes:
+    """Return the canonical UTF-8 JSON bytes of a mapping (sorted keys, no spaces)."""
+    text = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return text.encode("utf-8")
+
+
+def signing_bytes(entry: Mapping[str, Any]) -> bytes:
+    """Return the bytes an entry's ``sig`` covers: the canonical entry without ``sig``."""
+    return canonical_json({k: v for k, v in entry.items() if k != "sig"})
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    """Return the chain hash of an entry: SHA-256 hex of its canonical bytes, ``sig`` included."""
+    return hashlib.sha256(canonical_json(entry)).hexdigest()
+
+
+def format_time(moment: datetime) -> str:
+    """Format an aware datetime as UTC ISO-8601 with microseconds and a ``Z`` suffix."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: object) -> datetime:
+    """Parse an entry's ``time``; raise ValueError unless it is ISO-8601 UTC ending in ``Z``."""
+    if not isinstance(value, str) or not value.endswith("Z"):
+        raise ValueError(f"time {value!r} is not UTC ISO-8601 ending in Z")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"time {value!r} is not UTC ISO-8601 ending in Z") from exc
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_entry(line: bytes) -> dict[str, Any]:
+    """Parse one raw log line and check its shape, not its chain link or signature.
+
+    Raises
+    ------
+    ValueError
+        If the line is cut short, is not canonical JSON, or has missing, unknown or
+        wrongly typed fields. The message says which.
+    """
+    if not line.endswith(b"\n"):
+        raise ValueError("partial line without a trailing newline (truncated write?)")
+    try:
+        entry = json.loads(line, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(entry, dict):
+        raise ValueError("not a JSON object")
+    missing = _FIELDS - {"details"} - entry.keys()
+    unknown = entry.keys() - _FIELDS
+    if missing or unknown:
+        raise ValueError(f"missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
+    seq = entry["seq"]
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ValueError(f"seq {seq!r} is not a non-negative integer")
+    for name in _TEXT_FIELDS:
+        if not isinstance(entry[name], str):
+            raise ValueError(f"{name} {entry[name]!r} is not a string")
+    if not isinstance(entry.get("details", {}), dict):
+        raise ValueError(f"details {entry['details']!r} is not an object")
+    parse_time(entry["time"])
+    # Duplicate keys, extra spaces or escapes would let a line read differently from what was
+    # signed; the writer only ever writes the canonical form, so demand exactly that.
+    if canonical_json(entry) + b"\n" != line:
+        raise ValueError("line is not in canonical JSON form")
+    return entry
+
+
+def rotated_files(path: Path) -> list[tuple[int, Path]]:
+    """Return the rotated files ``<name>.<N>`` next to ``path`` as ``(N, file)``, oldest first."""
+    pattern = re.compile(re.escape(path.name) + r"\.([1-9][0-9]*)")
+    if not path.parent.is_dir():
+        return []
+    matches = (pattern.fullmatch(p.name) for p in path.parent.iterdir())
+    return sorted((int(m.group(1)), path.parent / m.group(0)) for m in matches if m)
+
+
+class AuditLog:
+    """One owner's audit log; see the module docstring for the format and guarantees.
+
+    Parameters
+    ----------
+    path : Path
+        The live log file; rotated files sit beside it. Parent folders are created.
+    private_key : keys.PrivateKey
+        The owner's P-256 key; every entry is signed with it.
+    actor : str
+        Written into every entry (a site's name, or the coordinator's).
+    max_bytes : int
+        Size past which the live file is rotated.
+
+    Raises
+    ------
+    AuditError
+        If the log cannot be created or written, another writer holds it, or its last
+        entry is damaged or not signed by ``private_key``.
+    """
+
+    def __init__(
+        self, path: Path, private_key: keys.PrivateKey, actor: str, max_bytes: int = 50_000_000
+    ) -> None:
+        if not isinstance(actor, str) or not actor:
+            raise ValueError(f"actor must be a non-empty string, got {actor!r}")
+        if not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+        if not isinstance(private_key, keys.PrivateKey):
+            raise TypeError(f"private_key must be an EC private key, got {type(private_key)}")
+        self.path = Path(path)
+        self.actor = actor
+        self.max_bytes = max_bytes
+        self._key = private_key
+        self._lock = threading.Lock()
+        self._file: io.FileIO | None = None
+        self._lock_file: io.FileIO | None = None
+        self._failure: str | None = None
+        self._size = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = self._take_writer_lock()
+            self._head, self._last_time = self._read_tail()
+            self._open_live()
+        except OSError as exc:
+            self.close()
+            raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
+        except AuditError:
+            self.close()
+            raise
+
+    @property
+    def head(self) -> LogHead | None:
+        """The last entry written (``seq`` and chain hash), or None for an empty log."""
+        return self._head
+
+    @property
+    def public_key(self) -> keys.PublicKey:
+        """The public key that verifies this log."""
+        return self._key.public_key()
+
+    def _take_writer_lock(self) -> io.FileIO:
+        lock_file = io.FileIO(self.path.with_name(self.path.name + ".lock"), "a")
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise AuditError(
+                f"audit log {self.path} is already open for writing (by this or another "
+                "process); two writers would fork the chain"
+            ) from None
+        return lock_file
+
+    def _read_tail(self) -> tuple[LogHead | None, datetime | None]:
+        source = self.path
+        if not source.exists() or source.stat().st_size == 0:
+            rotated = rotated_files(self.path)
+            if not rotated:
+                return None, None
+            source = rotated[-1][1]
+        line_no, last = 0, b""
+        with source.open("rb") as handle:
+            for line in handle:
+                line_no, last = line_no + 1, line
+        try:
+            entry = parse_entry(last)
+            if not keys.verify(self.public_key, signing_bytes(entry), entry["sig"]):
+                raise ValueError("signature does not verify with this log's key")
+        except ValueError as exc:
+            raise AuditError(
+                f"audit log {source} line {line_no} is damaged ({exc}); refusing to append "
+                "to it. Check it with the audit verifier before starting a new log."
+            ) from None
+        return LogHead(entry["seq"], entry_hash(entry)), parse_time(entry["time"])
+
+    def _open_live(self) -> io.FileIO:
+        self._file = handle = io.FileIO(self.path, "a")
+        self._size = os.fstat(handle.fileno()).st_size
+        # A new or renamed file is only durable once its directory entry is.
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return handle
+
+    def append(
+        self, action: str, object: str, outcome: str, details: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Sign, chain, write and fsync one entry; return it as written.
+
+        Raises
+        ------
+        ValueError, TypeError
+            If a field is empty or ``details`` is not a mapping of JSON values; nothing is
+            written then.
+        AuditError
+            If the entry could not be made durable, or an earlier append failed.
+        """
+        for name, value in (("action", action), ("object", object), ("outcome", outcome)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"audit {name} must be a non-empty string, got {value!r}")
+        clean = _clean_details(details, action)
+        with self._lock:
+            if self._failure is not None or self._file is None:
+                raise AuditError(
+                    f"audit log {self.path} is unusable ({self._failure or 'closed'})"
+                )
+            entry = self._next_entry(action, object, outcome, clean)
+            line = canonical_json(entry) + b"\n"
+            try:
+                handle = self._file
+                if self._size and self._size + len(line) > self.max_bytes:
+                    handle = self._rotate(handle)
+                self._write(handle, line)
+            except OSError as exc:
+                self._failure = f"write failed: {exc}"
+                raise AuditError(f"cannot write audit log {self.path}: {exc}") from exc
+            self._head = LogHead(entry["seq"], entry_hash(entry))
+            self._size += len(line)
+        return entry
+
+    def _next_entry(
+        self, action: str, object: str, outcome: str, details: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        if self._last_time is not None and now < self._last_time:
+            now = self._last_time  # keeps time non-decreasing if the clock steps back
+        self._last_time = now
+        entry: dict[str, Any] = {
+            "seq": 0 if self._head is None else self._head.seq + 1,
+            "time": format_time(now),
+            "actor": self.actor,
+            "action": action,
+            "object": object,
+            "outcome": outcome,
+            "prev": GENESIS if self._head is None else self._head.hash,
+        }
+        if details is not None:
+            entry["details"] = details
+        entry["sig"] = keys.sign(self._key, signing_bytes(entry))
+        return entry
+
+    def _write(self, handle: io.FileIO, line: bytes) -> None:
+        start = self._size
+        try:
+            view = memoryview(line)
+            while view:
+                written = handle.write(view)
+                view = view[written or 0 :]
+            os.fsync(handle.fileno())
+        except OSError:
+            # Cut a half-written line off so the file still ends on a whole entry.
+            with contextlib.suppress(OSError):
+                os.ftruncate(handle.fileno(), start)
+            raise
+
+    def _rotate(self, handle: io.FileIO) -> io.FileIO:
+        handle.close()
+        self._file = None
+        rotated = rotated_files(self.path)
+        number = rotated[-1][0] + 1 if rotated else 1
+        target = self.path.with_name(f"{self.path.name}.{number}")
+        os.rename(self.path, target)
+        logger.info("audit log %s rotated to %s", self.path, target)
+        return self._open_live()
+
+    def close(self) -> None:
+        """Close the log and release the writer lock; later appends raise AuditError."""
+        with self._lock:
+            for handle in (self._file, self._lock_file):
+                if handle is not None:
+                    handle.close()
+            self._file = self._lock_file = None
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _clean_details(details: Mapping[str, Any] | None, action: str) -> dict[str, Any] | None:
+    # Round-tripping turns tuples into lists and fails early on values JSON cannot hold, so
+    # the returned entry is exactly what a reader of the file will see.
+    if details is None:
+        return None
+    if not isinstance(details, Mapping):
+        raise TypeError(f"details for {action!r} must be a mapping, got {type(details)}")
+    try:
+        return dict(json.loads(canonical_json(details)))
+    except TypeError as exc:
+        raise TypeError(f"details for {action!r} hold a non-JSON value: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"details for {action!r} hold a non-JSON value: {exc}") from exc
+
+
+def digest_bytes(data: bytes) -> str:
+    """Return the SHA-256 hex digest of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest_arrays(named_arrays: Mapping[str, np.ndarray]) -> str:
+    """Return a SHA-256 hex digest of named numeric arrays (model weights or an update).
+
+    Covers, in the mapping's order, each name, dtype, shape and the values' C-order bytes,
+    each length-prefixed so no two different inputs share a byte stream. Byte order is
+    normalised to little-endian, so the digest depends only on names, dtypes, shapes and
+    values, not on memory layout or the host.
+
+    Raises
+    ------
+    TypeError
+        If a name is not a string or an array is not a numeric ``numpy.ndarray``.
+    """
+    digest = hashlib.sha256(_ARRAYS_TAG)
+    digest.update(len(named_arrays).to_bytes(8, "big"))
+    for name, array in named_arrays.items():
+        if not isinstance(name, str):
+            raise TypeError(f"array name {name!r} is not a string")
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"array {name!r} is a {type(array).__name__}, not a numpy.ndarray")
+        if array.dtype.kind not in "biufc":
+            raise TypeError(f"array {name!r} has non-numeric dtype {array.dtype}")
+        # asarray, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
+        little = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+        header = canonical_json({"name": name, "dtype": little.dtype.str, "shape": little.shape})
+        digest.update(len(header).to_bytes(8, "big"))
+        digest.update(header)
+        digest.update(little.nbytes.to_bytes(8, "big"))
+        digest.update(little.data)  # hashlib reads the C-contiguous buffer without a copy
+    return digest.hexdigest()
