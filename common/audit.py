@@ -406,3 +406,8 @@ def digest_arrays(named_arrays: Mapping[str, np.ndarray]) -> str:
         digest.update(little.nbytes.to_bytes(8, "big"))
         digest.update(little.data)  # hashlib reads the C-contiguous buffer without a copy
     return digest.hexdigest()
+
+
+def digest_update(named_arrays: Mapping[str, np.ndarray]) -> str:
+    """Digest of model weights independent of the order they travel in (names sorted)."""
+    return digest_arrays({k: named_arrays[k] for k in sorted(named_arrays)})

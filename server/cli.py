@@ -1,11 +1,141 @@
-"""idc-server: what the coordinator runs."""
+"""idc-server: what the coordinator runs (deployment flags only)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
+
+from common.cli_util import setup_logging
+
+
+def _open_audit(paths: object) -> object:
+    from common import keys
+    from common.audit import AuditLog
+
+    return AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator")  # type: ignore[attr-defined]
+
+
+def _init(args: argparse.Namespace) -> int:
+    from common import keys
+    from server.flower_proc import make_tls
+    from server.registry import CoordPaths, save_sites
+
+    paths = CoordPaths(args.dir)
+    if paths.sites.exists():
+        raise ValueError(f"{args.dir} is already a coordinator folder")
+    args.dir.mkdir(parents=True, exist_ok=True)
+    # Loopback always: the coordinator's own CLI talks to its SuperLink there.
+    hosts = list(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))
+    tls = make_tls(paths.tls, hosts)
+    keys.generate_key_pair(paths.key, paths.pub)
+    save_sites(paths, {})
+    with _open_audit(paths) as audit:  # type: ignore[attr-defined]
+        audit.append("coordinator.initialised", "coordinator", "ok", {"hosts": hosts})
+    print(f"coordinator initialised in {args.dir}")
+    print(f"give every site this CA certificate: {tls.ca_cert}")
+    print(f"server certificate names: {', '.join(hosts)}")
+    return 0
+
+
+def _add_site(args: argparse.Namespace) -> int:
+    from server.registry import CoordPaths, add_site
+
+    paths = CoordPaths(args.dir).require()
+    info = add_site(paths, args.name, args.key)
+    with _open_audit(paths) as audit:  # type: ignore[attr-defined]
+        audit.append("site.registered", args.name, "ok", {"fingerprint": info["fingerprint"]})
+    print(f"site {args.name!r} registered (key fingerprint {info['fingerprint'][:16]}...)")
+    print("a running SuperLink picks it up on its next start (idc-server start)")
+    return 0
+
+
+def _remove_site(args: argparse.Namespace) -> int:
+    from server.registry import CoordPaths, remove_site
+
+    paths = CoordPaths(args.dir).require()
+    info = remove_site(paths, args.name)
+    with _open_audit(paths) as audit:  # type: ignore[attr-defined]
+        audit.append("site.removed", args.name, "ok", {"fingerprint": info["fingerprint"]})
+    print(f"site {args.name!r} removed")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from common import keys
+    from common.audit_verify import format_verify_report, verify_log
+
+    key = args.key or (args.log.parents[1] / "coordinator.pub")
+    report = verify_log(args.log, keys.load_public_key(key))
+    print(format_verify_report(report))
+    return 0 if report.ok else 1
+
+
+def _cross_check(args: argparse.Namespace) -> int:
+    from common import keys
+    from common.audit_verify import cross_check, format_cross_check
+
+    server_key = args.server_key or (args.server_log.parents[1] / "coordinator.pub")
+    site_key = args.site_key or (args.site_log.parents[1] / "site.pub")
+    report = cross_check(args.server_log, keys.load_public_key(server_key), args.site_log,
+                         keys.load_public_key(site_key), args.site)  # fmt: skip
+    print(format_cross_check(report))
+    return 0 if report.ok else 1
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    audit = sub.add_parser("audit", help="check audit logs")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    p = asub.add_parser("verify", help="check the hash chain and every signature")
+    p.add_argument("log", type=Path)
+    p.add_argument("--key", type=Path, default=None,
+                   help="public key (default COORD_DIR/coordinator.pub beside audit/)")  # fmt: skip
+    p.set_defaults(func=_audit_verify)
+    p = asub.add_parser("cross-check", help="match a site's sent updates with those received")
+    p.add_argument("server_log", type=Path)
+    p.add_argument("site_log", type=Path)
+    p.add_argument("--site", required=True, help="the site's registered name")
+    p.add_argument("--server-key", type=Path, default=None)
+    p.add_argument("--site-key", type=Path, default=None)
+    p.set_defaults(func=_cross_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The idc-server argument parser."""
+    parser = argparse.ArgumentParser(prog="idc-server", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="create the CA, server certificate and coordinator state")
+    p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
+    p.add_argument("--host", action="append", default=[],
+                   help="name or address the certificate names (repeatable)")  # fmt: skip
+    p.set_defaults(func=_init)
+    p = sub.add_parser("add-site", help="register a hospital's public key")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--key", type=Path, required=True, help="the site's site.pub")
+    p.set_defaults(func=_add_site)
+    p = sub.add_parser("remove-site", help="remove a hospital")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.set_defaults(func=_remove_site)
+    _add_audit(sub)
+    from server import runner
+
+    runner.add_parsers(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``idc-server`` (its subcommands arrive with federated training)."""
-    print("idc-server: no subcommands yet", file=sys.stderr)
-    return 2
+    """Entry point of ``idc-server``."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"idc-server {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

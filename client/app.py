@@ -1,0 +1,74 @@
+"""The ClientApp: Message in, the site's own training or evaluation, Message out (glue only)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.config import RunConfig, SiteConfig
+from common.metrics import json_safe
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+def _arrays(msg: Message) -> dict:
+    record = msg.content.array_records["arrays"]
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _round(msg: Message) -> int:
+    return int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on this site's own patients and reply with signed weights and metrics."""
+    from client import site as S
+
+    site_cfg = SiteConfig.from_node_config(context.node_config)
+    run = RunConfig.from_run_config(context.run_config)
+    run_id, server_round = str(msg.metadata.run_id), _round(msg)
+    with S.open_audit(site_cfg) as audit:
+        audit.append("message.received", run_id, "ok", {"round": server_round, "action": "train"})
+        site = S.Site.open(site_cfg, run.seed)
+        audit.append("data.read", run_id, "ok", {"round": server_round,
+                     "fingerprint": site.patches.fingerprint, "patches": len(site.patches),
+                     "train_patches": int(len(site.split.train))})  # fmt: skip
+        from client.private import train_round
+
+        outcome = train_round(site, run, _arrays(msg), run_id, server_round, audit)
+        meta = ConfigRecord({"site": site_cfg.site_name, "status": outcome.status,
+                             "reason": outcome.reason})  # fmt: skip
+        metrics = MetricRecord(outcome.metrics)  # type: ignore[arg-type]
+        if outcome.arrays is None:  # refused: no weights leave the site
+            return Message(RecordDict({"metrics": metrics, "site": meta}), reply_to=msg)
+        digest, signature = S.sign_and_record(audit, site_cfg, run_id, server_round,
+                                              outcome.arrays)  # fmt: skip
+        meta["digest"], meta["signature"] = digest, signature
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in outcome.arrays.items()})
+        content = RecordDict({"arrays": arrays, "metrics": metrics, "site": meta})
+        return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this site's held-out test patients."""
+    from client import site as S
+
+    site_cfg = SiteConfig.from_node_config(context.node_config)
+    run = RunConfig.from_run_config(context.run_config)
+    run_id, server_round = str(msg.metadata.run_id), _round(msg)
+    with S.open_audit(site_cfg) as audit:
+        audit.append("message.received", run_id, "ok",
+                     {"round": server_round, "action": "evaluate"})  # fmt: skip
+        site = S.Site.open(site_cfg, run.seed)
+        metrics = S.local_evaluate(site, run, _arrays(msg))
+        audit.append("metrics.sent", run_id, "ok", json_safe({"round": server_round, **metrics}))  # type: ignore[arg-type]
+    content = RecordDict({"metrics": MetricRecord(metrics),  # type: ignore[arg-type]
+                          "site": ConfigRecord({"site": site_cfg.site_name})})  # fmt: skip
+    return Message(content, reply_to=msg)

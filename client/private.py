@@ -1,0 +1,140 @@
+"""A site's training round, plain or DP-SGD, with the site's own privacy budget enforced.
+
+The site's cap (``--max-epsilon``) and delta win over anything the coordinator asks: before a
+DP round trains, the epsilon it would add to the data set's lifetime total is computed from
+the site's ledger; past the cap the round is refused, recorded, and no weights leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client.site import Site, load_arrays, local_train, model_arrays
+from common.audit import AuditLog
+from common.config import RunConfig
+from common.ledger import LedgerEntry, PrivacyLedger, epsilon_from_history
+from common.model import build_model
+from common.privacy import (
+    BudgetExceeded,
+    DPConfig,
+    check_budget,
+    check_delta,
+    make_private,
+    plan_round,
+    release,
+    steps_taken,
+)
+from common.training import TrainConfig, evaluate, resolve_device, train
+
+log = logging.getLogger(__name__)
+LEDGER_FILE = "privacy-ledger.json"
+
+
+@dataclass
+class RoundOutcome:
+    """What a round produced: weights (None when refused) and metrics for the reply."""
+
+    status: str  # "ok" or "refused"
+    reason: str
+    metrics: dict[str, float]
+    arrays: dict[str, np.ndarray] | None
+
+
+def train_round(
+    site: Site,
+    run: RunConfig,
+    arrays: Mapping[str, np.ndarray],
+    run_id: str,
+    server_round: int,
+    audit: AuditLog,
+) -> RoundOutcome:
+    """Train one round as the run asks, privately when DP is on."""
+    if not run.dp_enabled:
+        new, metrics = local_train(site, run, arrays, server_round)
+        metrics.update({"dp": 0.0, "epsilon-round": 0.0, "epsilon-total": 0.0, "epsilon-cap": -1.0})
+        return RoundOutcome("ok", "", metrics, new)
+    return _private_round(site, run, arrays, run_id, server_round, audit)
+
+
+def site_delta(site: Site, run: RunConfig) -> float:
+    """The site's own delta when it set one, else the run's; must be below 1/patches."""
+    delta = site.config.delta or run.dp_delta
+    check_delta(delta, len(site.split.train))
+    return delta
+
+
+def _private_round(
+    site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray], run_id: str,
+    server_round: int, audit: AuditLog,
+) -> RoundOutcome:
+    cfg = site.config
+    delta = site_delta(site, run)
+    ledger = PrivacyLedger(cfg.state_dir / LEDGER_FILE)
+    fp = site.patches.fingerprint
+    seed = run.seed + server_round
+    model = build_model("group", seed=run.seed)
+    load_arrays(model, arrays)
+    loader = site.loader("train", run.batch_size, seed, train=True)
+    dp = DPConfig(
+        noise_multiplier=run.dp_noise_multiplier or None,
+        target_epsilon=None if run.dp_noise_multiplier else run.dp_target_epsilon,
+        max_grad_norm=run.dp_max_grad_norm, delta=delta,
+        accountant=run.dp_accountant,  # type: ignore[arg-type]
+    )  # fmt: skip
+    plan = plan_round(dp, loader, run.local_epochs)  # type: ignore[arg-type]
+    spent = ledger.epsilon(fp, delta, dp.accountant)
+    try:
+        if math.isfinite(cfg.max_epsilon):
+            check_budget(ledger, fp, cfg.max_epsilon, delta, plan.noise_multiplier,
+                         plan.sample_rate, plan.steps, dp.accountant)  # fmt: skip
+    except BudgetExceeded as exc:
+        ledger.record_refusal(fp, run_id, server_round, str(exc))
+        audit.append("privacy.refused", run_id, "refused",
+                     {"round": server_round, "fingerprint": fp, "reason": str(exc)})  # fmt: skip
+        log.warning("round %d refused: %s", server_round, exc)
+        metrics = _dp_metrics(site, 0.0, spent, cfg.max_epsilon)
+        return RoundOutcome("refused", str(exc), metrics, None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
+    private = make_private(model, optimizer, loader, dp, run.local_epochs, seed=None)  # type: ignore[arg-type]
+    try:
+        cfg_train = TrainConfig(epochs=run.local_epochs, lr=run.learning_rate, patience=None)
+        result = train(private.model, private.loader, cfg_train, optimizer=private.optimizer)
+        steps = steps_taken(private)
+    finally:
+        release(private)
+    entry = LedgerEntry(run_id, server_round, private.noise_multiplier, private.sample_rate,
+                        steps, delta)  # fmt: skip
+    ledger.record(fp, entry)  # before any weight leaves the site
+    total = ledger.epsilon(fp, delta, dp.accountant)
+    this_round = epsilon_from_history(
+        [(entry.noise_multiplier, entry.sample_rate, entry.steps)], delta, dp.accountant
+    )
+    audit.append("privacy.spent", run_id, "ok",
+                 {"round": server_round, "fingerprint": fp, "epsilon_round": this_round,
+                  "epsilon_total": total, "delta": delta, "steps": steps,
+                  "noise_multiplier": private.noise_multiplier})  # fmt: skip
+    val = evaluate(model, site.loader("val", run.batch_size, seed), resolve_device())  # type: ignore[arg-type]
+    metrics = {
+        "num-examples": float(len(site.split.train)),
+        "train-loss": float(result.history[-1]["train_loss"]),
+        "train-accuracy": float(result.history[-1]["train_accuracy"]),
+        "val-loss": float(val["loss"]),  # type: ignore[arg-type]
+        "val-accuracy": float(val["accuracy"]),  # type: ignore[arg-type]
+        "val-balanced-accuracy": float(val["balanced_accuracy"]),  # type: ignore[arg-type]
+    }
+    metrics.update(_dp_metrics(site, this_round, total, cfg.max_epsilon))
+    return RoundOutcome("ok", "", metrics, model_arrays(model))
+
+
+def _dp_metrics(site: Site, eps_round: float, eps_total: float, cap: float) -> dict[str, float]:
+    out = {"dp": 1.0, "epsilon-round": float(eps_round), "epsilon-total": float(eps_total)}
+    if "num-examples" not in out:
+        out["num-examples"] = float(len(site.split.train))
+    out["epsilon-cap"] = float(cap) if math.isfinite(cap) else -1.0
+    return out

@@ -1,0 +1,137 @@
+"""Frozen configs parsed once from Flower's run config and node config; the only reader of keys.
+
+Run-wide defaults live in ``[tool.flwr.app.config]`` of pyproject.toml; ``--run-config``
+overrides them. Site-local facts (data folder, site name, state folder, privacy cap) come only
+from the site's own node config, never from the coordinator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+CENTRAL_DP_MODES = ("none", "client-fixed", "server-fixed")
+
+
+def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    if key not in cfg:
+        if default is None:
+            raise ValueError(f"config key {key!r} is missing")
+        return default
+    value = cfg[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"config key {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ValueError(f"config key {key!r} must be {want}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Run-wide settings the coordinator chooses (``[tool.flwr.app.config]``)."""
+
+    num_server_rounds: int = 3
+    local_epochs: int = 1
+    learning_rate: float = 1e-4
+    batch_size: int = 64
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    round_timeout: float = 600.0
+    seed: int = 42
+    norm: str = "batch"
+    dp_enabled: bool = False
+    dp_noise_multiplier: float = 0.0  # 0 means: derive it from dp_target_epsilon
+    dp_target_epsilon: float = 0.0  # per round; used when dp_noise_multiplier is 0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    dp_accountant: str = "rdp"
+    central_dp_mode: str = "none"
+    central_dp_noise: float = 0.0
+    central_dp_clip: float = 1.0
+    run_dir: str = ""  # coordinator-local: where the ServerApp writes results
+    coord_dir: str = ""  # coordinator-local: registered sites, keys, audit log
+    resume: bool = False
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's run config (kebab-case, dotted groups) and check every value."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key.startswith("dp-"):
+                key = "dp." + key[3:]
+            elif key.startswith("central-dp-"):
+                key = "central-dp." + key[len("central-dp-") :]
+            kind = type(f.default)
+            values[f.name] = _get(cfg, key, kind, f.default) if key in cfg else f.default
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise ValueError naming the first key whose value is out of range."""
+        _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, ">= 1")
+        _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
+        lr = self.learning_rate
+        _check(lr > 0 and math.isfinite(lr), "learning-rate", lr, "a positive number")
+        _check(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
+        _check(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "in (0, 1]")
+        _check(self.min_sites >= 1, "min-sites", self.min_sites, ">= 1")
+        _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
+        _check(self.norm in ("batch", "group"), "norm", self.norm, "'batch' or 'group'")
+        _check(self.dp_accountant in ("rdp", "prv"), "dp.accountant", self.dp_accountant,
+               "'rdp' or 'prv'")  # fmt: skip
+        _check(self.central_dp_mode in CENTRAL_DP_MODES, "central-dp.mode", self.central_dp_mode,
+               f"one of {CENTRAL_DP_MODES}")  # fmt: skip
+        if self.dp_enabled:
+            _check(self.norm == "group", "norm", self.norm, "'group' when dp.enabled (Opacus)")
+            _check(self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0,
+                   "dp.noise-multiplier", self.dp_noise_multiplier,
+                   "> 0 (or set dp.target-epsilon > 0)")  # fmt: skip
+            _check(self.dp_max_grad_norm > 0, "dp.max-grad-norm", self.dp_max_grad_norm, "> 0")
+            _check(0 < self.dp_delta < 1, "dp.delta", self.dp_delta, "in (0, 1)")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Facts only the hospital knows, from its SuperNode's ``--node-config``."""
+
+    site_name: str
+    data_dir: Path
+    state_dir: Path
+    cache_dir: Path
+    max_epsilon: float = math.inf
+    delta: float = 0.0  # the site's own delta for its cap; 0 means: use the run's
+    small_policy: str = "pad"
+
+    @classmethod
+    def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteConfig:
+        """Parse the node config written by ``idc-client start``."""
+        name = _get(cfg, "site-name", str)
+        _check(bool(name.strip()), "site-name", name, "a non-empty name")
+        state = Path(_get(cfg, "state-dir", str))
+        max_eps = _get(cfg, "max-epsilon", float, math.inf) if "max-epsilon" in cfg else math.inf
+        _check(max_eps > 0, "max-epsilon", max_eps, "> 0")
+        delta = _get(cfg, "delta", float, 0.0) if "delta" in cfg else 0.0
+        _check(0 <= delta < 1, "delta", delta, "in [0, 1)")
+        small = _get(cfg, "small-policy", str, "pad") if "small-policy" in cfg else "pad"
+        cache = _get(cfg, "cache-dir", str, str(state / "cache")) if "cache-dir" in cfg else None
+        return cls(
+            site_name=name,
+            data_dir=Path(_get(cfg, "data-dir", str)),
+            state_dir=state,
+            cache_dir=Path(cache) if cache else state / "cache",
+            max_epsilon=max_eps,
+            delta=delta,
+            small_policy=small,
+        )

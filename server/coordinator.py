@@ -1,0 +1,128 @@
+"""One run at the coordinator: resume state, audit log, strategy, and the final results."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp import Grid
+
+from common import keys
+from common.audit import AuditLog, digest_update
+from common.config import RunConfig
+from common.model import build_model
+from common.plots import plot_curves
+from server.registry import CoordPaths, site_public_keys
+from server.rundir import RunDir
+from server.strategy import IDCFedAvg
+
+log = logging.getLogger(__name__)
+
+
+def initial_arrays(run: RunConfig) -> dict[str, np.ndarray]:
+    """The seeded initial model, as the arrays that travel."""
+    model = build_model(run.norm, seed=run.seed)  # type: ignore[arg-type]
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()
+            if not k.endswith("num_batches_tracked")}  # fmt: skip
+
+
+class Coordinator:
+    """Everything the ServerApp does around Flower's FedAvg loop."""
+
+    def __init__(self, run: RunConfig, run_dir: Path, run_id: str) -> None:
+        from server.app import config_hash
+
+        self.cfg, self.run_id = run, run_id
+        self.dir = RunDir(run_dir).create()
+        self.audit: AuditLog | None = None
+        site_keys: dict[str, keys.PublicKey] = {}
+        if run.coord_dir:
+            paths = CoordPaths(Path(run.coord_dir)).require()
+            # Required: a coordinator without a writable audit log does not run (fail closed).
+            self.audit = AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator")
+            site_keys = site_public_keys(paths)
+        state = self.dir.read_state()
+        self.completed = int(state.get("completed_round", 0))
+        if self.completed and not run.resume:
+            raise ValueError(f"{run_dir} already holds {self.completed} completed round(s); "
+                             "use --resume to continue it or choose a new --out")  # fmt: skip
+        self.hash = config_hash(run)
+        if self.completed and state.get("config_hash") not in (None, self.hash):
+            raise ValueError(f"cannot resume {run_dir}: the run settings changed")
+        self.strategy = IDCFedAvg(run, self.dir, run_id, self.completed, site_keys, self.audit)
+        self.strategy.state_extra = {"run_id": run_id, "config_hash": self.hash}
+        self._audit("run.resumed" if self.completed else "run.started", "ok", {
+            "config_hash": self.hash, "completed_round": self.completed,
+            "rounds": run.num_server_rounds, "registered_sites": len(site_keys)})  # fmt: skip
+
+    def _audit(self, action: str, outcome: str, details: dict[str, Any]) -> None:
+        if self.audit is not None:
+            self.audit.append(action, f"run {self.run_id}", outcome,
+                              {"run_id": self.run_id, **details})  # fmt: skip
+
+    def run_loop(self, grid: Grid) -> None:
+        """Run the remaining rounds with FedAvg's own loop."""
+        from server.app import start_strategy
+
+        if self.completed:
+            arrays = RunDir.load_arrays(self.dir.checkpoint(self.completed))
+        else:
+            arrays = initial_arrays(self.cfg)
+            self.dir.save_arrays(self.dir.checkpoint(0), arrays)
+        remaining = self.cfg.num_server_rounds - self.completed
+        self.dir.write_json("run.json", {"run_id": self.run_id, "config": vars(self.cfg),
+                                         "config_hash": self.hash, "status": "running",
+                                         "resumed_from": self.completed})  # fmt: skip
+        if remaining > 0:
+            record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+            start_strategy(self, grid, record, remaining, self.cfg.round_timeout)
+
+    def run(self, grid: Grid) -> None:  # noqa: D102
+        self.run_loop(grid)
+        self.finish()
+
+    def finish(self) -> None:
+        """Final model, summary and curves from what the rounds committed."""
+        last = int(self.dir.read_state().get("completed_round", 0))
+        arrays = RunDir.load_arrays(self.dir.checkpoint(last))
+        final = self.dir.root / "final"
+        final.mkdir(exist_ok=True)
+        self.dir.save_arrays(final / "model.npz", arrays)
+        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, final / "model.pt")
+        rows = self.dir.read_rounds()
+        summary = {"run_id": self.run_id, "status": "finished", "rounds": last,
+                   "config_hash": self.hash, "final_digest": digest_update(arrays),
+                   "last_round": rows[-1] if rows else None,
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        self.dir.write_json("summary.json", summary)
+        if rows:
+            curve = [
+                {"round": r["round"], **{f"train_{k}": v for k, v in r["train"].items()},
+                 **{f"eval_{k}": v for k, v in r["evaluate"].items()}}
+                for r in rows
+            ]  # fmt: skip
+            plot_curves(curve, self.dir.root / "curves.png", x="round",
+                        pairs=(("train_train-accuracy", "eval_balanced-accuracy"),
+                               ("train_train-loss", "eval_loss")))  # fmt: skip
+        self._audit("run.finished", "ok", {"rounds": last, "final_digest": digest_update(arrays)})
+
+    def fail(self, exc: BaseException) -> None:
+        """Leave a clear record of why the run stopped."""
+        msg = f"{type(exc).__name__}: {exc}"
+        log.error("run %s failed: %s", self.run_id, msg)
+        self.dir.write_json("status.json", {"status": "failed", "error": msg,
+                                            "traceback": traceback.format_exc()})  # fmt: skip
+        try:
+            self._audit("run.failed", "failed", {"error": msg[:500]})
+        except Exception:  # the audit log itself may be what failed
+            log.exception("could not record the failure in the audit log")
+
+    def close(self) -> None:  # noqa: D102
+        if self.audit is not None:
+            self.audit.close()

@@ -1,0 +1,95 @@
+"""A run's folder: per-round metrics, checkpoints, resume state, final model and summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.metrics import json_safe
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Files of one run; a round counts as completed once ``state.json`` names it."""
+
+    root: Path
+
+    @property
+    def rounds(self) -> Path:  # noqa: D102
+        return self.root / "rounds.jsonl"
+
+    @property
+    def state(self) -> Path:  # noqa: D102
+        return self.root / "state.json"
+
+    def checkpoint(self, server_round: int) -> Path:
+        """The global model after ``server_round`` (0: the initial model)."""
+        return self.root / "checkpoints" / f"round-{server_round:03d}.npz"
+
+    def create(self) -> RunDir:
+        """Make the folders."""
+        (self.root / "checkpoints").mkdir(parents=True, exist_ok=True)
+        return self
+
+    def save_arrays(self, path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write a checkpoint atomically."""
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, **dict(arrays))  # type: ignore[arg-type]
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load_arrays(path: Path) -> dict[str, np.ndarray]:
+        """Read a checkpoint, names in their saved order."""
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+
+    def read_state(self) -> dict[str, Any]:
+        """The resume state, or a fresh one."""
+        if not self.state.is_file():
+            return {"completed_round": 0}
+        return json.loads(self.state.read_text())
+
+    def commit_round(self, server_round: int, row: dict[str, Any],
+                     arrays: Mapping[str, np.ndarray], extra: dict[str, Any]) -> None:  # fmt: skip
+        """Checkpoint, metrics line, then state: a crash in between repeats the round whole."""
+        self.save_arrays(self.checkpoint(server_round), arrays)
+        done = self.completed_rounds()
+        if server_round not in done:
+            with open(self.rounds, "a") as fh:
+                fh.write(json.dumps(json_safe(row)) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        state = {**extra, "completed_round": server_round,
+                 "checkpoint": self.checkpoint(server_round).name}  # fmt: skip
+        _atomic_write(self.state, json.dumps(state, indent=2).encode())
+
+    def completed_rounds(self) -> list[int]:
+        """Round numbers with a metrics line."""
+        return [int(r["round"]) for r in self.read_rounds()]
+
+    def read_rounds(self) -> list[dict[str, Any]]:
+        """Every metrics line written so far."""
+        if not self.rounds.is_file():
+            return []
+        return [json.loads(line) for line in self.rounds.read_text().splitlines() if line]
+
+    def write_json(self, name: str, value: Any) -> Path:
+        """Write a JSON file in the run folder atomically."""
+        path = self.root / name
+        _atomic_write(path, json.dumps(json_safe(value), indent=2).encode())
+        return path

@@ -1,0 +1,192 @@
+"""idc-server start and run: the SuperLink process, site registration, and run submission."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from server import flower_proc as fp
+from server.registry import CoordPaths, load_sites
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LIVE_FILE = "superlink.json"
+
+
+def _tls(paths: CoordPaths) -> fp.TlsPaths:
+    t = paths.tls
+    return fp.TlsPaths(t / "ca.pem", t / "ca.key", t / "server.pem", t / "server.key")
+
+
+def connection(paths: CoordPaths) -> fp.Connection:
+    """How this coordinator's own CLI reaches its running SuperLink."""
+    live = paths.root / LIVE_FILE
+    if not live.is_file():
+        raise RuntimeError(f"no SuperLink is running for {paths.root} "
+                           "(start one with `idc-server start`)")  # fmt: skip
+    info = json.loads(live.read_text())
+    ca = Path(info["ca"]) if info.get("ca") else None
+    return fp.write_cli_config(paths.root / "flwr-cli", info["local_address"], ca)
+
+
+def sync_sites(paths: CoordPaths, conn: fp.Connection) -> dict[str, int]:
+    """Register every site of the registry with the SuperLink; unregister removed ones."""
+    known = {name: node for node, (status, name) in fp.node_statuses(conn).items()
+             if status != "unregistered"}  # fmt: skip
+    sites = load_sites(paths)
+    for name, node in known.items():
+        if name not in sites:
+            fp.unregister_supernode(conn, node)
+            log.info("unregistered removed site %s (node %d)", name, node)
+    out = {}
+    for name in sites:
+        out[name] = known.get(name) or fp.register_supernode(
+            conn, paths.site_keys / f"{name}.pub", name)  # fmt: skip
+    return out
+
+
+def _start(args: argparse.Namespace) -> int:
+    paths = CoordPaths(args.dir).require()
+    host, _, port = args.address.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"--address must be HOST:PORT, got {args.address!r}")
+    tls = None if args.insecure else _tls(paths)
+    if tls is None:
+        print("WARNING: --insecure: plain HTTP and no SuperNode authentication; "
+              "never use this with patient data", file=sys.stderr)  # fmt: skip
+    log_path = paths.root / "logs" / "superlink.log"
+    proc = fp.start_superlink(paths.superlink, int(port), tls, log_path, host=host or "127.0.0.1")
+    live = paths.root / LIVE_FILE
+    try:
+        local = f"127.0.0.1:{port}" if host in ("", "0.0.0.0") else args.address
+        fp.wait_superlink_ready(local, tls.ca_cert if tls else None, args.timeout, proc)
+        info = {"address": args.address, "local_address": local, "pid": proc.pid,
+                "ca": str(tls.ca_cert) if tls else None}
+        live.write_text(json.dumps(info))
+        if tls is not None:
+            nodes = sync_sites(paths, connection(paths))
+            print(f"registered sites: {', '.join(sorted(nodes)) or '(none)'}")
+        print(f"SuperLink ready at {args.address} (log: {log_path}); Ctrl-C stops it", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        live.unlink(missing_ok=True)
+        fp.stop_process(proc)
+
+
+def app_hash(root: Path = PROJECT_ROOT) -> str:
+    """Digest of the app's code as submitted (pyproject and the four packages)."""
+    h = hashlib.sha256()
+    packages = ("common", "client", "server", "simulation")
+    files = [root / "pyproject.toml"]
+    files += sorted(p for pkg in packages for p in (root / pkg).rglob("*.py"))
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parse as TOML scalars (numbers, booleans, quoted strings)."""
+    import tomli
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--run-config entries must be key=value, got {item!r}")
+        try:
+            out[key.strip()] = tomli.loads(f"v = {value.strip()}")["v"]
+        except tomli.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _print_progress(run_dir: Path, shown: int) -> int:
+    rounds = run_dir / "rounds.jsonl"
+    if not rounds.is_file():
+        return shown
+    lines = [json.loads(x) for x in rounds.read_text().splitlines() if x]
+    for row in lines[shown:]:
+        ev = row.get("evaluate", {})
+        print(f"round {row['round']}: {len(row.get('sites', {}))} site(s), "
+              f"eval balanced accuracy {ev.get('balanced-accuracy', float('nan')):.4f}, "
+              f"rejected {len(row.get('rejected', []))}, failed {len(row.get('failures', []))}",
+              flush=True)  # fmt: skip
+    return len(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from common import keys
+    from common.audit import AuditLog
+
+    paths = CoordPaths(args.dir).require()
+    run_dir = (args.resume or args.out)
+    if run_dir is None:
+        raise ValueError("give --out RUN_DIR for a new run or --resume RUN_DIR")
+    run_dir = run_dir.resolve()
+    config = parse_overrides(args.run_config)
+    if args.resume:
+        previous = json.loads((run_dir / "run.json").read_text())["config"]
+        config = {**{k.replace("_", "-"): v for k, v in previous.items()
+                     if k in ("num_server_rounds",)}, **config}  # fmt: skip
+    if args.rounds is not None:
+        config["num-server-rounds"] = args.rounds
+    config.update({"run-dir": str(run_dir), "coord-dir": str(paths.root.resolve()),
+                   "resume": bool(args.resume)})  # fmt: skip
+    conn = connection(paths)
+    digest = app_hash()
+    with AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator") as audit:
+        audit.append("run.submitted", "run", "ok", {"app_hash": digest, "resume": bool(args.resume),
+                     "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()
+                                                   ).hexdigest()})  # fmt: skip
+    run_id = fp.submit_run(conn, PROJECT_ROOT, config)
+    print(f"run {run_id} submitted; results in {run_dir}", flush=True)
+    shown, deadline = 0, time.monotonic() + args.timeout
+    while True:
+        shown = _print_progress(run_dir, shown)
+        status = fp.run_status(conn, run_id)
+        if status.finished:
+            break
+        if time.monotonic() > deadline:
+            fp.stop_run(conn, run_id)
+            raise RuntimeError(f"run {run_id} did not finish within {args.timeout:.0f} s; stopped")
+        time.sleep(1.0)
+    _print_progress(run_dir, shown)
+    print(f"run {run_id}: {status.text}")
+    if status.sub_status != "completed":
+        failure = run_dir / "status.json"
+        if failure.is_file():
+            print(f"error: {json.loads(failure.read_text())['error']}", file=sys.stderr)
+        else:
+            print(fp.run_logs(conn, run_id)[-3000:], file=sys.stderr)
+        return 1
+    print(f"final model: {run_dir / 'final' / 'model.pt'}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``idc-server start`` and ``idc-server run``."""
+    p = sub.add_parser("start", help="run the SuperLink with TLS and site authentication")
+    p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
+    p.add_argument("--address", default="127.0.0.1:8000", help="HOST:PORT to serve on")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP, no auth (testing only)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
+    p.set_defaults(func=_start)
+    p = sub.add_parser("run", help="submit a training run and follow it to the end")
+    p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
+    p.add_argument("--out", type=Path, default=None, help="new run folder")
+    p.add_argument("--resume", type=Path, default=None, help="continue this run folder")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of [tool.flwr.app.config], e.g. local-epochs=2")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after seconds")
+    p.set_defaults(func=_run)

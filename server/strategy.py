@@ -1,0 +1,230 @@
+"""FedAvg with the coordinator's duties: wait with a deadline, vet replies, audit, checkpoint.
+
+Flower's FedAvg does the sampling and weighted averaging; this subclass only wraps its hooks:
+round numbers continue after a resume, a round waits for the minimum number of sites with a
+deadline instead of forever, every reply is checked (names, shapes, dtypes, finite values,
+the site's signature) before it can enter the average, and a round is committed to disk
+(checkpoint, metrics line, resume state) when its evaluation is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common import keys
+from common.audit import UPDATE_RECEIVED, AuditLog, digest_update
+from common.config import RunConfig
+from server.rundir import RunDir
+from server.validation import validate_update
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 0.5
+
+
+class TooFewSites(RuntimeError):
+    """Fewer sites than the minimum connected or replied in time; the run stops."""
+
+
+def _floats(record: MetricRecord | None) -> dict[str, float]:
+    """Scalar metrics as plain floats (lists, which we never send, are dropped)."""
+    if record is None:
+        return {}
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord as named numpy arrays."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+@dataclass
+class RoundLog:
+    """What one round saw, written as one line of rounds.jsonl."""
+
+    round: int
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+
+class IDCFedAvg(FedAvg):
+    """FedAvg weighted by ``num-examples`` with the checks and records a coordinator owes."""
+
+    def __init__(
+        self, run: RunConfig, run_dir: RunDir, run_id: str, offset: int,
+        site_keys: Mapping[str, keys.PublicKey], audit: AuditLog | None,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            fraction_train=run.fraction_train, fraction_evaluate=1.0,
+            min_train_nodes=run.min_sites, min_evaluate_nodes=run.min_sites,
+            min_available_nodes=run.min_sites,
+        )  # fmt: skip
+        self.run, self.run_dir, self.run_id, self.offset = run, run_dir, run_id, offset
+        self.site_keys, self.audit = dict(site_keys), audit
+        self.node_names: dict[int, str] = {}
+        self.global_arrays: dict[str, np.ndarray] = {}
+        self.current: RoundLog | None = None
+        self.state_extra: dict[str, Any] = {"run_id": run_id}
+
+    # -- helpers --------------------------------------------------------------------------
+    def _audit(self, action: str, obj: str, outcome: str, details: dict[str, Any]) -> None:
+        if self.audit is not None:
+            self.audit.append(action, obj, outcome, details)
+
+    def _wait_for_sites(self, grid: Grid, server_round: int) -> None:
+        deadline = time.monotonic() + self.run.round_timeout
+        while (n := len(list(grid.get_node_ids()))) < self.run.min_sites:
+            if time.monotonic() > deadline:
+                raise TooFewSites(
+                    f"round {server_round}: only {n} site(s) connected, {self.run.min_sites} "
+                    f"needed (min-sites); waited {self.run.round_timeout:.0f} s"
+                )
+            time.sleep(POLL_SECONDS)
+
+    def _node(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        return self.node_names.get(node, f"node {node}")
+
+    # -- training -------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Wait (with a deadline) for enough sites, then send the global model."""
+        r = server_round + self.offset
+        self._wait_for_sites(grid, r)
+        self.global_arrays = to_numpy(arrays)
+        self.current = RoundLog(r)
+        messages = list(super().configure_train(r, arrays, config, grid))
+        self._audit("round.started", f"round {r}", "ok", {
+            "run_id": self.run_id, "round": r, "sites_selected": len(messages),
+            "global_digest": digest_update(self.global_arrays)})  # fmt: skip
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Vet every reply, average the accepted ones, refuse a round below the minimum."""
+        r = server_round + self.offset
+        assert self.current is not None  # configure_train always runs first
+        accepted = [msg for msg in replies if self._vet(r, msg)]
+        if len(accepted) < self.run.min_sites:
+            self._audit("round.failed", f"round {r}", "failed",
+                        {"run_id": self.run_id, "round": r, "accepted": len(accepted)})  # fmt: skip
+            raise TooFewSites(
+                f"round {r}: {len(accepted)} usable update(s), {self.run.min_sites} needed; "
+                f"failures: {self.current.failures}; rejected: {self.current.rejected}"
+            )
+        agg, metrics = super().aggregate_train(server_round, accepted)
+        if agg is None:
+            raise TooFewSites(f"round {r}: aggregation produced no model")
+        self.current.train = _floats(metrics)
+        self._audit("aggregate.computed", f"round {r}", "ok", {
+            "run_id": self.run_id, "round": r, "sites": len(accepted),
+            "digest": digest_update(to_numpy(agg))})  # fmt: skip
+        return agg, metrics
+
+    def _vet(self, r: int, msg: Message) -> bool:
+        assert self.current is not None
+        if msg.has_error():
+            reason = msg.error.reason
+            self.current.failures.append({"site": self._node(msg), "reason": reason})
+            log.warning("round %d: %s failed: %s", r, self._node(msg), reason)
+            self._audit("site.failed", self._node(msg), "error", {"round": r, "reason": reason})
+            return False
+        meta = msg.content.config_records.get("site")
+        name = str(meta["site"]) if meta is not None and "site" in meta else self._node(msg)
+        self.node_names[msg.metadata.src_node_id] = name
+        metrics = _floats(msg.content.metric_records.get("metrics"))
+        eps: dict[str, Any] = {k: metrics[k] for k in ("epsilon-round", "epsilon-total")
+                               if k in metrics}  # fmt: skip
+        if meta is not None and meta.get("status") == "refused":
+            row = {"site": name, "reason": str(meta.get("reason")), **eps}
+            self.current.rejected.append({**row, "kind": "refused"})
+            log.warning("round %d: %s refused to train: %s", r, name, row["reason"])
+            self._audit("site.refused", name, "refused", {"run_id": self.run_id, "round": r,
+                        "reason": row["reason"]})  # fmt: skip
+            return False
+        reason, digest, sig_ok = self._check_reply(r, msg, name, meta)
+        self._audit(UPDATE_RECEIVED, name, "accepted" if reason is None else "rejected", {
+            "run_id": self.run_id, "round": r, "digest": digest, "signature_valid": sig_ok,
+            "accepted": reason is None, "reason": reason or "",
+            "num_examples": int(metrics.get("num-examples", 0)), **eps})  # fmt: skip
+        if reason is not None:
+            self.current.rejected.append({"site": name, "reason": reason, "kind": "invalid"})
+            log.warning("round %d: update from %s rejected: %s", r, name, reason)
+            return False
+        self.current.sites[name] = metrics
+        return True
+
+    def _check_reply(
+        self, r: int, msg: Message, name: str, meta: ConfigRecord | None
+    ) -> tuple[str | None, str, bool]:
+        records = list(msg.content.array_records.values())
+        if len(records) != 1:
+            return f"expected one ArrayRecord, got {len(records)}", "", False
+        arrays = to_numpy(records[0])
+        digest = digest_update(arrays)
+        reason = validate_update(self.global_arrays, arrays)
+        sig_ok = False
+        key = self.site_keys.get(name)
+        if meta is not None and key is not None and "signature" in meta:
+            sig_ok = keys.verify_update(key, self.run_id, r, digest, str(meta["signature"]))
+        if reason is None and key is None:
+            reason = f"site {name!r} is not registered with this coordinator"
+        elif reason is None and not sig_ok:
+            reason = "update signature missing or invalid for this site's registered key"
+        return reason, digest, sig_ok
+
+    # -- evaluation and commit ------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the new global model to every site for evaluation on its held-out patients."""
+        self.global_arrays = to_numpy(arrays)
+        return super().configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Record per-site evaluations, then commit the round to disk."""
+        r = server_round + self.offset
+        assert self.current is not None
+        good = []
+        for msg in replies:
+            if msg.has_error():
+                self.current.failures.append({"site": self._node(msg), "phase": "evaluate",
+                                              "reason": msg.error.reason})  # fmt: skip
+                continue
+            good.append(msg)
+            name = self._node(msg)
+            evals = _floats(msg.content.metric_records.get("metrics"))
+            site_row = self.current.sites.setdefault(name, {})
+            site_row.update({f"eval-{k}": v for k, v in evals.items()})
+        metrics = super().aggregate_evaluate(server_round, good) if good else None
+        self.current.evaluate = _floats(metrics)
+        self._commit(r)
+        return metrics
+
+    def _commit(self, r: int) -> None:
+        assert self.current is not None
+        cur = self.current
+        row = {"round": r, "train": cur.train, "evaluate": cur.evaluate, "sites": cur.sites,
+               "rejected": cur.rejected, "failures": cur.failures,
+               "seconds": round(time.time() - cur.started, 3)}  # fmt: skip
+        self.run_dir.commit_round(r, row, self.global_arrays, self.state_extra)
+        digest = digest_update(self.global_arrays)
+        self._audit("checkpoint.written", f"round {r}", "ok",
+                    {"run_id": self.run_id, "round": r, "digest": digest})  # fmt: skip
+        log.info("round %d committed: %s", r, {k: round(v, 4) for k, v in cur.evaluate.items()})
