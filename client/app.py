@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 

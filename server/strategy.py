@@ -51,7 +51,8 @@ class RoundLog:
     """What one round saw, written as one line of rounds.jsonl."""
 
     round: int
-    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # accepted updates
+    evaluations: dict[str, dict[str, float]] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     train: dict[str, float] = field(default_factory=dict)
@@ -77,6 +78,7 @@ class IDCFedAvg(FedAvg):
         self.global_arrays: dict[str, np.ndarray] = {}
         self.current: RoundLog | None = None
         self.state_extra: dict[str, Any] = {"run_id": run_id}
+        self.sampled: set[int] = set()
 
     # -- helpers --------------------------------------------------------------------------
     def _audit(self, action: str, obj: str, outcome: str, details: dict[str, Any]) -> None:
@@ -104,9 +106,12 @@ class IDCFedAvg(FedAvg):
         """Wait (with a deadline) for enough sites, then send the global model."""
         r = server_round + self.offset
         self._wait_for_sites(grid, r)
+        # The SuperLink knows which registered key (and name) each node authenticated with.
+        self.node_names.update({n.node_id: n.name for n in grid.get_nodes() if n.name})
         self.global_arrays = to_numpy(arrays)
         self.current = RoundLog(r)
         messages = list(super().configure_train(r, arrays, config, grid))
+        self.sampled = {m.metadata.dst_node_id for m in messages}
         self._audit("round.started", f"round {r}", "ok", {
             "run_id": self.run_id, "round": r, "sites_selected": len(messages),
             "global_digest": digest_update(self.global_arrays)})  # fmt: skip
@@ -118,7 +123,9 @@ class IDCFedAvg(FedAvg):
         """Vet every reply, average the accepted ones, refuse a round below the minimum."""
         r = server_round + self.offset
         assert self.current is not None  # configure_train always runs first
+        replies = list(replies)
         accepted = [msg for msg in replies if self._vet(r, msg)]
+        self._record_silent(r, self.sampled - {m.metadata.src_node_id for m in replies})
         if len(accepted) < self.run.min_sites:
             self._audit("round.failed", f"round {r}", "failed",
                         {"run_id": self.run_id, "round": r, "accepted": len(accepted)})  # fmt: skip
@@ -135,6 +142,15 @@ class IDCFedAvg(FedAvg):
             "digest": digest_update(to_numpy(agg))})  # fmt: skip
         return agg, metrics
 
+    def _record_silent(self, r: int, nodes: set[int]) -> None:
+        assert self.current is not None
+        for node in sorted(nodes):
+            name = self.node_names.get(node, f"node {node}")
+            reason = f"no reply within {self.run.round_timeout:.0f} s (disconnected or timed out)"
+            self.current.failures.append({"site": name, "reason": reason})
+            log.warning("round %d: %s failed: %s", r, name, reason)
+            self._audit("site.failed", name, "error", {"round": r, "reason": reason})
+
     def _vet(self, r: int, msg: Message) -> bool:
         assert self.current is not None
         if msg.has_error():
@@ -144,8 +160,15 @@ class IDCFedAvg(FedAvg):
             self._audit("site.failed", self._node(msg), "error", {"round": r, "reason": reason})
             return False
         meta = msg.content.config_records.get("site")
-        name = str(meta["site"]) if meta is not None and "site" in meta else self._node(msg)
-        self.node_names[msg.metadata.src_node_id] = name
+        claimed = str(meta["site"]) if meta is not None and "site" in meta else None
+        name = self.node_names.setdefault(msg.metadata.src_node_id, claimed or self._node(msg))
+        if claimed is not None and claimed != name:
+            reason = f"reply claims to be {claimed!r} but came from registered node {name!r}"
+            self.current.rejected.append({"site": name, "reason": reason, "kind": "invalid"})
+            self._audit(UPDATE_RECEIVED, name, "rejected", {"run_id": self.run_id, "round": r,
+                        "digest": "", "signature_valid": False, "accepted": False,
+                        "reason": reason})  # fmt: skip
+            return False
         metrics = _floats(msg.content.metric_records.get("metrics"))
         eps: dict[str, Any] = {k: metrics[k] for k in ("epsilon-round", "epsilon-total")
                                if k in metrics}  # fmt: skip
@@ -209,9 +232,7 @@ class IDCFedAvg(FedAvg):
                 continue
             good.append(msg)
             name = self._node(msg)
-            evals = _floats(msg.content.metric_records.get("metrics"))
-            site_row = self.current.sites.setdefault(name, {})
-            site_row.update({f"eval-{k}": v for k, v in evals.items()})
+            self.current.evaluations[name] = _floats(msg.content.metric_records.get("metrics"))
         metrics = super().aggregate_evaluate(server_round, good) if good else None
         self.current.evaluate = _floats(metrics)
         self._commit(r)
@@ -221,6 +242,7 @@ class IDCFedAvg(FedAvg):
         assert self.current is not None
         cur = self.current
         row = {"round": r, "train": cur.train, "evaluate": cur.evaluate, "sites": cur.sites,
+               "evaluations": cur.evaluations,
                "rejected": cur.rejected, "failures": cur.failures,
                "seconds": round(time.time() - cur.started, 3)}  # fmt: skip
         self.run_dir.commit_round(r, row, self.global_arrays, self.state_extra)

@@ -1,0 +1,364 @@
+"""DP-SGD for one site's round: the DP config, Opacus objects for the shared loop, budget gate.
+
+A round with DP on goes: :func:`plan_round` (noise, sample rate, steps) ->
+:func:`check_budget` against the site's :class:`~common.ledger.PrivacyLedger` (raises
+:class:`BudgetExceeded`: record the refusal, send no weights) -> :func:`make_private` ->
+``common.training.train(private.model, private.loader, ..., optimizer=private.optimizer)`` ->
+``ledger.record`` with :func:`steps_taken` -> only then may weights leave the site. The loop is
+never copied here: privacy swaps the objects passed into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Iterator, Sized
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common.ledger import ACCOUNTANTS, Accountant, PrivacyLedger
+
+log = logging.getLogger(__name__)
+
+PRIVACY_UNIT = (
+    "Privacy unit: one 50x50 patch. The (epsilon, delta) guarantee is sample-level "
+    "differential privacy: it bounds what the shared model reveals about any single patch. "
+    "A patient contributes hundreds of patches, so the guarantee for a whole patient is far "
+    "weaker: by group privacy, k patches of one patient are protected only at about "
+    "k*epsilon, with delta growing to about k*exp((k-1)*epsilon)*delta, which for hundreds "
+    "of patches is no meaningful patient-level protection."
+)
+
+GradSampleMode = Literal["hooks", "functorch", "ew"]
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew")
+# benchmarks/dp_overhead.py: functorch computes the same clipped gradients as Opacus's default
+# hooks ~25-40% faster on CPU, but it cannot take an empty batch (vmap over 0 samples fails).
+# Poisson draws one with probability ~exp(-expected batch), so below this batch hooks is used.
+FUNCTORCH_MIN_BATCH = 32
+
+
+class BudgetExceeded(Exception):
+    """Training this round would take the data set's total epsilon past its cap."""
+
+    def __init__(self, spent: float, projected: float, cap: float, delta: float) -> None:
+        self.spent, self.projected, self.cap, self.delta = spent, projected, cap, delta
+        self.cost = projected - spent
+        super().__init__(
+            f"privacy budget exceeded: spent epsilon={spent:.4g}, this round would add "
+            f"{self.cost:.4g} (total {projected:.4g}), cap {cap:.4g} at delta={delta:g}"
+        )
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD settings of one round; exactly one of noise_multiplier and target_epsilon.
+
+    ``target_epsilon`` is the epsilon of this round alone; the noise multiplier that reaches
+    it is found by :func:`noise_for_target`. A noise multiplier of 0 is accepted (tests,
+    clipping-only studies) but its epsilon is infinite, so :func:`check_budget` refuses it.
+    """
+
+    noise_multiplier: float | None
+    target_epsilon: float | None
+    max_grad_norm: float
+    delta: float
+    accountant: Accountant = "rdp"
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "exactly one of noise_multiplier and target_epsilon must be set, got "
+                f"noise_multiplier={self.noise_multiplier!r}, "
+                f"target_epsilon={self.target_epsilon!r}"
+            )
+        if self.noise_multiplier is not None and not _finite(self.noise_multiplier, 0.0):
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
+        if self.target_epsilon is not None and not _finite(self.target_epsilon, 0.0, False):
+            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon!r}")
+        if not _finite(self.max_grad_norm, 0.0, False):
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        if not (_finite(self.delta, 0.0, False) and self.delta < 1):
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+
+
+def _finite(value: object, low: float, inclusive: bool = True) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    return value >= low if inclusive else value > low
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one DP round will cost: Opacus's sample rate and step count, and the noise."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def plan_round(dp: DPConfig, loader: Sized, epochs: int) -> RoundPlan:
+    """The noise, sample rate and steps Opacus will account for ``epochs`` over ``loader``.
+
+    Opacus samples each patch with probability ``q = 1 / len(loader)``, takes
+    ``int(1 / q)`` steps per epoch and accounts each step at rate ``1 / int(1 / q)``. By
+    float rounding ``int(1 / q)`` is sometimes ``len(loader) - 1`` (93 batches give 92
+    steps at rate 1/92, a little above the true 1/93: conservative). The same arithmetic
+    is used here so the budget check and the ledger see what the accountant will record.
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if len(loader) < 1:
+        raise ValueError("the training loader is empty: no data to train on")
+    per_epoch = int(1 / (1 / len(loader)))
+    sample_rate, steps = 1 / per_epoch, epochs * per_epoch
+    if dp.target_epsilon is not None:
+        noise = noise_for_target(dp.target_epsilon, dp.delta, sample_rate, steps, dp.accountant)
+    else:  # DPConfig guarantees the noise multiplier is then set
+        noise = float(dp.noise_multiplier or 0.0)
+    return RoundPlan(noise, sample_rate, steps)
+
+
+def noise_for_target(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: Accountant = "rdp",
+) -> float:
+    """Smallest noise multiplier (within Opacus's 0.01 epsilon tolerance) giving the target.
+
+    Uses ``opacus.accountants.utils.get_noise_multiplier``, which returns the upper end of
+    its bisection, so the epsilon reached is at most ``target_epsilon``.
+    """
+    if not _finite(target_epsilon, 0.0, False):
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+    if not (_finite(sample_rate, 0.0, False) and sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
+
+
+def check_delta(delta: float, n_patches: int) -> None:
+    """Raise ``ValueError`` unless 0 < delta < 1/n_patches.
+
+    A delta of 1/n or more allows a mechanism that publishes one patch outright.
+    """
+    if not isinstance(n_patches, int) or n_patches < 1:
+        raise ValueError(f"n_patches must be an integer >= 1, got {n_patches!r}")
+    if not (_finite(delta, 0.0, False) and delta < 1 / n_patches):
+        raise ValueError(
+            f"delta={delta!r} is too large for n={n_patches} patches: it must be in "
+            f"(0, 1/n) = (0, {1 / n_patches:.3g})"
+        )
+
+
+def check_budget(
+    ledger: PrivacyLedger,
+    fp: str,
+    max_epsilon: float,
+    delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    accountant: Accountant = "rdp",
+) -> float:
+    """Return the data set's total epsilon if this round runs, or raise BudgetExceeded.
+
+    Raises
+    ------
+    BudgetExceeded
+        The projected total is above ``max_epsilon`` (or infinite: no noise).
+    """
+    if not _finite(max_epsilon, 0.0, False):
+        raise ValueError(f"max_epsilon must be a finite number > 0, got {max_epsilon!r}")
+    projected = ledger.projected_epsilon(
+        fp, delta, noise_multiplier, sample_rate, steps, accountant
+    )
+    if not projected <= max_epsilon:  # also catches inf and nan
+        raise BudgetExceeded(ledger.epsilon(fp, delta, accountant), projected, max_epsilon, delta)
+    return projected
+
+
+class CountingDPDataLoader(DPDataLoader):
+    """Opacus's Poisson-sampling loader, counting the batches it hands to the loop.
+
+    :func:`steps_taken` compares the count with the optimizer's steps: more steps than
+    Poisson batches means the loop iterated some other (plain) loader, and the accounted
+    guarantee does not hold for what was trained.
+    """
+
+    batches_drawn = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            self.batches_drawn += 1
+            yield batch
+
+
+@dataclass
+class PrivateObjects:
+    """What the shared training loop must be given instead of the plain objects.
+
+    ``model`` wraps the caller's model and shares its parameters (its ``state_dict`` keys
+    gain a ``_module.`` prefix, so read weights from the original model). ``loader`` is the
+    Poisson-sampling ``DPDataLoader``: iterating any other loader voids the guarantee.
+    """
+
+    model: AbstractGradSampleModule
+    optimizer: DPOptimizer
+    loader: CountingDPDataLoader
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int
+    engine: PrivacyEngine
+    grad_sample_mode: str
+
+
+def _generator(seed: int | None, stream: int) -> torch.Generator:
+    if seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    state = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
+
+
+def _check_inputs(model: nn.Module, optimizer: torch.optim.Optimizer, loader: object) -> None:
+    if isinstance(model, AbstractGradSampleModule) or isinstance(optimizer, DPOptimizer):
+        raise ValueError("model or optimizer is already private; pass the plain objects")
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
+    model.train()  # the validator also rejects eval mode, which is no privacy problem
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(
+            f"model cannot be trained with DP-SGD: {'; '.join(map(str, errors))}. Build it "
+            "with build_model(norm='group'); privacy never swaps layers silently."
+        )
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+    dp: DPConfig,
+    epochs: int,
+    seed: int | None = None,
+    grad_sample_mode: GradSampleMode | None = None,
+) -> PrivateObjects:
+    """Wrap model, optimizer and loader for DP-SGD with Poisson sampling (Opacus).
+
+    Parameters
+    ----------
+    model, optimizer, loader
+        The plain training objects; ``loader`` fixes the dataset and the expected batch size.
+    dp : DPConfig
+        Noise (or per-round target epsilon), clipping norm, delta and accountant.
+    epochs : int
+        Local epochs this round; with ``target_epsilon`` it sets the noise.
+    seed : int, optional
+        Seeds Poisson sampling and the noise, for reproducible experiments only: the
+        guarantee then assumes the seed is secret from everyone who sees the weights (so
+        never the coordinator's run-config seed in deployment). ``None`` draws fresh seeds
+        from the OS.
+    grad_sample_mode : {"hooks", "functorch", "ew"}, optional
+        Opacus per-sample-gradient engine; by default functorch, or hooks when the expected
+        batch is under ``FUNCTORCH_MIN_BATCH``. Ghost clipping needs its own criterion,
+        which the shared loop does not call, so it is not offered.
+
+    Raises
+    ------
+    ValueError
+        The model has layers Opacus cannot train privately (e.g. BatchNorm), or is already
+        private. Nothing is fixed silently.
+    """
+    if not isinstance(dp, DPConfig):
+        raise TypeError(f"dp must be a DPConfig, got {type(dp).__name__}")
+    if grad_sample_mode is not None and grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
+                         f"{grad_sample_mode!r}")  # fmt: skip
+    _check_inputs(model, optimizer, loader)
+    plan = plan_round(dp, loader, epochs)
+    if grad_sample_mode is None:
+        expected = len(loader.dataset) / len(loader)  # type: ignore[arg-type]
+        grad_sample_mode = "functorch" if expected >= FUNCTORCH_MIN_BATCH else "hooks"
+    if plan.noise_multiplier == 0:
+        log.warning("DP-SGD with noise multiplier 0: clipping only, no privacy")
+    if seed is not None:
+        log.warning("DP sampling and noise seeded with %d: reproducible, and private only "
+                    "while that seed stays secret", seed)  # fmt: skip
+    # The loader's own generator comes from make_loader's seed, which the coordinator may
+    # know; whoever can predict the batches removes the amplification by subsampling that
+    # the accountant counts on. So the Poisson loader is built here, with its own generator,
+    # and Opacus is told to leave it as it is (poisson_sampling=False means "unchanged").
+    poisson = CountingDPDataLoader.from_data_loader(loader, generator=_generator(seed, 0))
+    if len(poisson) * epochs != plan.steps:
+        raise RuntimeError(f"Opacus plans {len(poisson) * epochs} steps, not {plan.steps}")
+    engine = PrivacyEngine(accountant=dp.accountant)
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=poisson,
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=False, grad_sample_mode=grad_sample_mode,
+        noise_generator=_generator(seed, 1),
+    )  # fmt: skip
+    if dp_loader is not poisson:
+        raise RuntimeError("Opacus replaced the Poisson-sampling loader; refusing to train")
+    dp_model.forbid_grad_accumulation()  # what poisson_sampling=True would have done
+    log.info("DP-SGD (%s): noise %.4g, clip %.4g, sample rate %.4g, %d steps planned",
+             grad_sample_mode, plan.noise_multiplier, dp.max_grad_norm, plan.sample_rate,
+             plan.steps)  # fmt: skip
+    return PrivateObjects(dp_model, dp_optimizer, poisson, plan.noise_multiplier,
+                          plan.sample_rate, plan.steps, engine, grad_sample_mode)  # fmt: skip
+
+
+def steps_taken(private: PrivateObjects) -> int:
+    """DP steps the engine's accountant recorded; what the ledger must be told.
+
+    Raises
+    ------
+    RuntimeError
+        The accountant saw a noise or sample rate other than the planned one, or the
+        optimizer stepped more often than the Poisson loader produced batches (the loop
+        iterated another loader). Either way the round's guarantee is not what was planned,
+        so its weights must not leave the site.
+    """
+    total = 0
+    for noise, rate, steps in private.engine.accountant.history:
+        if noise != private.noise_multiplier or rate != private.sample_rate:
+            raise RuntimeError(
+                f"accountant recorded noise={noise}, sample_rate={rate}; planned "
+                f"noise={private.noise_multiplier}, sample_rate={private.sample_rate}"
+            )
+        total += int(steps)
+    if total > private.loader.batches_drawn:
+        raise RuntimeError(
+            f"the DP optimizer took {total} steps but the Poisson loader produced only "
+            f"{private.loader.batches_drawn} batches: training iterated another loader"
+        )
+    return total
+
+
+def release(private: PrivateObjects) -> None:
+    """Remove Opacus's hooks and per-sample attributes from the caller's model."""
+    private.model._close()

@@ -1,0 +1,162 @@
+"""A real federation on 127.0.0.1 for tests: the installed commands as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.cli_util import FLOWER_ENV
+from server.flower_proc import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def split_synth_by_site(src: Path, dst: Path) -> dict[int, Path]:
+    """Move a synth output's patients into one folder per site (its synth.json says which)."""
+    info = json.loads((src / "synth.json").read_text())
+    folders: dict[int, Path] = {}
+    for pid, site in info["site_of"].items():
+        folder = folders.setdefault(int(site), dst / f"site{site}-data")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src / pid, folder / pid)
+    return folders
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):  # noqa: ANN001
+    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Federation:
+    """A coordinator and sites in ``root``; every process it starts is stopped by PID."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.coord = root / "coord"
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.flower_pids: set[int] = set()  # SuperLink/SuperNode groups, stopped last
+        self.env = {**os.environ, **FLOWER_ENV, "IDC_CACHE_DIR": str(root / "cache"),
+                    "PYTHONUNBUFFERED": "1"}  # fmt: skip
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:  # noqa: E501
+        """Run one command to completion."""
+        res = subprocess.run([str(BIN / args[0]), *args[1:]], env=self.env, cwd=self.root,
+                             capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        if check and res.returncode != 0:
+            raise AssertionError(f"{args} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start a long-running command in its own session, output to ``<name>.out``."""
+        out = open(self.root / f"{name}.out", "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, cwd=self.root,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        self.procs[name] = proc
+        return proc
+
+    def output(self, name: str) -> str:  # noqa: D102
+        return (self.root / f"{name}.out").read_text(errors="replace")
+
+    def init(self) -> None:  # noqa: D102
+        self.cli("idc-server", "init", "--dir", str(self.coord))
+
+    def add_site(self, name: str, register: bool = True) -> Path:
+        """``idc-client init`` a site and (by default) register its key."""
+        site_dir = self.root / name
+        self.cli("idc-client", "init", "--dir", str(site_dir), "--name", name)
+        if register:
+            self.cli("idc-server", "add-site", "--dir", str(self.coord), "--name", name,
+                     "--key", str(site_dir / "site.pub"))  # fmt: skip
+        return site_dir
+
+    def start_server(self) -> None:
+        """``idc-server start`` and wait until it says it is ready."""
+        self.spawn("server", "idc-server", "start", "--dir", str(self.coord), "--address",
+                   self.address)  # fmt: skip
+        wait_for(lambda: "SuperLink ready" in self.output("server") or self._dead("server"),
+                 90, "the SuperLink")  # fmt: skip
+        assert self.procs["server"].poll() is None, self.output("server")
+        self.flower_pids.add(self.superlink_pid())
+
+    def superlink_pid(self) -> int:
+        """The flower-superlink process of the running ``idc-server start``."""
+        return int(json.loads((self.coord / "superlink.json").read_text())["pid"])
+
+    def _dead(self, name: str) -> bool:
+        proc = self.procs[name]
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.output(name)}")
+        return False
+
+    def start_site(self, name: str, data: Path, *extra: str) -> None:
+        """``idc-client start`` for a site made with :meth:`add_site`."""
+        self.spawn(name, "idc-client", "start", "--dir", str(self.root / name), "--server",
+                   self.address, "--ca", str(self.coord / "tls" / "ca.pem"), "--data",
+                   str(data), *extra)  # fmt: skip
+
+    def supernode_pid(self, name: str) -> int:
+        """The SuperNode process that ``idc-client start`` launched for ``name``."""
+        text = wait_for(lambda: "SuperNode started" in self.output(name) and self.output(name),
+                        60, f"{name}'s SuperNode")  # fmt: skip
+        pid = int(text.split("(pid ")[1].split(",")[0])
+        self.flower_pids.add(pid)
+        return pid
+
+    def wait_sites_online(self, n: int, timeout: float = 90) -> None:
+        """Poll the SuperLink until ``n`` nodes are online."""
+        from server.flower_proc import node_statuses
+        from server.registry import CoordPaths
+        from server.runner import connection
+
+        conn = connection(CoordPaths(self.coord))
+        wait_for(lambda: sum(s == "online" for s, _ in node_statuses(conn).values()) >= n,
+                 timeout, f"{n} sites online")  # fmt: skip
+
+    def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """``idc-server run`` to completion."""
+        return self.cli("idc-server", "run", "--dir", str(self.coord), *args,
+                        timeout=timeout, check=False)  # fmt: skip
+
+    def kill_group(self, pid: int) -> None:
+        """SIGKILL a process group we started (a crash, not a shutdown)."""
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        """Stop every command we started: SIGTERM (they stop their children), then SIGKILL."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill_group(proc.pid)
+                proc.wait(5)
+        for pid in self.flower_pids:  # normally gone already; never leave one behind
+            self.kill_group(pid)
+
+
+def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
+    """Arrays of a run checkpoint."""
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}

@@ -1,0 +1,159 @@
+"""Real SuperLink and SuperNodes over TLS with node authentication, driven by the commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from common.audit_verify import cross_check, verify_log
+from common.data import load_patches
+from common.dataset import PatchDataset, make_loader
+from common.keys import generate_key_pair, load_public_key
+from common.model import build_model
+from common.training import evaluate
+from simulation.synth import SynthSpec, synthesize
+from tests.integration.federation import Federation, load_checkpoint, split_synth_by_site, wait_for
+
+pytestmark = pytest.mark.slow
+# Group norm: no running statistics, so an early global model evaluates fairly.
+FAST = ["local-epochs=2", "learning-rate=0.001", "batch-size=32", "norm=\"group\"",
+        "round-timeout=90"]
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    synthesize(root / "all", SynthSpec(patients=9, sites=3, patches_per_patient=(50, 70), seed=1))
+    folders = split_synth_by_site(root / "all", root)
+    synthesize(root / "heldout", SynthSpec(patients=4, patches_per_patient=(60, 60), seed=99))
+    return folders, root / "heldout"
+
+
+@pytest.fixture
+def fed(tmp_path):
+    federation = Federation(tmp_path)
+    yield federation
+    federation.stop()
+    for proc in federation.procs.values():
+        assert proc.poll() is not None
+
+
+def balanced_accuracy(arrays, heldout):
+    patches = load_patches(heldout)
+    model = build_model("group")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+    loader = make_loader(PatchDataset(patches.images, patches.labels), 256, False)
+    return evaluate(model, loader, torch.device("cpu"))["balanced_accuracy"]
+
+
+def rounds(run_dir):
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_two_rounds_over_tls_with_registered_sites_only(fed, site_data):
+    folders, heldout = site_data
+    fed.init()
+    for i in range(3):
+        fed.add_site(f"hosp{i}")
+    fed.add_site("intruder", register=False)
+    fed.start_server()
+    for i in range(3):
+        fed.start_site(f"hosp{i}", folders[i])
+    fed.start_site("intruder", folders[0])
+    fed.wait_sites_online(3)
+    # hosp2 now signs its updates with a key the coordinator never saw: they must be refused
+    (fed.root / "hosp2" / "site.key").unlink()
+    (fed.root / "hosp2" / "site.pub").unlink()
+    generate_key_pair(fed.root / "hosp2" / "site.key", fed.root / "hosp2" / "site.pub")
+    res = fed.run("--out", str(fed.root / "run"), "--rounds", "2", "--run-config", "min-sites=2",
+                  *FAST)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "round 2:" in res.stdout
+    run_dir = fed.root / "run"
+    rows = rounds(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert sorted(row["sites"]) == ["hosp0", "hosp1"]
+        assert [r["site"] for r in row["rejected"]] == ["hosp2"]
+        assert "signature" in row["rejected"][0]["reason"]
+        assert "intruder" not in json.dumps(row)
+    assert (run_dir / "final" / "model.pt").is_file() and (run_dir / "curves.png").is_file()
+    before = balanced_accuracy(load_checkpoint(run_dir / "checkpoints" / "round-000.npz"), heldout)
+    after = balanced_accuracy(load_checkpoint(run_dir / "checkpoints" / "round-002.npz"), heldout)
+    assert after > before, (before, after)
+    # the intruder's SuperNode was refused by the SuperLink
+    assert fed.procs["intruder"].poll() is not None or "intruder" not in json.dumps(rows)
+    # audit: every log verifies; the good sites' sent updates are the ones received
+    coord_log = fed.coord / "audit" / "coordinator-audit.jsonl"
+    coord_key = load_public_key(fed.coord / "coordinator.pub")
+    assert verify_log(coord_log, coord_key).ok
+    text = coord_log.read_text()
+    assert str(fed.root) not in text and "site-audit" not in text  # no site paths
+    for name in ("hosp0", "hosp1"):
+        site_log = fed.root / name / "audit" / "site-audit.jsonl"
+        key = load_public_key(fed.root / name / "site.pub")
+        assert verify_log(site_log, key).ok
+        report = cross_check(coord_log, coord_key, site_log, key, name)
+        assert report.ok and report.matched == 2, report.problems
+    assert fed.cli("idc-server", "audit", "verify", str(coord_log)).returncode == 0
+    received = [json.loads(x) for x in text.splitlines() if '"update.received"' in x]
+    bad = [e for e in received if e["object"] == "hosp2"]
+    assert len(bad) == 2 and all(not e["details"]["signature_valid"] for e in bad)
+
+
+def test_site_killed_mid_round_does_not_stop_the_run(fed, site_data):
+    folders, _ = site_data
+    fed.init()
+    for i in range(3):
+        fed.add_site(f"hosp{i}")
+    fed.start_server()
+    for i in range(3):
+        fed.start_site(f"hosp{i}", folders[i])
+    fed.wait_sites_online(3)
+    victim = fed.supernode_pid("hosp2")
+    proc = fed.spawn("run", "idc-server", "run", "--dir", str(fed.coord), "--out",
+                     str(fed.root / "run"), "--rounds", "2", "--run-config", "min-sites=2",
+                     *FAST[:-1], "round-timeout=40")
+    site_log = fed.root / "hosp2" / "audit" / "site-audit.jsonl"
+    wait_for(lambda: site_log.is_file() and '"round":2' in site_log.read_text(), 300,
+             "hosp2 to receive round 2")
+    fed.kill_group(victim)
+    assert proc.wait(600) == 0, fed.output("run")
+    rows = rounds(fed.root / "run")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert "hosp2" in rows[0]["sites"] and "hosp2" not in rows[1]["sites"]
+    assert any(f["site"] == "hosp2" for f in rows[1]["failures"]), rows[1]["failures"]
+
+
+def test_coordinator_killed_after_round_one_then_resumed(fed, site_data):
+    folders, _ = site_data
+    fed.init()
+    for i in range(2):
+        fed.add_site(f"hosp{i}")
+    fed.start_server()
+    for i in range(2):
+        fed.start_site(f"hosp{i}", folders[i])
+    fed.wait_sites_online(2)
+    run_dir = fed.root / "run"
+    proc = fed.spawn("run", "idc-server", "run", "--dir", str(fed.coord), "--out", str(run_dir),
+                     "--rounds", "3", "--run-config", "min-sites=2", *FAST)
+    state = run_dir / "state.json"
+    wait_for(lambda: state.is_file() and json.loads(state.read_text())["completed_round"] >= 1,
+             300, "round 1 to complete")
+    fed.kill_group(fed.superlink_pid())  # the coordinator crashes
+    fed.procs["server"].wait(30)
+    assert proc.wait(60) != 0
+    done_before = json.loads(state.read_text())["completed_round"]
+    assert done_before in (1, 2)
+    fed.start_server()
+    fed.wait_sites_online(2)
+    res = fed.run("--resume", str(run_dir))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = rounds(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]  # none lost, none repeated
+    assert json.loads(state.read_text())["completed_round"] == 3
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
+    assert np.isfinite(list(load_checkpoint(run_dir / "checkpoints" / "round-003.npz").values())[0]).all()
