@@ -7,6 +7,7 @@ import logging
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.config import RunConfig, SiteConfig
 from common.metrics import json_safe
@@ -29,8 +30,8 @@ def train(msg: Message, context: Context) -> Message:
     """Train on this site's own patients and reply with signed weights and metrics."""
     from client import site as S
 
-    site_cfg = SiteConfig.from_node_config(context.node_config)
     run = RunConfig.from_run_config(context.run_config)
+    site_cfg = SiteConfig.from_context(context.node_config, run)
     run_id, server_round = str(msg.metadata.run_id), _round(msg)
     with S.open_audit(site_cfg) as audit:
         audit.append("message.received", run_id, "ok", {"round": server_round, "action": "train"})
@@ -46,6 +47,9 @@ def train(msg: Message, context: Context) -> Message:
         metrics = MetricRecord(outcome.metrics)  # type: ignore[arg-type]
         if outcome.arrays is None:  # refused: no weights leave the site
             return Message(RecordDict({"metrics": metrics, "site": meta}), reply_to=msg)
+        clip = msg.content.config_records["config"].get(KEY_CLIPPING_NORM)
+        if clip is not None:  # central DP, client-side clipping: clip before signing
+            S.clip_update(outcome.arrays, _arrays(msg), float(clip))  # type: ignore[arg-type]
         digest, signature = S.sign_and_record(audit, site_cfg, run_id, server_round,
                                               outcome.arrays)  # fmt: skip
         meta["digest"], meta["signature"] = digest, signature
@@ -59,8 +63,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's held-out test patients."""
     from client import site as S
 
-    site_cfg = SiteConfig.from_node_config(context.node_config)
     run = RunConfig.from_run_config(context.run_config)
+    site_cfg = SiteConfig.from_context(context.node_config, run)
     run_id, server_round = str(msg.metadata.run_id), _round(msg)
     with S.open_audit(site_cfg) as audit:
         audit.append("message.received", run_id, "ok",

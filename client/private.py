@@ -57,7 +57,8 @@ def train_round(
     """Train one round as the run asks, privately when DP is on."""
     if not run.dp_enabled:
         new, metrics = local_train(site, run, arrays, server_round)
-        metrics.update({"dp": 0.0, "epsilon-round": 0.0, "epsilon-total": 0.0, "epsilon-cap": -1.0})
+        metrics.update({"dp": 0.0, "epsilon-round": 0.0, "epsilon-total": 0.0,
+                        "epsilon-cap": -1.0})  # fmt: skip
         return RoundOutcome("ok", "", metrics, new)
     return _private_round(site, run, arrays, run_id, server_round, audit)
 
@@ -122,6 +123,7 @@ def _private_round(
     val = evaluate(model, site.loader("val", run.batch_size, seed), resolve_device())  # type: ignore[arg-type]
     metrics = {
         "num-examples": float(len(site.split.train)),
+        "uniform-weight": 1.0,
         "train-loss": float(result.history[-1]["train_loss"]),
         "train-accuracy": float(result.history[-1]["train_accuracy"]),
         "val-loss": float(val["loss"]),  # type: ignore[arg-type]

@@ -94,6 +94,7 @@ def local_train(
     val = evaluate(model, site.loader("val", run.batch_size, seed), resolve_device())  # type: ignore[arg-type]
     metrics = {
         "num-examples": float(len(site.split.train)),
+        "uniform-weight": 1.0,
         "train-loss": float(last["train_loss"]),
         "train-accuracy": float(last["train_accuracy"]),
         "val-loss": float(val["loss"]),  # type: ignore[arg-type]
@@ -118,6 +119,18 @@ def local_evaluate(
         "f1": float(res["f1"]),  # type: ignore[arg-type]
         "auc": float(res["auc"]),  # type: ignore[arg-type]
     }
+
+
+def clip_update(
+    update: dict[str, np.ndarray], reference: Mapping[str, np.ndarray], norm: float
+) -> None:
+    """Clip ``update - reference`` to L2 ``norm`` in place (Flower's own clipping function)."""
+    from flwr.supercore.differential_privacy import compute_clip_model_update
+
+    names = list(reference)
+    arrays = [np.array(update[k], dtype=update[k].dtype) for k in names]
+    compute_clip_model_update(arrays, [np.asarray(reference[k]) for k in names], norm)
+    update.update(dict(zip(names, arrays, strict=True)))
 
 
 def sign_and_record(

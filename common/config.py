@@ -61,6 +61,7 @@ class RunConfig:
     run_dir: str = ""  # coordinator-local: where the ServerApp writes results
     coord_dir: str = ""  # coordinator-local: registered sites, keys, audit log
     resume: bool = False
+    sim_sites_dir: str = ""  # simulation only: virtual sites by partition id
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -102,6 +103,11 @@ class RunConfig:
             _check(0 < self.dp_delta < 1, "dp.delta", self.dp_delta, "in (0, 1)")
 
 
+def sim_site_dir(sites_dir: Path, partition_id: int) -> Path:
+    """Folder of virtual site ``partition_id`` in a simulation (``data/`` and ``state/``)."""
+    return Path(sites_dir) / f"site-{partition_id:03d}"
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """Facts only the hospital knows, from its SuperNode's ``--node-config``."""
@@ -113,6 +119,16 @@ class SiteConfig:
     max_epsilon: float = math.inf
     delta: float = 0.0  # the site's own delta for its cap; 0 means: use the run's
     small_policy: str = "pad"
+
+    @classmethod
+    def from_context(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
+        """A real site's node config; in simulation, the virtual site of its partition id."""
+        if "data-dir" in node_config or not run.sim_sites_dir:
+            return cls.from_node_config(node_config)
+        pid = _get(node_config, "partition-id", int)
+        folder = sim_site_dir(Path(run.sim_sites_dir), pid)
+        return cls(site_name=folder.name, data_dir=folder / "data", state_dir=folder / "state",
+                   cache_dir=folder / "state" / "cache")  # fmt: skip
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteConfig:

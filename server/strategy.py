@@ -1,10 +1,11 @@
-"""FedAvg with the coordinator's duties: wait with a deadline, vet replies, audit, checkpoint.
+"""The coordinator's duties as a strategy wrapper: wait with a deadline, vet, audit, commit.
 
-Flower's FedAvg does the sampling and weighted averaging; this subclass only wraps its hooks:
-round numbers continue after a resume, a round waits for the minimum number of sites with a
-deadline instead of forever, every reply is checked (names, shapes, dtypes, finite values,
-the site's signature) before it can enter the average, and a round is committed to disk
-(checkpoint, metrics line, resume state) when its evaluation is in.
+Flower's FedAvg does the sampling and weighted averaging (optionally inside Flower's own
+central-DP wrapper); :class:`CoordinatorStrategy` wraps whichever it is given, the way Flower
+adds DP by wrapping. Round numbers continue after a resume, a round waits for the minimum
+number of sites with a deadline instead of forever, every reply is checked (names, shapes,
+dtypes, finite values, the site's signature) before anything else sees it, and a round is
+committed to disk (checkpoint, metrics line, resume state) once its evaluation is in.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
 from common.audit import UPDATE_RECEIVED, AuditLog, digest_update
@@ -60,18 +61,30 @@ class RoundLog:
     started: float = field(default_factory=time.time)
 
 
-class IDCFedAvg(FedAvg):
-    """FedAvg weighted by ``num-examples`` with the checks and records a coordinator owes."""
+def fedavg(run: RunConfig) -> FedAvg:
+    """Flower's FedAvg with the run's site minimums.
+
+    Weighted by ``num-examples``; under central DP by ``uniform-weight`` (1 per site), since
+    the client-level guarantee of Flower's wrappers assumes every site weighs the same.
+    """
+    weight = "num-examples" if run.central_dp_mode == "none" else "uniform-weight"
+    return FedAvg(
+        weighted_by_key=weight,
+        fraction_train=run.fraction_train, fraction_evaluate=1.0,
+        min_train_nodes=run.min_sites, min_evaluate_nodes=run.min_sites,
+        min_available_nodes=run.min_sites,
+    )  # fmt: skip
+
+
+class CoordinatorStrategy(Strategy):
+    """Wraps a strategy with the checks and records a coordinator owes."""
 
     def __init__(
-        self, run: RunConfig, run_dir: RunDir, run_id: str, offset: int,
+        self, inner: Strategy, run: RunConfig, run_dir: RunDir, run_id: str, offset: int,
         site_keys: Mapping[str, keys.PublicKey], audit: AuditLog | None,
     ) -> None:  # fmt: skip
-        super().__init__(
-            fraction_train=run.fraction_train, fraction_evaluate=1.0,
-            min_train_nodes=run.min_sites, min_evaluate_nodes=run.min_sites,
-            min_available_nodes=run.min_sites,
-        )  # fmt: skip
+        super().__init__()
+        self.inner = inner
         self.run, self.run_dir, self.run_id, self.offset = run, run_dir, run_id, offset
         self.site_keys, self.audit = dict(site_keys), audit
         self.node_names: dict[int, str] = {}
@@ -79,6 +92,10 @@ class IDCFedAvg(FedAvg):
         self.current: RoundLog | None = None
         self.state_extra: dict[str, Any] = {"run_id": run_id}
         self.sampled: set[int] = set()
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.inner.summary()
 
     # -- helpers --------------------------------------------------------------------------
     def _audit(self, action: str, obj: str, outcome: str, details: dict[str, Any]) -> None:
@@ -110,7 +127,7 @@ class IDCFedAvg(FedAvg):
         self.node_names.update({n.node_id: n.name for n in grid.get_nodes() if n.name})
         self.global_arrays = to_numpy(arrays)
         self.current = RoundLog(r)
-        messages = list(super().configure_train(r, arrays, config, grid))
+        messages = list(self.inner.configure_train(r, arrays, config, grid))
         self.sampled = {m.metadata.dst_node_id for m in messages}
         self._audit("round.started", f"round {r}", "ok", {
             "run_id": self.run_id, "round": r, "sites_selected": len(messages),
@@ -133,7 +150,7 @@ class IDCFedAvg(FedAvg):
                 f"round {r}: {len(accepted)} usable update(s), {self.run.min_sites} needed; "
                 f"failures: {self.current.failures}; rejected: {self.current.rejected}"
             )
-        agg, metrics = super().aggregate_train(server_round, accepted)
+        agg, metrics = self.inner.aggregate_train(r, accepted)
         if agg is None:
             raise TooFewSites(f"round {r}: aggregation produced no model")
         self.current.train = _floats(metrics)
@@ -216,7 +233,7 @@ class IDCFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Send the new global model to every site for evaluation on its held-out patients."""
         self.global_arrays = to_numpy(arrays)
-        return super().configure_evaluate(server_round + self.offset, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -233,7 +250,7 @@ class IDCFedAvg(FedAvg):
             good.append(msg)
             name = self._node(msg)
             self.current.evaluations[name] = _floats(msg.content.metric_records.get("metrics"))
-        metrics = super().aggregate_evaluate(server_round, good) if good else None
+        metrics = self.inner.aggregate_evaluate(r, good) if good else None
         self.current.evaluate = _floats(metrics)
         self._commit(r)
         return metrics

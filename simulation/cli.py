@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synth(sub)
     _add_centralized(sub)
+    from simulation.budget import add_budget_arguments, run_budget
+
+    p = sub.add_parser("budget", help="offline privacy maths: epsilon of a plan, or its noise")
+    add_budget_arguments(p)
+    p.set_defaults(func=run_budget)
     from simulation import demo
 
     demo.add_parser(sub)
