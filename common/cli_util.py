@@ -29,6 +29,8 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # one line per HTTP poll of the SuperLink drowns the progress lines
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def default_cache_dir() -> Path:

@@ -63,16 +63,26 @@ class RunConfig:
     resume: bool = False
     sim_sites_dir: str = ""  # simulation only: virtual sites by partition id
 
+    @staticmethod
+    def key(field_name: str) -> str:
+        """The run-config key of a field: kebab-case, ``dp.`` and ``central-dp.`` groups."""
+        key = field_name.replace("_", "-")
+        if key.startswith("dp-"):
+            return "dp." + key[3:]
+        if key.startswith("central-dp-"):
+            return "central-dp." + key[len("central-dp-") :]
+        return key
+
+    def to_run_config(self) -> dict[str, Any]:
+        """This config as run-config overrides (what a resumed run is submitted with)."""
+        return {self.key(f.name): getattr(self, f.name) for f in fields(self)}
+
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
         """Parse Flower's run config (kebab-case, dotted groups) and check every value."""
         values: dict[str, Any] = {}
         for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key.startswith("dp-"):
-                key = "dp." + key[3:]
-            elif key.startswith("central-dp-"):
-                key = "central-dp." + key[len("central-dp-") :]
+            key = cls.key(f.name)
             kind = type(f.default)
             values[f.name] = _get(cfg, key, kind, f.default) if key in cfg else f.default
         config = cls(**values)

@@ -29,6 +29,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flwr.proto.control_pb2 import ListNodesRequest, ListRunsRequest
 from flwr.supercore.control import ControlHttpClient
 
+from common.procs import alive, descendants, signal_tree
+
 ConfigValue = bool | int | float | str
 FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -420,7 +422,13 @@ def run_logs(conn: Connection, run_id: int) -> str:
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM the process group of ``proc`` (started here), then SIGKILL after ``timeout``."""
+    """SIGTERM the process group of ``proc`` (started here), then SIGKILL after ``timeout``.
+
+    Flower starts its helpers (SuperExec, ServerApp, ClientApps) in sessions of their own, so
+    the whole process tree is collected first and anything of it still alive at the end is
+    killed too: nothing we started outlives us.
+    """
+    tree = descendants(proc.pid)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         if proc.poll() is not None:
             break
@@ -434,4 +442,14 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
             continue
     if proc.poll() is None:
         raise FlowerProcError(f"process {proc.pid} survived SIGKILL")
+    _reap(tree)
     return proc.returncode
+
+
+def _reap(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM what is left of a collected tree, then SIGKILL it after ``timeout``."""
+    signal_tree([p for p in pids if alive(p)], signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_tree([p for p in pids if alive(p)], signal.SIGKILL)

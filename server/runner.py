@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.config import RunConfig
 from server import flower_proc as fp
 from server.registry import CoordPaths, load_sites
 
@@ -135,9 +136,10 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = run_dir.resolve()
     config = parse_overrides(args.run_config)
     if args.resume:
-        previous = json.loads((run_dir / "run.json").read_text())["config"]
-        config = {**{k.replace("_", "-"): v for k, v in previous.items()
-                     if k in ("num_server_rounds",)}, **config}  # fmt: skip
+        if not (run_dir / "run.json").is_file():
+            raise FileNotFoundError(f"{run_dir} holds no run to resume (no run.json)")
+        previous = RunConfig(**json.loads((run_dir / "run.json").read_text())["config"])
+        config = {**previous.to_run_config(), **config}
     if args.rounds is not None:
         config["num-server-rounds"] = args.rounds
     config.update({"run-dir": str(run_dir), "coord-dir": str(paths.root.resolve()),

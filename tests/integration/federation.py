@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli_util import FLOWER_ENV
+from common.procs import alive, descendants, signal_tree
 from server.flower_proc import free_port
 
 BIN = Path(sys.executable).parent
@@ -86,14 +87,16 @@ class Federation:
                      "--key", str(site_dir / "site.pub"))  # fmt: skip
         return site_dir
 
-    def start_server(self) -> None:
-        """``idc-server start`` and wait until it says it is ready."""
-        self.spawn("server", "idc-server", "start", "--dir", str(self.coord), "--address",
-                   self.address)  # fmt: skip
-        wait_for(lambda: "SuperLink ready" in self.output("server") or self._dead("server"),
+    def start_server(self) -> subprocess.Popen[bytes]:
+        """``idc-server start`` and wait until it says it is ready (each start its own log)."""
+        name = f"server{sum(n.startswith('server') for n in self.procs) or ''}"
+        proc = self.spawn(name, "idc-server", "start", "--dir", str(self.coord), "--address",
+                          self.address)  # fmt: skip
+        wait_for(lambda: "SuperLink ready" in self.output(name) or self._dead(name),
                  90, "the SuperLink")  # fmt: skip
-        assert self.procs["server"].poll() is None, self.output("server")
+        assert proc.poll() is None, self.output(name)
         self.flower_pids.add(self.superlink_pid())
+        return proc
 
     def superlink_pid(self) -> int:
         """The flower-superlink process of the running ``idc-server start``."""
@@ -135,14 +138,18 @@ class Federation:
                         timeout=timeout, check=False)  # fmt: skip
 
     def kill_group(self, pid: int) -> None:
-        """SIGKILL a process group we started (a crash, not a shutdown)."""
+        """SIGKILL a process we started, its group and every process below it (a crash)."""
+        tree = descendants(pid)
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        signal_tree(tree, signal.SIGKILL)
+        wait_for(lambda: not any(alive(p) for p in [pid, *tree]), 20, f"process tree {pid}")
 
     def stop(self) -> None:
         """Stop every command we started: SIGTERM (they stop their children), then SIGKILL."""
+        trees = {pid: descendants(pid) for pid in self.flower_pids}
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -152,8 +159,12 @@ class Federation:
             except subprocess.TimeoutExpired:
                 self.kill_group(proc.pid)
                 proc.wait(5)
-        for pid in self.flower_pids:  # normally gone already; never leave one behind
-            self.kill_group(pid)
+        for pid, tree in trees.items():  # normally gone already; never leave one behind
+            signal_tree([p for p in [pid, *tree] if alive(p)], signal.SIGKILL)
+
+    def leftovers(self) -> list[int]:
+        """Processes of ours still alive (should be none after :meth:`stop`)."""
+        return [p for p in self.flower_pids if alive(p)]
 
 
 def load_checkpoint(path: Path) -> dict[str, np.ndarray]:

@@ -39,6 +39,7 @@ def fed(tmp_path):
     federation.stop()
     for proc in federation.procs.values():
         assert proc.poll() is not None
+    assert federation.leftovers() == []
 
 
 def balanced_accuracy(arrays, heldout):
@@ -133,7 +134,7 @@ def test_coordinator_killed_after_round_one_then_resumed(fed, site_data):
     fed.init()
     for i in range(2):
         fed.add_site(f"hosp{i}")
-    fed.start_server()
+    server = fed.start_server()
     for i in range(2):
         fed.start_site(f"hosp{i}", folders[i])
     fed.wait_sites_online(2)
@@ -144,7 +145,7 @@ def test_coordinator_killed_after_round_one_then_resumed(fed, site_data):
     wait_for(lambda: state.is_file() and json.loads(state.read_text())["completed_round"] >= 1,
              300, "round 1 to complete")
     fed.kill_group(fed.superlink_pid())  # the coordinator crashes
-    fed.procs["server"].wait(30)
+    server.wait(30)
     assert proc.wait(60) != 0
     done_before = json.loads(state.read_text())["completed_round"]
     assert done_before in (1, 2)
