@@ -23,6 +23,7 @@ from common.audit import AuditLog, digest_update
 from common.config import RunConfig
 from common.model import build_model
 from common.plots import plot_curves
+from common.provenance import MODEL_FILE, run_metadata, save_model
 from server.registry import CoordPaths, site_public_keys
 from server.rundir import RunDir
 from server.strategy import CoordinatorStrategy, fedavg
@@ -132,6 +133,11 @@ class Coordinator:
                         pairs=(("train_train-accuracy", "eval_balanced-accuracy"),
                                ("train_train-loss", "eval_loss")))  # fmt: skip
         self._audit("run.finished", "ok", {"rounds": last, "final_digest": digest_update(arrays)})
+        # Written after run.finished so the record can name that entry as the run's end.
+        head = self.audit.head if self.audit is not None else None
+        save_model(final / MODEL_FILE, arrays, run_metadata(
+            self.run_id, last, rows, head, config_hash=self.hash,
+            central_dp=summary["central_dp"]))  # fmt: skip
 
     def client_level_privacy(self, rounds: int) -> dict[str, Any] | None:
         """Epsilon of the central-DP Gaussian mechanism over ``rounds`` releases, honestly.
