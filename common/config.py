@@ -74,7 +74,7 @@ class RunConfig:
         return key
 
     def to_run_config(self) -> dict[str, Any]:
-        """This config as run-config overrides (what a resumed run is submitted with)."""
+        """Return the run-config overrides of this config (what a resumed run submits)."""
         return {self.key(f.name): getattr(self, f.name) for f in fields(self)}
 
     @classmethod
