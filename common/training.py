@@ -62,6 +62,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def to_device(
+    x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to ``device``; uint8 patches become floats in [0, 1] there."""
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    return x, y.to(device, non_blocking=True)
+
+
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # Poisson sampling (DP) can draw an empty batch; keep the graph so the DP optimizer still
     # takes its (noise-only) step, as its accountant assumes.
@@ -80,7 +90,7 @@ def train_epoch(
     model.train()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, y, device)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = _loss(logits, y)
@@ -107,7 +117,7 @@ def predict(model: nn.Module, loader: Batches, device: torch.device) -> tuple[np
     model.eval()
     labels, probs, loss = [], [], 0.0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, y, device)
         logits = model(x)
         if len(y):
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
