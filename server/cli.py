@@ -46,8 +46,26 @@ def _add_site(args: argparse.Namespace) -> int:
     with _open_audit(paths) as audit:  # type: ignore[attr-defined]
         audit.append("site.registered", args.name, "ok", {"fingerprint": info["fingerprint"]})
     print(f"site {args.name!r} registered (key fingerprint {info['fingerprint'][:16]}...)")
-    print("a running SuperLink picks it up on its next start (idc-server start)")
+    _sync_live(paths)
     return 0
+
+
+def _sync_live(paths: object) -> None:
+    """Apply the registry to a running SuperLink now; else it applies at the next start."""
+    from server.runner import LIVE_FILE, connection, sync_sites
+
+    if not (paths.root / LIVE_FILE).is_file():  # type: ignore[attr-defined]
+        print("no SuperLink running: the registry applies when `idc-server start` runs")
+        return
+    from server.flower_proc import FlowerProcError
+
+    try:
+        sync_sites(paths, connection(paths))  # type: ignore[arg-type]
+    except (FlowerProcError, OSError) as exc:
+        print(f"warning: could not update the running SuperLink ({exc}); the registry applies "
+              "when `idc-server start` next runs", file=sys.stderr)  # fmt: skip
+        return
+    print("the running SuperLink now admits exactly the registered sites")
 
 
 def _remove_site(args: argparse.Namespace) -> int:
@@ -58,6 +76,7 @@ def _remove_site(args: argparse.Namespace) -> int:
     with _open_audit(paths) as audit:  # type: ignore[attr-defined]
         audit.append("site.removed", args.name, "ok", {"fingerprint": info["fingerprint"]})
     print(f"site {args.name!r} removed")
+    _sync_live(paths)
     return 0
 
 

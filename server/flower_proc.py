@@ -314,6 +314,11 @@ def _control(conn: Connection, method: str, request: Any) -> Any:
         client.close()
 
 
+def list_nodes(conn: Connection) -> list[Any]:
+    """Every node the SuperLink knows: ``node_id``, ``name``, ``status``, ``public_key``."""
+    return list(_control(conn, "ListNodes", ListNodesRequest()).nodes_info)
+
+
 def node_statuses(conn: Connection) -> dict[int, tuple[str, str]]:
     """Return ``{node_id: (status, name)}``; status is registered/online/offline/unregistered."""
     nodes = _control(conn, "ListNodes", ListNodesRequest()).nodes_info
@@ -369,9 +374,15 @@ def start_supernode(superlink: str, ca_cert: Path | None, private_key: Path | No
 
 
 def submit_run(
-    conn: Connection, app_dir: Path, run_config: Mapping[str, ConfigValue] | None = None
+    conn: Connection, app_dir: Path, run_config: Mapping[str, ConfigValue] | None = None,
+    federation_config: Mapping[str, ConfigValue] | None = None,
 ) -> int:
-    """Build ``app_dir`` into a FAB and start a run with ``run_config`` overrides; return its id."""
+    """Build ``app_dir`` into a FAB and start a run with ``run_config`` overrides; return its id.
+
+    ``federation_config`` is for a SuperLink started with ``--simulation`` (see
+    :func:`start_sim_superlink`): the simulation engine's settings, e.g. ``num-supernodes``,
+    ``client-resources-num-cpus``, ``init-args-num-cpus`` (``flwr run --federation-config``).
+    """
     app = Path(app_dir).resolve()
     pyproject = tomli.loads((app / "pyproject.toml").read_text())
     if "federations" in pyproject.get("tool", {}).get("flwr", {}):
@@ -383,7 +394,13 @@ def submit_run(
             cfg = Path(tmp) / "run-config.toml"
             cfg.write_text(tomli_w.dumps(dict(run_config)))
             args += ["--run-config", str(cfg)]
+        for key, value in (federation_config or {}).items():
+            args += ["--federation-config", f"{key}={_toml_scalar(value)}"]
         return int(_flwr(conn, *args)["run-id"])
+
+
+def _toml_scalar(value: ConfigValue) -> str:
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
 
 
 def run_status(conn: Connection, run_id: int) -> RunStatus:
@@ -453,3 +470,50 @@ def _reap(pids: list[int], timeout: float = 10.0) -> None:
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     signal_tree([p for p in pids if alive(p)], signal.SIGKILL)
+
+
+# -- simulation: a SuperLink with Flower's simulation engine, and its whole process tree ------
+
+
+def start_sim_superlink(state_dir: Path, port: int, log_path: Path,
+                        env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``flower-superlink --simulation`` on 127.0.0.1:``port`` (plain HTTP, no database).
+
+    Runs submitted to it (:func:`submit_run` with a ``federation_config``) execute the
+    ServerApp and ClientApps in Flower's simulation engine (``flwr-simulation``, Ray backend)
+    instead of waiting for SuperNodes. Stop it with :func:`stop_tree`: the engine's processes
+    live in their own process groups.
+    """
+    return start_superlink(state_dir, port, None, log_path, persist=False,
+                           args=["--simulation"], env=env)  # fmt: skip
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a reused pid apart); None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def tree_snapshot(pid: int) -> dict[int, str]:
+    """The live descendants of ``pid`` as ``{pid: start time}``, to stop them later."""
+    return {p: t for p in descendants(pid) if (t := _start_time(p)) is not None}
+
+
+def stop_tree(proc: subprocess.Popen[bytes], seen: Mapping[int, str] | None = None,
+              timeout: float = 10.0) -> int:
+    """:func:`stop_process`, then also what ``seen`` recorded (see :func:`tree_snapshot`).
+
+    The simulation engine's processes (``flwr-simulation``, Ray's daemons and workers) can
+    be re-parented away from the SuperLink once their parent exits, so a tree listed only at
+    the end may miss them. A pid is signalled only while its start time still matches, so a
+    pid reused by someone else's process is left alone.
+    """
+    code = stop_process(proc, timeout)
+    ours = [p for p, t in (seen or {}).items() if alive(p) and _start_time(p) == t]
+    _reap(ours, timeout)
+    left = [p for p, t in (seen or {}).items() if alive(p) and _start_time(p) == t]
+    if left:
+        raise FlowerProcError(f"processes {left} of SuperLink {proc.pid} survived SIGKILL")
+    return code

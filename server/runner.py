@@ -37,15 +37,33 @@ def connection(paths: CoordPaths) -> fp.Connection:
     return fp.write_cli_config(paths.root / "flwr-cli", info["local_address"], ca)
 
 
+def _fingerprint(public_key: bytes) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    from common import keys
+
+    key = (serialization.load_ssh_public_key(public_key) if public_key.startswith(b"ecdsa-")
+           else serialization.load_pem_public_key(public_key))  # fmt: skip
+    return keys.public_key_fingerprint(key)  # type: ignore[arg-type]
+
+
 def sync_sites(paths: CoordPaths, conn: fp.Connection) -> dict[str, int]:
-    """Register every site of the registry with the SuperLink; unregister removed ones."""
-    known = {name: node for node, (status, name) in fp.node_statuses(conn).items()
-             if status != "unregistered"}  # fmt: skip
+    """Make the SuperLink's registered nodes match the registry, keys included.
+
+    A site removed from the registry, or whose key was rotated (remove-site, add-site), has
+    its old node unregistered; every registry key not yet registered is registered.
+    """
     sites = load_sites(paths)
-    for name, node in known.items():
-        if name not in sites:
-            fp.unregister_supernode(conn, node)
-            log.info("unregistered removed site %s (node %d)", name, node)
+    known: dict[str, int] = {}
+    for node in fp.list_nodes(conn):
+        if node.status == "unregistered":
+            continue
+        info = sites.get(node.name)
+        if info is None or _fingerprint(bytes(node.public_key)) != info["fingerprint"]:
+            fp.unregister_supernode(conn, node.node_id)
+            log.info("unregistered %s (node %d): removed or key rotated", node.name, node.node_id)
+        else:
+            known[node.name] = node.node_id
     out = {}
     for name in sites:
         out[name] = known.get(name) or fp.register_supernode(

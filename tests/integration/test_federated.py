@@ -159,3 +159,30 @@ def test_coordinator_killed_after_round_one_then_resumed(fed, site_data):
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
     final = load_checkpoint(run_dir / "checkpoints" / "round-003.npz")
     assert all(np.isfinite(v).all() for v in final.values())
+
+
+def test_rotating_a_site_key_applies_to_the_running_superlink(fed):
+    from server.flower_proc import list_nodes
+    from server.registry import CoordPaths
+    from server.runner import _fingerprint, connection
+
+    fed.init()
+    fed.add_site("hosp0")
+    fed.start_server()
+    conn = connection(CoordPaths(fed.coord))
+    (old,) = [n for n in list_nodes(conn) if n.status != "unregistered"]
+    site = fed.root / "hosp0"
+    (site / "site.key").rename(site / "retired.key")
+    (site / "site.pub").rename(site / "retired.pub")
+    generate_key_pair(site / "site.key", site / "site.pub")
+    fed.cli("idc-server", "remove-site", "--dir", str(fed.coord), "--name", "hosp0")
+    assert all(n.status == "unregistered" for n in list_nodes(conn))
+    out = fed.cli("idc-server", "add-site", "--dir", str(fed.coord), "--name", "hosp0", "--key",
+                  str(site / "site.pub")).stdout
+    assert "now admits" in out
+    live = [n for n in list_nodes(conn) if n.status != "unregistered"]
+    assert [n.name for n in live] == ["hosp0"] and live[0].node_id != old.node_id
+    from common.keys import load_public_key, public_key_fingerprint
+
+    assert _fingerprint(bytes(live[0].public_key)) == public_key_fingerprint(
+        load_public_key(site / "site.pub"))
