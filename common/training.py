@@ -88,7 +88,10 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy, steps and examples."""
     model.train()
-    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    # Sums stay on the device: reading them every step would stall a GPU once per batch.
+    loss_sum = torch.zeros((), device=device)
+    correct_sum = torch.zeros((), device=device, dtype=torch.long)
+    seen, steps = 0, 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x, y = to_device(x, y, device)
         optimizer.zero_grad(set_to_none=True)
@@ -97,10 +100,10 @@ def train_epoch(
         loss.backward()
         optimizer.step()
         steps += 1
-        n = len(y)
-        seen += n
-        total_loss += float(loss.detach()) * n
-        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += len(y)
+        loss_sum += loss.detach() * len(y)
+        correct_sum += (logits.detach().argmax(1) == y).sum()
+    total_loss, correct = float(loss_sum), int(correct_sum)
     if seen and not math.isfinite(total_loss):
         raise FloatingPointError(f"training loss is {total_loss} ({desc or 'epoch'})")
     return {
