@@ -28,6 +28,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,  # importing Flower or Ray installs a root handler at WARNING first
     )
     if not verbose:  # one line per HTTP poll of the SuperLink drowns the progress lines
         logging.getLogger("httpx").setLevel(logging.WARNING)
