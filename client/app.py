@@ -41,7 +41,12 @@ def train(msg: Message, context: Context) -> Message:
                      "train_patches": int(len(site.split.train))})  # fmt: skip
         from client.private import train_round
 
-        outcome = train_round(site, run, _arrays(msg), run_id, server_round, audit)
+        try:
+            outcome = train_round(site, run, _arrays(msg), run_id, server_round, audit)
+        except Exception as exc:  # recorded, then the coordinator sees the error reply
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            audit.append("round.failed", run_id, "error", {"round": server_round, "reason": reason})
+            raise
         meta = ConfigRecord({"site": site_cfg.site_name, "status": outcome.status,
                              "reason": outcome.reason})  # fmt: skip
         metrics = MetricRecord(outcome.metrics)  # type: ignore[arg-type]

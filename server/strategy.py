@@ -129,8 +129,9 @@ class CoordinatorStrategy(Strategy):
         self.current = RoundLog(r)
         messages = list(self.inner.configure_train(r, arrays, config, grid))
         self.sampled = {m.metadata.dst_node_id for m in messages}
+        selected = sorted(self.node_names.get(n, f"node {n}") for n in self.sampled)
         self._audit("round.started", f"round {r}", "ok", {
-            "run_id": self.run_id, "round": r, "sites_selected": len(messages),
+            "run_id": self.run_id, "round": r, "sites_selected": selected,
             "global_digest": digest_update(self.global_arrays)})  # fmt: skip
         return messages
 
