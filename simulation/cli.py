@@ -64,6 +64,109 @@ def _add_centralized(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_centralized)
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _plan(args: argparse.Namespace, seed: int | None = None) -> object:
+    from simulation.plan import SimPlan
+    from simulation.sim_runtime import Resources
+
+    return SimPlan(data=args.data, sites=args.sites, partition=args.partition, rounds=args.rounds,
+                   local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
+                   norm=getattr(args, "norm", "group"), seed=args.seed if seed is None else seed,
+                   partition_seed=args.partition_seed, alpha=args.alpha,
+                   exponent=args.exponent, timeout=args.timeout,
+                   resources=Resources(cpus_per_site=args.cpus_per_site))  # fmt: skip
+
+
+def _federated(args: argparse.Namespace) -> int:
+    from simulation.federated import run_compare
+    from simulation.plan import DPSpec
+    from simulation.report import compare_table
+
+    dp = None
+    if args.dp is not None or args.dp_noise is not None:
+        dp = DPSpec(epsilon=args.dp, noise_multiplier=args.dp_noise, max_grad_norm=args.dp_clip,
+                    delta=args.dp_delta)  # fmt: skip
+    results = run_compare(_plan(args), args.out, {"fedavg": dp}, say=_say)  # type: ignore[arg-type]
+    print(f"\nheld-out: every site's own test patients ({results['union_test']['patients']} "
+          f"patients, {results['union_test']['patches']} patches)")  # fmt: skip
+    print(compare_table(results))
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads``: torch threads of this process (the baselines; ClientApps get Ray's)."""
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the centralized and local-only training in this "
+                        "process (default 1: on a small or shared machine more threads spin "
+                        "and slow down; each simulated site gets one Ray CPU anyway)")  # fmt: skip
+
+
+def _add_site_arguments(p: argparse.ArgumentParser) -> None:
+    from simulation.partitioners import PARTITIONS
+
+    add_threads_argument(p)
+
+    p.add_argument("--data", type=Path, required=True, help="patches in the Kaggle layout")
+    p.add_argument("--sites", type=int, required=True, help="number of virtual sites")
+    p.add_argument("--partition", choices=PARTITIONS, default="iid",
+                   help="how patients are dealt to sites (site-shift: synth data only)")
+    p.add_argument("--alpha", type=float, default=0.5, help="label-skew Dirichlet alpha")
+    p.add_argument("--exponent", type=float, default=1.0, help="size-skew power-law exponent")
+    p.add_argument("--partition-seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cpus-per-site", type=int, default=1,
+                   help="Ray CPUs per ClientApp: how many virtual sites train at once")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds per FedAvg run")
+    p.add_argument("--out", type=Path, required=True, help="results folder (replaced if ours)")
+
+
+def _add_federated(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("federated", help="centralized vs FedAvg vs local-only on the same patients")
+    _add_site_arguments(p)
+    p.add_argument("--seed", type=int, default=0, help="model init, site splits, shuffling")
+    p.add_argument("--norm", choices=("batch", "group"), default="group",
+                   help="group (default): what DP-SGD needs, and no batch statistics to average")
+    p.add_argument("--dp", type=float, default=None, metavar="EPSILON",
+                   help="DP-SGD at every site with this total epsilon per site over the run")
+    p.add_argument("--dp-noise", type=float, default=None, help="or a fixed noise multiplier")
+    p.add_argument("--dp-clip", type=float, default=1.0, help="per-sample clipping norm")
+    p.add_argument("--dp-delta", type=float, default=1e-5)
+    p.set_defaults(func=_federated)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from simulation.plan import DPSpec
+    from simulation.report import sweep_table
+    from simulation.sweep import parse_epsilons, parse_seeds, run_sweep
+
+    epsilons, seeds = parse_epsilons(args.epsilons), parse_seeds(args.seeds)
+    spec = DPSpec(epsilon=1.0, max_grad_norm=args.dp_clip, delta=args.dp_delta)
+    plan = _plan(args, seed=seeds[0])
+    results = run_sweep(plan, epsilons, seeds, args.out, spec, say=_say)  # type: ignore[arg-type]
+    print()
+    print(sweep_table(results))
+    print(f"report: {args.out / 'sweep.md'} (plot sweep.png, numbers sweep.json)")
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("privacy-sweep", help="FedAvg accuracy against the total DP budget")
+    _add_site_arguments(p)
+    p.add_argument("--epsilons", required=True,
+                   help="total epsilon per site over the run, e.g. 1,3,8,inf (inf: no DP)")
+    p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1 (mean and spread)")
+    p.add_argument("--dp-clip", type=float, default=1.0, help="per-sample clipping norm")
+    p.add_argument("--dp-delta", type=float, default=1e-5)
+    p.set_defaults(func=_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The idc-sim argument parser."""
     parser = argparse.ArgumentParser(prog="idc-sim", description=__doc__)
@@ -75,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synth(sub)
     _add_centralized(sub)
+    _add_federated(sub)
+    _add_sweep(sub)
     from simulation.budget import add_budget_arguments, run_budget
 
     p = sub.add_parser("budget", help="offline privacy maths: epsilon of a plan, or its noise")
@@ -92,9 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     if args.cache_dir is None:
         args.cache_dir = default_cache_dir()
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            print(f"idc-sim {args.command}: error: --threads must be >= 1, got {args.threads}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
-    except (ValueError, NoUsableData, FileNotFoundError) as exc:
+    except (ValueError, NoUsableData, FileNotFoundError, RuntimeError) as exc:
         print(f"idc-sim {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,237 @@
+"""Virtual sites on disk, and Flower's simulation engine running the real ServerApp/ClientApp.
+
+Layout under an output folder::
+
+    sites/site-NNN/data/    the site's patients, symlinked from the source (never copied)
+    sites/site-NNN/cache/   decoded patches, shared by every run on these sites
+    <run>/sites/site-NNN/   what the ClientApp sees (``sim-sites-dir``): ``data`` -> the shared
+                            data, ``state/`` with a fresh key pair, audit log and privacy ledger,
+                            ``state/cache`` -> the shared cache
+    <run>/coord/            a coordinator folder with every virtual site's key registered
+    <run>/run/              the ServerApp's run folder (rounds.jsonl, checkpoints, final model)
+
+A fresh ``state/`` per run keeps each run's privacy ledger to that run (a sweep's runs are
+alternatives, not a sequence), while the decoded cache is shared: its key is the data
+folder's resolved path, the same through either link.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import keys
+from common.config import RunConfig, SiteConfig, sim_site_dir
+from common.data import LoadOptions, PatchRecord, load_patches, resolve_root
+from server import flower_proc as fp
+from server.registry import CoordPaths, add_site, save_sites
+from server.rundir import RunDir
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MARKER = ".idc-sim-output"
+POLL_SECONDS = 1.0
+
+
+def fresh_output(path: Path) -> Path:
+    """Create ``path``, or empty it when an earlier idc-sim run made it; refuse anything else."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / MARKER).is_file():
+            raise ValueError(f"--out {path} is not empty and not an earlier idc-sim output")
+        for child in path.iterdir():  # keep the folder itself (it may be a mount point)
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("written by idc-sim; the next run with this --out replaces it\n")
+    return path
+
+
+def build_sites(
+    source: Path, records: Sequence[PatchRecord], parts: Sequence[np.ndarray], out: Path
+) -> Path:
+    """Symlink each site's patients from ``source`` into ``out/site-NNN/data``; never copy.
+
+    ``records`` are the source's scanned patch files (``common.data.scan``). Symlinks, not
+    hard links: a hard link would change the shared files' inodes (link count, ctime) and a
+    write through it would change the original; nothing is written next to the source.
+    """
+    root = resolve_root(source).resolve()
+    by_patient: dict[str, list[PatchRecord]] = {}
+    for rec in records:
+        by_patient.setdefault(rec.patient, []).append(rec)
+    for k, part in enumerate(parts):
+        data = sim_site_dir(out, k) / "data"
+        for patient in np.asarray(part).tolist():
+            for rec in by_patient[patient]:
+                dst = data / rec.path
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(root / rec.path, dst)
+        (sim_site_dir(out, k) / "cache").mkdir(exist_ok=True)
+    log.info("linked %d patients into %d sites", sum(len(p) for p in parts), len(parts))
+    return out
+
+
+def site_config(sites: Path, k: int) -> SiteConfig:
+    """The shared data and cache of virtual site ``k``, as the baselines read them."""
+    folder = sim_site_dir(sites, k)
+    return SiteConfig(site_name=folder.name, data_dir=folder / "data",
+                      state_dir=folder / "state", cache_dir=folder / "cache")  # fmt: skip
+
+
+def decode_sites(sites: Path, count: int, workers: int = 2) -> None:
+    """Decode every site's patches into its cache now, so no ClientApp has to."""
+    for k in range(count):
+        cfg = site_config(sites, k)
+        load_patches(cfg.data_dir, cache_dir=cfg.cache_dir,
+                     options=LoadOptions(small=cfg.small_policy), workers=workers)  # type: ignore[arg-type]
+
+
+def make_run_sites(sites: Path, count: int, run_root: Path) -> tuple[Path, Path]:
+    """Per-run virtual site folders and a coordinator folder with their keys registered."""
+    virtual = run_root / "sites"
+    coord = CoordPaths(run_root / "coord")
+    coord.root.mkdir(parents=True)
+    keys.generate_key_pair(coord.key, coord.pub)
+    save_sites(coord, {})
+    for k in range(count):
+        shared, folder = sim_site_dir(sites, k), sim_site_dir(virtual, k)
+        state = folder / "state"
+        state.mkdir(parents=True)
+        (folder / "data").symlink_to((shared / "data").resolve(), target_is_directory=True)
+        (state / "cache").symlink_to((shared / "cache").resolve(), target_is_directory=True)
+        keys.generate_key_pair(state / "site.key", state / "site.pub")
+        add_site(coord, folder.name, state / "site.pub")  # names as SiteConfig gives them
+    return virtual, coord.root
+
+
+def to_run_config(run: RunConfig) -> dict[str, fp.ConfigValue]:
+    """The run config keys of ``run`` (the inverse of ``RunConfig.from_run_config``)."""
+    out: dict[str, fp.ConfigValue] = {}
+    for f in dataclasses.fields(run):
+        key = f.name.replace("_", "-")
+        if key.startswith("central-dp-"):
+            key = "central-dp." + key[len("central-dp-") :]
+        elif key.startswith("dp-"):
+            key = "dp." + key[3:]
+        out[key] = getattr(run, f.name)
+    return out
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Ray's share of the machine: ``total_cpus`` over ``cpus_per_site`` ClientApps at once."""
+
+    cpus_per_site: int = 1
+    total_cpus: int = max(os.cpu_count() or 1, 1)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.cpus_per_site <= self.total_cpus:
+            raise ValueError(f"cpus per site must be in [1, {self.total_cpus}], "
+                             f"got {self.cpus_per_site}")  # fmt: skip
+
+    def federation_config(self, sites: int) -> dict[str, fp.ConfigValue]:
+        """``flwr run --federation-config`` entries for ``sites`` virtual SuperNodes."""
+        return {"num-supernodes": sites, "client-resources-num-cpus": self.cpus_per_site,
+                "init-args-num-cpus": self.total_cpus,
+                "init-args-logging-level": "WARNING"}  # fmt: skip
+
+
+class RunFailed(RuntimeError):
+    """A simulated run did not complete; the message carries the ServerApp's error."""
+
+
+class SimEngine:
+    """A private SuperLink in simulation mode; every process it starts is stopped on exit."""
+
+    def __init__(self, work: Path, resources: Resources | None = None) -> None:
+        self.work = Path(work)
+        self.resources = resources or Resources()
+        self.seen: dict[int, str] = {}  # every descendant seen: pid -> its start time
+        self.proc: Any = None
+        self.conn: fp.Connection | None = None
+
+    def __enter__(self) -> SimEngine:
+        port = fp.free_port()
+        self.proc = fp.start_sim_superlink(self.work / "superlink", port,
+                                           self.work / "logs" / "superlink.log")  # fmt: skip
+        try:
+            fp.wait_superlink_ready(f"127.0.0.1:{port}", None, 60, self.proc)
+        except BaseException:
+            self.close()
+            raise
+        self.conn = fp.write_cli_config(self.work / "flwr-cli", f"127.0.0.1:{port}", None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the SuperLink and every process group under it (simulation engine, Ray)."""
+        if self.proc is not None:
+            fp.stop_tree(self.proc, self.seen)
+            self.proc = None
+
+    def run(
+        self, run: RunConfig, sites: int, timeout: float,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """Run the project's ServerApp and ClientApp on ``sites`` virtual sites; return rounds.
+
+        ``on_round`` gets each rounds.jsonl row as soon as the ServerApp commits it.
+        """
+        if self.conn is None or self.proc is None:
+            raise RuntimeError("SimEngine.run outside its `with` block")
+        run.check()
+        run_id = fp.submit_run(self.conn, PROJECT_ROOT, to_run_config(run),
+                               self.resources.federation_config(sites))  # fmt: skip
+        run_dir, shown = RunDir(Path(run.run_dir)), 0
+        deadline = time.monotonic() + timeout
+        while True:
+            self.seen.update(fp.tree_snapshot(self.proc.pid))
+            status = fp.run_status(self.conn, run_id)
+            rows = run_dir.read_rounds()
+            for row in rows[shown:]:
+                if on_round is not None:
+                    on_round(row)
+            shown = len(rows)
+            if status.finished:
+                break
+            if time.monotonic() > deadline:
+                fp.stop_run(self.conn, run_id)
+                raise RunFailed(f"simulated run did not finish within {timeout:.0f} s; stopped")
+            time.sleep(POLL_SECONDS)
+        if status.sub_status != "completed":
+            raise RunFailed(f"simulated run {status.text}: {self._why(run_dir, run_id, status)}")
+        return run_dir.read_rounds()
+
+    def _why(self, run_dir: RunDir, run_id: int, status: fp.RunStatus) -> str:
+        failure = run_dir.root / "status.json"
+        if failure.is_file():
+            import json
+
+            return str(json.loads(failure.read_text()).get("error"))
+        assert self.conn is not None
+        try:
+            return status.details or fp.run_logs(self.conn, run_id)[-3000:]
+        except fp.FlowerProcError as exc:
+            return f"{status.details} (logs unavailable: {exc})"
+
+
+def epsilon_by_site(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Each site's total epsilon after the last round it trained in (0 when DP was off)."""
+    out: dict[str, float] = {}
+    for row in rows:
+        for name, metrics in row.get("sites", {}).items():
+            out[name] = float(metrics.get("epsilon-total", 0.0))
+    return out

@@ -1,0 +1,125 @@
+"""idc-sim privacy-sweep: what each total privacy budget costs FedAvg in accuracy.
+
+For every seed and every epsilon, one FedAvg run with sample-level DP-SGD at every site
+(``inf``: no DP), the noise multiplier computed offline so that each site's total epsilon
+over the whole run stays within the budget. The partition is fixed; a seed changes the model
+initialisation, each site's train/val/test split and the shuffling. Every run is scored on
+the union of the sites' test patients of its seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import metrics as M
+from server.rundir import RunDir
+from simulation import sim_runtime as rt
+from simulation.federated import Prepared, Say, prepare, run_fedavg, score
+from simulation.plan import DPSpec, SimPlan, noise_for_plan, plan_facts
+
+log = logging.getLogger(__name__)
+SWEPT = (M.BALANCED_ACCURACY, M.AUC, M.F1, M.ACCURACY)
+
+
+def parse_epsilons(text: str) -> list[float]:
+    """``"1,3,8,inf"`` -> [1.0, 3.0, 8.0, inf]; every value must be > 0."""
+    out = []
+    for item in text.split(","):
+        try:
+            value = float(item.strip())
+        except ValueError as exc:
+            raise ValueError(f"--epsilons: {item.strip()!r} is not a number or 'inf'") from exc
+        if not value > 0:
+            raise ValueError(f"--epsilons: every epsilon must be > 0, got {item.strip()!r}")
+        out.append(value)
+    if not out:
+        raise ValueError("--epsilons needs at least one value")
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1"`` -> [0, 1]."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError as exc:
+        raise ValueError(f"--seeds must be integers separated by commas, got {text!r}") from exc
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+def tag(epsilon: float, seed: int) -> str:
+    """The run folder of one sweep point."""
+    return f"eps-{'inf' if math.isinf(epsilon) else f'{epsilon:g}'}-seed-{seed}"
+
+
+def one_point(plan: SimPlan, prep: Prepared, epsilon: float, spec: DPSpec, out: Path,
+              say: Say) -> dict[str, Any]:  # fmt: skip
+    """Run and score one (epsilon, seed) point."""
+    sites = prep.open(plan.seed)
+    dp = None
+    if math.isfinite(epsilon):
+        spec = replace(spec, epsilon=epsilon)
+        dp = (spec, noise_for_plan(plan, sites, spec))
+    say(f"epsilon {epsilon:g}, seed {plan.seed}: "
+        + (f"noise multiplier {dp[1]:.4f}" if dp else "no DP") + " ...")  # fmt: skip
+    root = out / "runs" / tag(epsilon, plan.seed)
+    rows = run_fedavg(plan, prep, root, dp, say)
+    final = RunDir.load_arrays(root / "run" / "final" / "model.npz")
+    metrics = score(final, plan.norm, prep.pooled, prep.pooled_split(sites).test)
+    spent = rt.epsilon_by_site(rows)
+    return {"epsilon": epsilon, "no_dp": dp is None, "seed": plan.seed,
+            "noise_multiplier": dp[1] if dp else 0.0,
+            "epsilon_spent_max": max(spent.values()) if dp and spent else 0.0,
+            "epsilon_spent": spent, "run": str(root / "run"),
+            **{k: metrics[k] for k in SWEPT}}  # fmt: skip
+
+
+def summarise(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds, one row per epsilon (in the order given)."""
+    rows = []
+    for eps in dict.fromkeys(p["epsilon"] for p in points):
+        mine = [p for p in points if p["epsilon"] == eps]
+        row: dict[str, Any] = {
+            "epsilon": eps, "no_dp": math.isinf(eps), "seeds": [p["seed"] for p in mine],
+            "noise_multiplier": float(np.mean([p["noise_multiplier"] for p in mine])),
+            "epsilon_spent_max": max(p["epsilon_spent_max"] for p in mine),
+        }  # fmt: skip
+        for key in SWEPT:
+            vals = np.array([p[key] for p in mine if p[key] is not None], dtype=np.float64)
+            vals = vals[np.isfinite(vals)]
+            row[key] = float(vals.mean()) if len(vals) else float("nan")
+            row[f"{key}_std"] = float(vals.std()) if len(vals) > 1 else float("nan")
+        rows.append(row)
+    return rows
+
+
+def run_sweep(plan: SimPlan, epsilons: Sequence[float], seeds: Sequence[int], out: Path,
+              spec: DPSpec | None = None, say: Say = log.info) -> dict[str, Any]:  # fmt: skip
+    """Every (seed, epsilon) point; writes sweep.json, sweep.md and sweep.png into ``out``."""
+    from simulation import report
+
+    # Group norm everywhere, no-DP point included, so that only the noise differs.
+    plan = replace(plan, norm="group")
+    spec = spec or DPSpec(epsilon=1.0)
+    out = rt.fresh_output(out)
+    prep = prepare(plan, out, say)
+    points = []
+    for seed in seeds:
+        for eps in epsilons:
+            points.append(one_point(replace(plan, seed=seed), prep, eps, spec, out, say))
+            say(f"  -> balanced accuracy {points[-1][M.BALANCED_ACCURACY]:.4f}, "
+                f"AUC {points[-1][M.AUC]:.4f}")  # fmt: skip
+    results = {"plan": plan_facts(plan), "seeds": list(seeds), "epsilons": list(epsilons),
+               "dp": {"max_grad_norm": spec.max_grad_norm, "delta": spec.delta,
+                      "accountant": spec.accountant},
+               "points": points, "summary": summarise(points)}  # fmt: skip
+    report.write_sweep(out, results)
+    return results

@@ -1,0 +1,171 @@
+"""The real ServerApp and ClientApp in Flower's simulation engine (Ray), driven as idc-sim does."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.audit_verify import cross_check, verify_log
+from common.data import load_patches
+from common.dataset import PatchDataset, make_loader
+from common.keys import load_public_key
+from common.model import build_model
+from common.privacy import PRIVACY_UNIT
+from common.procs import alive, descendants
+from common.training import evaluate
+from server.rundir import RunDir
+from simulation.cli import main as sim_main
+from simulation.federated import run_compare
+from simulation.plan import SimPlan
+from simulation.synth import SynthSpec, synthesize
+
+pytestmark = pytest.mark.slow
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+class ProcessWatcher:
+    """Records every process below this one while a block runs (pid, start time, command)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[str, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.3):
+            for pid in descendants(os.getpid()):
+                if pid not in self.seen and (start := _start_time(pid)) is not None:
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                    except OSError:
+                        continue
+                    self.seen[pid] = (start, cmd.decode(errors="replace"))
+
+    def __enter__(self) -> ProcessWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def survivors(self) -> list[str]:
+        return [cmd for pid, (start, cmd) in self.seen.items()
+                if alive(pid) and _start_time(pid) == start]
+
+    def saw(self, needle: str) -> bool:
+        return any(needle in cmd for _, cmd in self.seen.values())
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simdata")
+    synthesize(root / "sites", SynthSpec(patients=9, sites=3, site_shift=0.3,
+                                         patches_per_patient=(40, 60), seed=1))
+    synthesize(root / "heldout", SynthSpec(patients=4, patches_per_patient=(60, 60), seed=99))
+    return root / "sites", root / "heldout"
+
+
+@pytest.fixture
+def one_thread():
+    """As idc-sim runs the baselines (--threads 1): more threads only spin on 2 shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def heldout_metrics(arrays, heldout):
+    patches = load_patches(heldout)
+    model = build_model("group")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+    loader = make_loader(PatchDataset(patches.images, patches.labels), 256, False)
+    return evaluate(model, loader, torch.device("cpu"))
+
+
+def test_fedavg_simulation_learns_compares_and_leaves_nothing_running(synth_data, tmp_path,
+                                                                   one_thread):
+    data, heldout = synth_data
+    plan = SimPlan(data=data, sites=3, partition="site-shift", rounds=2, local_epochs=1,
+                   lr=1e-3, batch_size=16, norm="group", seed=0, timeout=600)
+    out = tmp_path / "compare"
+    with ProcessWatcher() as watcher:
+        results = run_compare(plan, out)
+    assert watcher.saw("flower-superlink") and watcher.saw("flwr-simulation"), watcher.seen
+    assert watcher.survivors() == []
+
+    run_dir = RunDir(out / "fedavg" / "run")
+    rows = run_dir.read_rounds()
+    assert [r["round"] for r in rows] == [1, 2]
+    names = ["site-000", "site-001", "site-002"]
+    for row in rows:
+        assert sorted(row["sites"]) == names and sorted(row["evaluations"]) == names
+        assert not row["rejected"] and not row["failures"]
+    before = heldout_metrics(run_dir.load_arrays(run_dir.checkpoint(0)), heldout)
+    after = heldout_metrics(run_dir.load_arrays(run_dir.root / "final" / "model.npz"), heldout)
+    assert after["loss"] < before["loss"] and after["auc"] > before["auc"], (before, after)
+
+    # every site's patients once, none copied; all three scored on the same held-out patients
+    partition = json.loads((out / "partition.json").read_text())["sites"]
+    flat = [p for part in partition.values() for p in part]
+    assert sorted(flat) == sorted(p.name for p in data.iterdir() if p.is_dir())
+    a_file = next((out / "sites" / "site-000" / "data").rglob("*.png"))
+    assert a_file.is_symlink()
+    n_test = results["union_test"]["patches"]
+    assert results["fedavg"]["fedavg"]["union"]["examples"] == n_test
+    assert results["centralized"]["union"]["examples"] == n_test
+    assert set(results["local_only"]["sites"]) == set(names)
+    # the ClientApp's own evaluation of the final model matches ours on each site's test
+    for name in names:
+        ours = results["fedavg"]["fedavg"]["sites"][name]["accuracy"]
+        assert ours == pytest.approx(rows[-1]["evaluations"][name]["accuracy"])
+    report = (out / "report.md").read_text()
+    assert "local-only" in report and PRIVACY_UNIT[:40] in report
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the real coordinator path: registered keys, signed updates, verifiable audit logs
+    coord = out / "fedavg" / "coord"
+    coord_key = load_public_key(coord / "coordinator.pub")
+    assert verify_log(coord / "audit" / "coordinator-audit.jsonl", coord_key).ok
+    state = out / "fedavg" / "sites" / "site-001" / "state"
+    check = cross_check(coord / "audit" / "coordinator-audit.jsonl", coord_key,
+                        state / "audit" / "site-audit.jsonl", load_public_key(state / "site.pub"),
+                        "site-001")
+    assert check.ok and check.matched == 2, check.problems
+
+
+def test_privacy_sweep_writes_table_plot_and_json(synth_data, tmp_path, capsys, one_thread):
+    data, _ = synth_data
+    out = tmp_path / "sweep"
+    with ProcessWatcher() as watcher:
+        code = sim_main(["privacy-sweep", "--data", str(data), "--sites", "3", "--rounds", "1",
+                         "--lr", "1e-3", "--batch-size", "16", "--epsilons", "4,inf",
+                         "--out", str(out), "--timeout", "600"])
+    assert code == 0, capsys.readouterr()
+    assert watcher.survivors() == []
+    printed = capsys.readouterr().out
+    assert "| total epsilon per site |" in printed and "inf (no DP)" in printed
+    doc = json.loads((out / "sweep.json").read_text())
+    rows = doc["summary"]
+    assert [(r["epsilon"], r["no_dp"]) for r in rows] == [(4.0, False), (None, True)]  # inf: null
+    dp_row, plain = rows
+    assert 0 < dp_row["epsilon_spent_max"] <= 4.0 + 1e-6 and dp_row["noise_multiplier"] > 0
+    assert plain["noise_multiplier"] == 0
+    for row in rows:
+        assert 0 <= row["balanced_accuracy"] <= 1 and np.isfinite(row["auc"])
+    table = (out / "sweep.md").read_text()
+    assert table.count("\n| ") >= 3 and PRIVACY_UNIT[:40] in table
+    png = (out / "sweep.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and len(png) > 5000
