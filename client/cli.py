@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.cli_util import default_cache_dir, setup_logging
+from common.cli_util import dispatch, new_parser
 from common.data import LoadOptions, NoUsableData, load_patches
 
 
@@ -91,13 +91,7 @@ def _add_management(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The idc-client argument parser."""
-    parser = argparse.ArgumentParser(prog="idc-client", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument(
-        "--cache-dir", type=Path, default=None,
-        help="decoded-patch cache (default $IDC_CACHE_DIR or ~/.cache/idc-fl)",
-    )  # fmt: skip
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = new_parser("idc-client", __doc__)
     p = sub.add_parser("check", help="preflight: what is usable in a data folder")
     p.add_argument("--data", type=Path, required=True, help="folder in the Kaggle layout")
     p.add_argument("--small", choices=("pad", "skip"), default="pad",
@@ -115,14 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``idc-client``."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    if args.cache_dir is None:
-        args.cache_dir = default_cache_dir()
-    try:
-        return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"idc-client {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return dispatch(args, "idc-client", (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

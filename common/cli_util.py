@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 # Every process our commands start gets these, so Flower never phones home, never checks for
 # updates, and never installs an app's dependencies at run time (it would pull a CUDA torch).
@@ -32,6 +35,30 @@ def setup_logging(verbose: bool = False) -> None:
     )
     if not verbose:  # one line per HTTP poll of the SuperLink drowns the progress lines
         logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def new_parser(prog: str, doc: str | None, cache: bool = True) -> tuple[Any, Any]:
+    """The three tools' common top: -v, optionally --cache-dir, and required subcommands."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    if cache:
+        parser.add_argument(
+            "--cache-dir", type=Path, default=None,
+            help="decoded-patch cache (default $IDC_CACHE_DIR or ~/.cache/idc-fl)",
+        )  # fmt: skip
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def dispatch(args: argparse.Namespace, prog: str, errors: tuple[type[Exception], ...]) -> int:
+    """Run the chosen subcommand; an expected error is one line on stderr and exit code 2."""
+    setup_logging(args.verbose)
+    if getattr(args, "cache_dir", "unset") is None:
+        args.cache_dir = default_cache_dir()
+    try:
+        return int(args.func(args))
+    except errors as exc:
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def default_cache_dir() -> Path:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli_util import setup_logging
+from common.cli_util import dispatch, new_parser
 
 
 def _open_audit(paths: object) -> object:
@@ -121,9 +121,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The idc-server argument parser."""
-    parser = argparse.ArgumentParser(prog="idc-server", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = new_parser("idc-server", __doc__, cache=False)
     p = sub.add_parser("init", help="create the CA, server certificate and coordinator state")
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument("--host", action="append", default=[],
@@ -148,12 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``idc-server``."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        return int(args.func(args))
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        print(f"idc-server {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    errors = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
+    return dispatch(args, "idc-server", errors)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.cli_util import default_cache_dir, setup_logging
+from common.cli_util import dispatch, new_parser
 from common.data import NoUsableData
 
 log = logging.getLogger(__name__)
@@ -169,13 +169,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The idc-sim argument parser."""
-    parser = argparse.ArgumentParser(prog="idc-sim", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument(
-        "--cache-dir", type=Path, default=None,
-        help="decoded-patch cache (default $IDC_CACHE_DIR or ~/.cache/idc-fl)",
-    )  # fmt: skip
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = new_parser("idc-sim", __doc__)
     _add_synth(sub)
     _add_centralized(sub)
     _add_federated(sub)
@@ -194,9 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``idc-sim``."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    if args.cache_dir is None:
-        args.cache_dir = default_cache_dir()
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             print(f"idc-sim {args.command}: error: --threads must be >= 1, got {args.threads}",
@@ -205,11 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        return int(args.func(args))
-    except (ValueError, NoUsableData, FileNotFoundError, RuntimeError) as exc:
-        print(f"idc-sim {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return dispatch(args, "idc-sim", (ValueError, NoUsableData, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":
