@@ -18,9 +18,11 @@ folder's resolved path, the same through either link.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +53,10 @@ def fresh_output(path: Path) -> Path:
         if not (path / MARKER).is_file():
             raise ValueError(f"--out {path} is not empty and not an earlier idc-sim output")
         for child in path.iterdir():  # keep the folder itself (it may be a mount point)
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)  # never follows the links to the source data
+            else:
+                child.unlink()
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER).write_text("written by idc-sim; the next run with this --out replaces it\n")
     return path
@@ -158,7 +163,7 @@ class SimEngine:
         self.work = Path(work)
         self.resources = resources or Resources()
         self.seen: dict[int, str] = {}  # every descendant seen: pid -> its start time
-        self.proc: Any = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.conn: fp.Connection | None = None
 
     def __enter__(self) -> SimEngine:
@@ -177,7 +182,7 @@ class SimEngine:
         self.close()
 
     def close(self) -> None:
-        """Stop the SuperLink and every process group under it (simulation engine, Ray)."""
+        """Stop the SuperLink and every process below it (simulation engine, Ray), by pid."""
         if self.proc is not None:
             fp.stop_tree(self.proc, self.seen)
             self.proc = None
@@ -199,7 +204,10 @@ class SimEngine:
         deadline = time.monotonic() + timeout
         while True:
             self.seen.update(fp.tree_snapshot(self.proc.pid))
-            status = fp.run_status(self.conn, run_id)
+            try:
+                status = fp.run_status(self.conn, run_id)
+            except fp.SuperLinkUnreachable:  # a busy SuperLink; the deadline still holds
+                status = fp.RunStatus("unknown", "", "")
             rows = run_dir.read_rounds()
             for row in rows[shown:]:
                 if on_round is not None:
@@ -218,8 +226,6 @@ class SimEngine:
     def _why(self, run_dir: RunDir, run_id: int, status: fp.RunStatus) -> str:
         failure = run_dir.root / "status.json"
         if failure.is_file():
-            import json
-
             return str(json.loads(failure.read_text()).get("error"))
         assert self.conn is not None
         try:
