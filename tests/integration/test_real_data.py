@@ -28,9 +28,11 @@ def test_short_patient_split_training_beats_chance(real_data, tmp_path):
     rng = np.random.default_rng(0)
     train_idx = rng.choice(split.train, 1500, replace=False)
     test_idx = rng.choice(split.test, 1000, replace=False)
-    model = build_model(seed=0)
+    # group norm: a run this short leaves batch norm's running statistics unsettled, and
+    # what is measured here is the data and the loop, not how fast those statistics settle
+    model = build_model("group", seed=0)
     loader = make_loader(PatchDataset(ps.images, ps.labels, train_idx, augment=True), 64, True)
-    train(model, loader, TrainConfig(epochs=1, lr=1e-3, patience=None))
+    train(model, loader, TrainConfig(epochs=2, lr=1e-3, patience=None))
     m = evaluate(model, make_loader(PatchDataset(ps.images, ps.labels, test_idx), 256, False),
                  torch.device("cpu"))
     assert m["balanced_accuracy"] > 0.6, m
