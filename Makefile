@@ -18,11 +18,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/idc-sim demo
 
+PKGS := common client server simulation flowerctl
+
 lint: setup
-	$(VENV)/bin/ruff check common client server simulation tests benchmarks
+	$(VENV)/bin/ruff check $(PKGS) tests benchmarks
+	$(VENV)/bin/ruff format --check $(PKGS) tests benchmarks
 
 typecheck: setup
-	$(VENV)/bin/mypy common client server simulation
+	$(VENV)/bin/mypy $(PKGS)
 
 pytest: setup
 	$(VENV)/bin/pytest -q

@@ -65,9 +65,13 @@ def _private(mode: str, batch_size: int, noise: float, n: int = 256):
     data = TensorDataset(*_batch(n, seed=1))
     loader = DataLoader(data, batch_size=batch_size)
     out = PrivacyEngine(accountant="rdp").make_private(
-        module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise,
-        max_grad_norm=1.0, grad_sample_mode=mode,
-    )  # fmt: skip
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=noise,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+    )
     if mode == "ghost":
         gm, dopt, crit, dl = out
         return gm, dopt, crit, dl

@@ -59,14 +59,22 @@ def per_round(fed: Federation, sites: list[str], rounds: int) -> list[dict]:
     logs = {s: entries(fed.root / s / "audit" / "site-audit.jsonl") for s in sites}
     out = []
     for r in range(1, rounds + 1):
-        start = next(ts(e) for e in coord if e["action"] == "round.started"
-                     and e["details"]["round"] == r)
-        end = next(ts(e) for e in coord if e["action"] == "checkpoint.written"
-                   and e["details"]["round"] == r)
-        agg = next(ts(e) for e in coord if e["action"] == "aggregate.computed"
-                   and e["details"]["round"] == r)
-        last_rx = max(ts(e) for e in coord if e["action"] == "update.received"
-                      and e["details"]["round"] == r)
+        start = next(
+            ts(e) for e in coord if e["action"] == "round.started" and e["details"]["round"] == r
+        )
+        end = next(
+            ts(e)
+            for e in coord
+            if e["action"] == "checkpoint.written" and e["details"]["round"] == r
+        )
+        agg = next(
+            ts(e)
+            for e in coord
+            if e["action"] == "aggregate.computed" and e["details"]["round"] == r
+        )
+        last_rx = max(
+            ts(e) for e in coord if e["action"] == "update.received" and e["details"]["round"] == r
+        )
         local, waits = {}, []
         for s, log in logs.items():
             got = [e for e in log if e["details"] and e["details"].get("round") == r]
@@ -76,11 +84,22 @@ def per_round(fed: Federation, sites: list[str], rounds: int) -> list[dict]:
             local[s] = (sent - rx[0]) + (done - rx[1])
             waits.append(rx[0] - start)
         n_entries = sum(1 for e in coord if e["details"] and e["details"].get("round") == r)
-        n_entries += sum(1 for log in logs.values() for e in log
-                         if e["details"] and e["details"].get("round") == r)
-        out.append({"round": r, "wall": end - start, "slowest_local": max(local.values()),
-                    "wait_before_train": float(np.mean(waits)), "aggregation": agg - last_rx,
-                    "audit_entries": n_entries})
+        n_entries += sum(
+            1
+            for log in logs.values()
+            for e in log
+            if e["details"] and e["details"].get("round") == r
+        )
+        out.append(
+            {
+                "round": r,
+                "wall": end - start,
+                "slowest_local": max(local.values()),
+                "wait_before_train": float(np.mean(waits)),
+                "aggregation": agg - last_rx,
+                "audit_entries": n_entries,
+            }
+        )
     return out
 
 
@@ -91,8 +110,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="idc-fl-bench-"))
-    synthesize(tmp / "all", SynthSpec(patients=args.patients, sites=3,
-                                      patches_per_patient=(args.patches, args.patches)))
+    synthesize(
+        tmp / "all",
+        SynthSpec(
+            patients=args.patients, sites=3, patches_per_patient=(args.patches, args.patches)
+        ),
+    )
     folders = split_synth_by_site(tmp / "all", tmp)
     fed = Federation(tmp / "fed")
     fed.root.mkdir()
@@ -105,8 +128,16 @@ def main() -> None:
         for i, s in enumerate(sites):
             fed.start_site(s, folders[i])
         fed.wait_sites_online(3)
-        res = fed.run("--out", str(tmp / "run"), "--rounds", str(args.rounds), "--run-config",
-                      "local-epochs=1", "min-sites=3", "batch-size=64")
+        res = fed.run(
+            "--out",
+            str(tmp / "run"),
+            "--rounds",
+            str(args.rounds),
+            "--run-config",
+            "local-epochs=1",
+            "min-sites=3",
+            "batch-size=64",
+        )
         if res.returncode:
             raise SystemExit(res.stdout + res.stderr)
         rows = per_round(fed, sites, args.rounds)
@@ -118,11 +149,13 @@ def main() -> None:
         ratio = row["wall"] / row["slowest_local"]
         # every update is digested twice (site and coordinator) plus global, aggregate, checkpoint
         audit_s = row["audit_entries"] * append + (2 * 3 + 3) * digest
-        print(f"round {row['round']}: wall {row['wall']:.1f} s, slowest site local "
-              f"{row['slowest_local']:.1f} s, ratio {ratio:.2f} (goal <= 1.10); mean wait before "
-              f"a site starts training {row['wait_before_train']:.1f} s; aggregation "
-              f"{row['aggregation']:.2f} s; audit {audit_s * 1000:.0f} ms "
-              f"({100 * audit_s / row['wall']:.2f}% of the round, goal < 1%)")
+        print(
+            f"round {row['round']}: wall {row['wall']:.1f} s, slowest site local "
+            f"{row['slowest_local']:.1f} s, ratio {ratio:.2f} (goal <= 1.10); mean wait before "
+            f"a site starts training {row['wait_before_train']:.1f} s; aggregation "
+            f"{row['aggregation']:.2f} s; audit {audit_s * 1000:.0f} ms "
+            f"({100 * audit_s / row['wall']:.2f}% of the round, goal < 1%)"
+        )
     print(f"audit append {append * 1e6:.0f} us, model digest {digest * 1000:.1f} ms")
 
 

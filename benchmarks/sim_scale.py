@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from common.procs import descendants
+from flowerctl import descendants
 from simulation.federated import prepare, run_fedavg
 from simulation.plan import SimPlan
 from simulation.synth import SynthSpec, synthesize
@@ -64,10 +64,10 @@ class PeakRss:
 
 def one_point(sites: int, rounds: int, work: Path) -> dict[str, float]:
     data = work / f"data-{sites}"
-    synthesize(data, SynthSpec(patients=3 * sites, patches_per_patient=(8, 12), seed=0),
-               workers=2)
-    plan = SimPlan(data=data, sites=sites, rounds=rounds, lr=1e-3, batch_size=16, norm="group",
-                   timeout=3600)
+    synthesize(data, SynthSpec(patients=3 * sites, patches_per_patient=(8, 12), seed=0), workers=2)
+    plan = SimPlan(
+        data=data, sites=sites, rounds=rounds, lr=1e-3, batch_size=16, norm="group", timeout=3600
+    )
     out = work / f"run-{sites}"
     prep = prepare(plan, out, say=lambda _: None)
     with PeakRss() as mem:
@@ -75,8 +75,13 @@ def one_point(sites: int, rounds: int, work: Path) -> dict[str, float]:
         rows = run_fedavg(plan, prep, out / "fedavg", None, say=lambda _: None)
         wall = time.monotonic() - start
     later = [r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]]
-    return {"sites": sites, "first_round_s": rows[0]["seconds"],
-            "round_s": statistics.mean(later), "wall_s": wall, "peak_rss_gib": mem.peak / 2**30}
+    return {
+        "sites": sites,
+        "first_round_s": rows[0]["seconds"],
+        "round_s": statistics.mean(later),
+        "wall_s": wall,
+        "peak_rss_gib": mem.peak / 2**30,
+    }
 
 
 def main() -> None:
@@ -84,21 +89,29 @@ def main() -> None:
     parser.add_argument("--sites", default="10,30,100")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
+    for key, value in {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }.items():
         os.environ.setdefault(key, value)
     points = []
     with tempfile.TemporaryDirectory(prefix="sim-scale-") as tmp:
         for k in (int(s) for s in args.sites.split(",")):
             points.append(one_point(k, args.rounds, Path(tmp)))
             p = points[-1]
-            print(f"{k:>4} sites: {p['round_s']:6.1f} s/round (first {p['first_round_s']:.1f} s),"
-                  f" {p['wall_s']:6.1f} s wall, peak RSS {p['peak_rss_gib']:.2f} GiB", flush=True)
+            print(
+                f"{k:>4} sites: {p['round_s']:6.1f} s/round (first {p['first_round_s']:.1f} s),"
+                f" {p['wall_s']:6.1f} s wall, peak RSS {p['peak_rss_gib']:.2f} GiB",
+                flush=True,
+            )
     base = points[0]
     print(f"\n{'sites':>6} {'s/round':>9} {'per site':>9} {'x first':>8} {'peak GiB':>9}")
     for p in points:
-        print(f"{p['sites']:>6} {p['round_s']:>9.1f} {p['round_s'] / p['sites']:>9.2f} "
-              f"{p['round_s'] / base['round_s']:>8.2f} {p['peak_rss_gib']:>9.2f}")
+        print(
+            f"{p['sites']:>6} {p['round_s']:>9.1f} {p['round_s'] / p['sites']:>9.2f} "
+            f"{p['round_s'] / base['round_s']:>8.2f} {p['peak_rss_gib']:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

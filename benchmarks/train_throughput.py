@@ -87,8 +87,10 @@ def main() -> None:
             dt = timed(lambda m=model, o=opt, d=ld: train_epoch(m, d, o, device))
         results.setdefault(name, []).append(n / dt)
     bare, proj = max(results["bare"][1:]), max(results["project"][1:])
-    print(f"device {device}, batch {args.batch}, fp32: bare {bare:,.0f} img/s, "
-          f"project loop {proj:,.0f} img/s, ratio {proj / bare:.3f} (goal >= 0.90)")
+    print(
+        f"device {device}, batch {args.batch}, fp32: bare {bare:,.0f} img/s, "
+        f"project loop {proj:,.0f} img/s, ratio {proj / bare:.3f} (goal >= 0.90)"
+    )
 
 
 if __name__ == "__main__":

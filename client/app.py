@@ -36,9 +36,17 @@ def train(msg: Message, context: Context) -> Message:
     with S.open_audit(site_cfg) as audit:
         audit.append("message.received", run_id, "ok", {"round": server_round, "action": "train"})
         site = S.Site.open(site_cfg, run.seed)
-        audit.append("data.read", run_id, "ok", {"round": server_round,
-                     "fingerprint": site.patches.fingerprint, "patches": len(site.patches),
-                     "train_patches": int(len(site.split.train))})  # fmt: skip
+        audit.append(
+            "data.read",
+            run_id,
+            "ok",
+            {
+                "round": server_round,
+                "fingerprint": site.patches.fingerprint,
+                "patches": len(site.patches),
+                "train_patches": int(len(site.split.train)),
+            },
+        )
         from client.private import train_round
 
         try:
@@ -47,16 +55,16 @@ def train(msg: Message, context: Context) -> Message:
             reason = f"{type(exc).__name__}: {exc}"[:500]
             audit.append("round.failed", run_id, "error", {"round": server_round, "reason": reason})
             raise
-        meta = ConfigRecord({"site": site_cfg.site_name, "status": outcome.status,
-                             "reason": outcome.reason})  # fmt: skip
+        meta = ConfigRecord(
+            {"site": site_cfg.site_name, "status": outcome.status, "reason": outcome.reason}
+        )
         metrics = MetricRecord(outcome.metrics)  # type: ignore[arg-type]
         if outcome.arrays is None:  # refused: no weights leave the site
             return Message(RecordDict({"metrics": metrics, "site": meta}), reply_to=msg)
         clip = msg.content.config_records["config"].get(KEY_CLIPPING_NORM)
         if clip is not None:  # central DP, client-side clipping: clip before signing
             S.clip_update(outcome.arrays, _arrays(msg), float(clip))  # type: ignore[arg-type]
-        digest, signature = S.sign_and_record(audit, site_cfg, run_id, server_round,
-                                              outcome.arrays)  # fmt: skip
+        digest, signature = S.sign_and_record(audit, site_cfg, run_id, server_round, outcome.arrays)
         meta["digest"], meta["signature"] = digest, signature
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in outcome.arrays.items()})
         content = RecordDict({"arrays": arrays, "metrics": metrics, "site": meta})
@@ -72,11 +80,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     site_cfg = SiteConfig.from_context(context.node_config, run)
     run_id, server_round = str(msg.metadata.run_id), _round(msg)
     with S.open_audit(site_cfg) as audit:
-        audit.append("message.received", run_id, "ok",
-                     {"round": server_round, "action": "evaluate"})  # fmt: skip
+        audit.append(
+            "message.received", run_id, "ok", {"round": server_round, "action": "evaluate"}
+        )
         site = S.Site.open(site_cfg, run.seed)
         metrics = S.local_evaluate(site, run, _arrays(msg))
         audit.append("metrics.sent", run_id, "ok", json_safe({"round": server_round, **metrics}))  # type: ignore[arg-type]
-    content = RecordDict({"metrics": MetricRecord(metrics),  # type: ignore[arg-type]
-                          "site": ConfigRecord({"site": site_cfg.site_name})})  # fmt: skip
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
+            "site": ConfigRecord({"site": site_cfg.site_name}),
+        }
+    )
     return Message(content, reply_to=msg)

@@ -20,8 +20,11 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     report = patches.report
     print(report.summary())
-    for title, items in (("unreadable", report.unreadable), ("mislabelled", report.mislabelled),
-                         ("ignored", report.ignored)):  # fmt: skip
+    for title, items in (
+        ("unreadable", report.unreadable),
+        ("mislabelled", report.mislabelled),
+        ("ignored", report.ignored),
+    ):
         for rel in items[: args.list]:
             print(f"  {title}: {rel}")
         if len(items) > args.list:
@@ -94,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser, sub = new_parser("idc-client", __doc__)
     p = sub.add_parser("check", help="preflight: what is usable in a data folder")
     p.add_argument("--data", type=Path, required=True, help="folder in the Kaggle layout")
-    p.add_argument("--small", choices=("pad", "skip"), default="pad",
-                   help="patches under 50x50: pad with background (default) or skip")  # fmt: skip
+    p.add_argument(
+        "--small",
+        choices=("pad", "skip"),
+        default="pad",
+        help="patches under 50x50: pad with background (default) or skip",
+    )
     p.add_argument("--list", type=int, default=10, help="how many problem files to name")
     p.set_defaults(func=_check)
     _add_management(sub)

@@ -90,8 +90,12 @@ def region_edges(mask: np.ndarray) -> np.ndarray:
     m = np.pad(np.asarray(mask, dtype=bool), 1)
     inner = m[1:-1, 1:-1]
     segs = []
-    for dr, dc, a, b in ((-1, 0, (0, 0), (1, 0)), (1, 0, (0, 1), (1, 1)),
-                         (0, -1, (0, 0), (0, 1)), (0, 1, (1, 0), (1, 1))):  # fmt: skip
+    for dr, dc, a, b in (
+        (-1, 0, (0, 0), (1, 0)),
+        (1, 0, (0, 1), (1, 1)),
+        (0, -1, (0, 0), (0, 1)),
+        (0, 1, (1, 0), (1, 1)),
+    ):
         # a side (start corner a, end corner b as (dx, dy)) faces neighbour (dr, dc)
         neighbour = m[1 + dr : m.shape[0] - 1 + dr, 1 + dc : m.shape[1] - 1 + dc]
         r, c = np.nonzero(inner & ~neighbour)
@@ -132,8 +136,14 @@ def plot_patient(
     ax_t.imshow(tissue, extent=extent, interpolation="nearest")
     ax_t.set_title("tissue")
     cmap = plt.get_cmap("inferno").with_extremes(bad="lightgrey")
-    shown = ax_p.imshow(np.ma.masked_invalid(grid), extent=extent, cmap=cmap, vmin=0.0,
-                        vmax=1.0, interpolation="nearest")  # fmt: skip
+    shown = ax_p.imshow(
+        np.ma.masked_invalid(grid),
+        extent=extent,
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        interpolation="nearest",
+    )
     ax_p.set_title("predicted P(IDC)")
     fig.colorbar(shown, ax=ax_p, fraction=0.046, pad=0.04, label="probability of IDC")
     for ax in (ax_t, ax_p):

@@ -88,11 +88,25 @@ def infer(
 def prediction_rows(patches: PatchSet, probs: np.ndarray) -> list[dict[str, Any]]:
     """One row per patch: file, patient, x, y, probability, predicted class, true label."""
     return [
-        {"file": f, "patient": str(p), "x": int(x), "y": int(y), "probability": f"{pr:.6f}",
-         "predicted": int(pr >= THRESHOLD), "label": int(lab)}
-        for f, p, x, y, pr, lab in zip(patches.files, patches.patients, patches.xs, patches.ys,
-                                       probs, patches.labels, strict=True)
-    ]  # fmt: skip
+        {
+            "file": f,
+            "patient": str(p),
+            "x": int(x),
+            "y": int(y),
+            "probability": f"{pr:.6f}",
+            "predicted": int(pr >= THRESHOLD),
+            "label": int(lab),
+        }
+        for f, p, x, y, pr, lab in zip(
+            patches.files,
+            patches.patients,
+            patches.xs,
+            patches.ys,
+            probs,
+            patches.labels,
+            strict=True,
+        )
+    ]
 
 
 def patient_rows(patches: PatchSet, probs: np.ndarray) -> list[dict[str, Any]]:
@@ -101,11 +115,17 @@ def patient_rows(patches: PatchSet, probs: np.ndarray) -> list[dict[str, Any]]:
     for patient in sorted(set(patches.patients.tolist()), key=lambda p: (len(p), p)):
         sel = patches.patients == patient
         pred = probs[sel] >= THRESHOLD
-        rows.append({"patient": patient, "patches": int(sel.sum()),
-                     "predicted_idc": int(pred.sum()), "predicted_idc_share": float(pred.mean()),
-                     "mean_probability": float(probs[sel].mean()),
-                     "true_idc": int(patches.labels[sel].sum()),
-                     "true_idc_share": float(patches.labels[sel].mean())})  # fmt: skip
+        rows.append(
+            {
+                "patient": patient,
+                "patches": int(sel.sum()),
+                "predicted_idc": int(pred.sum()),
+                "predicted_idc_share": float(pred.mean()),
+                "mean_probability": float(probs[sel].mean()),
+                "true_idc": int(patches.labels[sel].sum()),
+                "true_idc_share": float(patches.labels[sel].mean()),
+            }
+        )
     return rows
 
 
@@ -132,8 +152,16 @@ def write_heatmaps(out: Path, patches: PatchSet, probs: np.ndarray, cell: int) -
     patients = patches.patients
     for patient in sorted(set(patients.tolist())):
         idx = np.flatnonzero(patients == patient)
-        plot_patient(patient, patches.images[idx], patches.xs[idx], patches.ys[idx],
-                     probs[idx], out / f"{patient}.png", patches.labels[idx], cell)  # fmt: skip
+        plot_patient(
+            patient,
+            patches.images[idx],
+            patches.xs[idx],
+            patches.ys[idx],
+            probs[idx],
+            out / f"{patient}.png",
+            patches.labels[idx],
+            cell,
+        )
     return len(set(patients.tolist()))
 
 
@@ -174,11 +202,19 @@ def run_predict(
     heatmaps = 0
     if heatmap_cell is not None:
         heatmaps = write_heatmaps(out / "heatmaps", patches, probs, heatmap_cell)
-    summary = {"model": {"verified": metadata is not None, "record": metadata},
-               "data": {"root": patches.report.root, "fingerprint": patches.fingerprint,
-                        "report": vars(patches.report)},
-               "device": str(dev), "patches": len(patches), "patients": len(per_patient),
-               "heatmaps": heatmaps, "metrics": metrics}  # fmt: skip
+    summary = {
+        "model": {"verified": metadata is not None, "record": metadata},
+        "data": {
+            "root": patches.report.root,
+            "fingerprint": patches.fingerprint,
+            "report": vars(patches.report),
+        },
+        "device": str(dev),
+        "patches": len(patches),
+        "patients": len(per_patient),
+        "heatmaps": heatmaps,
+        "metrics": metrics,
+    }
     (out / "summary.json").write_text(json.dumps(M.json_safe(summary), indent=2))
     return summary
 
@@ -197,18 +233,28 @@ def _predict_cmd(args: argparse.Namespace) -> int:
         return 3
     print(describe(metadata))
     if metadata is None:
-        print("WARNING: this model has no provenance record; its origin is unchecked",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "WARNING: this model has no provenance record; its origin is unchecked", file=sys.stderr
+        )
     try:
-        summary = run_predict(model, args.data, args.out, metadata, args.cache_dir,
-                              args.batch_size, None if args.no_heatmaps else args.cell,
-                              args.device)  # fmt: skip
+        summary = run_predict(
+            model,
+            args.data,
+            args.out,
+            metadata,
+            args.cache_dir,
+            args.batch_size,
+            None if args.no_heatmaps else args.cell,
+            args.device,
+        )
     except NoUsableData as exc:
         print(f"idc-client predict: {exc}", file=sys.stderr)
         return 1
     report = summary["data"]["report"]
-    print(f"predicted {summary['patches']} patches of {summary['patients']} patients "
-          f"on {summary['device']}; {len(report['unreadable'])} unreadable skipped")  # fmt: skip
+    print(
+        f"predicted {summary['patches']} patches of {summary['patients']} patients "
+        f"on {summary['device']}; {len(report['unreadable'])} unreadable skipped"
+    )
     m = summary["metrics"]
     print("  ".join(f"{k} {_fmt(m[k])}" for k in M.SCALAR_METRICS))
     print(f"written to {args.out}")
@@ -218,16 +264,29 @@ def _predict_cmd(args: argparse.Namespace) -> int:
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``idc-client predict``."""
     p = sub.add_parser("predict", help="run a model over a folder: predictions, heatmaps")
-    p.add_argument("--model", type=Path, required=True,
-                   help="model file (the coordinator's final/model.idc)")  # fmt: skip
+    p.add_argument(
+        "--model", type=Path, required=True, help="model file (the coordinator's final/model.idc)"
+    )
     p.add_argument("--data", type=Path, required=True, help="folder in the Kaggle layout")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"batch size (default {GPU_BATCH} on GPU, {CPU_BATCH} on CPU)")  # fmt: skip
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"batch size (default {GPU_BATCH} on GPU, {CPU_BATCH} on CPU)",
+    )
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda:N")
-    p.add_argument("--cell", type=int, default=10, choices=(1, 2, 5, 10, 25, 50),
-                   help="heatmap mosaic pixels per patch (50: full resolution)")  # fmt: skip
+    p.add_argument(
+        "--cell",
+        type=int,
+        default=10,
+        choices=(1, 2, 5, 10, 25, 50),
+        help="heatmap mosaic pixels per patch (50: full resolution)",
+    )
     p.add_argument("--no-heatmaps", action="store_true", help="skip the per-patient PNGs")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="accept plain weights (.pt/.npz) with no provenance (warns)")  # fmt: skip
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="accept plain weights (.pt/.npz) with no provenance (warns)",
+    )
     p.set_defaults(func=_predict_cmd)

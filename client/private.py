@@ -57,8 +57,7 @@ def train_round(
     """Train one round as the run asks, privately when DP is on."""
     if not run.dp_enabled:
         new, metrics = local_train(site, run, arrays, server_round)
-        metrics.update({"dp": 0.0, "epsilon-round": 0.0, "epsilon-total": 0.0,
-                        "epsilon-cap": -1.0})  # fmt: skip
+        metrics.update({"dp": 0.0, "epsilon-round": 0.0, "epsilon-total": 0.0, "epsilon-cap": -1.0})
         return RoundOutcome("ok", "", metrics, new)
     return _private_round(site, run, arrays, run_id, server_round, audit)
 
@@ -71,8 +70,12 @@ def site_delta(site: Site, run: RunConfig) -> float:
 
 
 def _private_round(
-    site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray], run_id: str,
-    server_round: int, audit: AuditLog,
+    site: Site,
+    run: RunConfig,
+    arrays: Mapping[str, np.ndarray],
+    run_id: str,
+    server_round: int,
+    audit: AuditLog,
 ) -> RoundOutcome:
     cfg = site.config
     delta = site_delta(site, run)
@@ -85,19 +88,32 @@ def _private_round(
     dp = DPConfig(
         noise_multiplier=run.dp_noise_multiplier or None,
         target_epsilon=None if run.dp_noise_multiplier else run.dp_target_epsilon,
-        max_grad_norm=run.dp_max_grad_norm, delta=delta,
-        accountant=run.dp_accountant,  # type: ignore[arg-type]
-    )  # fmt: skip
+        max_grad_norm=run.dp_max_grad_norm,
+        delta=delta,
+        accountant=run.dp_accountant,
+    )
     plan = plan_round(dp, loader, run.local_epochs)  # type: ignore[arg-type]
     spent = ledger.epsilon(fp, delta, dp.accountant)
     try:
         if math.isfinite(cfg.max_epsilon):
-            check_budget(ledger, fp, cfg.max_epsilon, delta, plan.noise_multiplier,
-                         plan.sample_rate, plan.steps, dp.accountant)  # fmt: skip
+            check_budget(
+                ledger,
+                fp,
+                cfg.max_epsilon,
+                delta,
+                plan.noise_multiplier,
+                plan.sample_rate,
+                plan.steps,
+                dp.accountant,
+            )
     except BudgetExceeded as exc:
         ledger.record_refusal(fp, run_id, server_round, str(exc))
-        audit.append("privacy.refused", run_id, "refused",
-                     {"round": server_round, "fingerprint": fp, "reason": str(exc)})  # fmt: skip
+        audit.append(
+            "privacy.refused",
+            run_id,
+            "refused",
+            {"round": server_round, "fingerprint": fp, "reason": str(exc)},
+        )
         log.warning("round %d refused: %s", server_round, exc)
         metrics = _dp_metrics(site, 0.0, spent, cfg.max_epsilon)
         return RoundOutcome("refused", str(exc), metrics, None)
@@ -109,17 +125,28 @@ def _private_round(
         steps = steps_taken(private)
     finally:
         release(private)
-    entry = LedgerEntry(run_id, server_round, private.noise_multiplier, private.sample_rate,
-                        steps, delta)  # fmt: skip
+    entry = LedgerEntry(
+        run_id, server_round, private.noise_multiplier, private.sample_rate, steps, delta
+    )
     ledger.record(fp, entry)  # before any weight leaves the site
     total = ledger.epsilon(fp, delta, dp.accountant)
     this_round = epsilon_from_history(
         [(entry.noise_multiplier, entry.sample_rate, entry.steps)], delta, dp.accountant
     )
-    audit.append("privacy.spent", run_id, "ok",
-                 {"round": server_round, "fingerprint": fp, "epsilon_round": this_round,
-                  "epsilon_total": total, "delta": delta, "steps": steps,
-                  "noise_multiplier": private.noise_multiplier})  # fmt: skip
+    audit.append(
+        "privacy.spent",
+        run_id,
+        "ok",
+        {
+            "round": server_round,
+            "fingerprint": fp,
+            "epsilon_round": this_round,
+            "epsilon_total": total,
+            "delta": delta,
+            "steps": steps,
+            "noise_multiplier": private.noise_multiplier,
+        },
+    )
     val = evaluate(model, site.loader("val", run.batch_size, seed), resolve_device())  # type: ignore[arg-type]
     metrics = {
         "num-examples": float(len(site.split.train)),

@@ -61,7 +61,7 @@ class Site:
     @classmethod
     def open(cls, config: SiteConfig, seed: int) -> Site:
         """Load the site's patches and split its own patients, stable across rounds."""
-        options = LoadOptions(small=config.small_policy)  # type: ignore[arg-type]
+        options = LoadOptions(small=config.small_policy)
         patches = load_patches(config.data_dir, cache_dir=config.cache_dir, options=options)
         return cls(config, patches, split_by_patient(patches.patients, SITE_FRACTIONS, seed))
 
@@ -85,7 +85,7 @@ def local_train(
     server_round: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Train the global model on this site's training patients; return weights and metrics."""
-    model = build_model(run.norm, seed=run.seed)  # type: ignore[arg-type]
+    model = build_model(run.norm, seed=run.seed)
     load_arrays(model, arrays)
     seed = run.seed + server_round
     cfg = TrainConfig(epochs=run.local_epochs, lr=run.learning_rate, patience=None)
@@ -108,7 +108,7 @@ def local_evaluate(
     site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray]
 ) -> dict[str, float]:
     """Evaluate the global model on this site's held-out test patients."""
-    model = build_model(run.norm, seed=run.seed)  # type: ignore[arg-type]
+    model = build_model(run.norm, seed=run.seed)
     load_arrays(model, arrays)
     res = evaluate(model, site.loader("test", run.batch_size, run.seed), resolve_device())  # type: ignore[arg-type]
     return {
@@ -134,15 +134,19 @@ def clip_update(
 
 
 def sign_and_record(
-    audit: AuditLog, config: SiteConfig, run_id: str, server_round: int,
+    audit: AuditLog,
+    config: SiteConfig,
+    run_id: str,
+    server_round: int,
     arrays: Mapping[str, np.ndarray],
 ) -> tuple[str, str]:
     """Digest the outgoing update, sign (run, round, digest), and log that it left the site."""
     digest = digest_update(arrays)
     key = keys.load_private_key(config.state_dir / SITE_KEY)
     signature = keys.sign_update(key, run_id, server_round, digest)
-    audit.append(UPDATE_SENT, run_id, "ok",
-                 {"run_id": run_id, "round": server_round, "digest": digest})  # fmt: skip
+    audit.append(
+        UPDATE_SENT, run_id, "ok", {"run_id": run_id, "round": server_round, "digest": digest}
+    )
     return digest, signature
 
 

@@ -279,9 +279,7 @@ class AuditLog:
         clean = _clean_details(details, action)
         with self._lock:
             if self._failure is not None or self._file is None:
-                raise AuditError(
-                    f"audit log {self.path} is unusable ({self._failure or 'closed'})"
-                )
+                raise AuditError(f"audit log {self.path} is unusable ({self._failure or 'closed'})")
             entry = self._next_entry(action, object, outcome, clean)
             line = canonical_json(entry) + b"\n"
             try:

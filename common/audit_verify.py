@@ -199,9 +199,7 @@ def verify_log(
         recorded, file, line_no = chain.hashes[expect_head.seq]
         if recorded != expect_head.hash:
             reason = f"entry seq {expect_head.seq} differs from the recorded head: log rewritten"
-            return VerifyReport(
-                False, expect_head.seq, expect_head.seq + 1, file, reason, line_no
-            )
+            return VerifyReport(False, expect_head.seq, expect_head.seq + 1, file, reason, line_no)
     last_seq = chain.entries - 1 if chain.entries else None
     last_hash = chain.prev if chain.entries else None
     summary = f"{chain.entries} entries verified in {len(files)} file(s)"

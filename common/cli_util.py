@@ -1,4 +1,4 @@
-"""Small pieces shared by the three command-line tools: logging, cache folder, env for Flower."""
+"""Small pieces shared by the three command-line tools: logging, parser top, cache folder."""
 
 from __future__ import annotations
 
@@ -8,22 +8,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-
-# Every process our commands start gets these, so Flower never phones home, never checks for
-# updates, and never installs an app's dependencies at run time (it would pull a CUDA torch).
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
-
-
-def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Return a copy of this process's environment with Flower's switches set."""
-    env = dict(os.environ)
-    env.update(FLOWER_ENV)
-    env.update(extra or {})
-    return env
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -43,15 +27,18 @@ def new_parser(prog: str, doc: str | None, cache: bool = True) -> tuple[Any, Any
     parser.add_argument("-v", "--verbose", action="store_true")
     if cache:
         parser.add_argument(
-            "--cache-dir", type=Path, default=None,
+            "--cache-dir",
+            type=Path,
+            default=None,
             help="decoded-patch cache (default $IDC_CACHE_DIR or ~/.cache/idc-fl)",
-        )  # fmt: skip
+        )
     return parser, parser.add_subparsers(dest="command", required=True)
 
 
 def dispatch(args: argparse.Namespace, prog: str, errors: tuple[type[Exception], ...]) -> int:
     """Run the chosen subcommand; an expected error is one line on stderr and exit code 2."""
     setup_logging(args.verbose)
+    absolute_paths(args)
     if getattr(args, "cache_dir", "unset") is None:
         args.cache_dir = default_cache_dir()
     try:
@@ -59,6 +46,19 @@ def dispatch(args: argparse.Namespace, prog: str, errors: tuple[type[Exception],
     except errors as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """Make every path argument absolute, here at the edge.
+
+    Paths travel to processes with other working directories (the ServerApp runs in the
+    SuperLink's folder, ClientApps in the SuperNode's), where a relative path means
+    something else or nothing.
+    """
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            setattr(args, name, value.expanduser().absolute())
+    return args
 
 
 def default_cache_dir() -> Path:

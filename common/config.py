@@ -11,9 +11,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-CENTRAL_DP_MODES = ("none", "client-fixed", "server-fixed")
+Norm = Literal["batch", "group"]
+Accountant = Literal["rdp", "prv"]
+CentralDPMode = Literal["none", "client-fixed", "server-fixed"]
+SmallPolicy = Literal["pad", "skip"]
+CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDPMode)
 
 
 def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
@@ -48,14 +52,14 @@ class RunConfig:
     min_sites: int = 2
     round_timeout: float = 600.0
     seed: int = 42
-    norm: str = "batch"
+    norm: Norm = "batch"
     dp_enabled: bool = False
     dp_noise_multiplier: float = 0.0  # 0 means: derive it from dp_target_epsilon
     dp_target_epsilon: float = 0.0  # per round; used when dp_noise_multiplier is 0
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
-    dp_accountant: str = "rdp"
-    central_dp_mode: str = "none"
+    dp_accountant: Accountant = "rdp"
+    central_dp_mode: CentralDPMode = "none"
     central_dp_noise: float = 0.0
     central_dp_clip: float = 1.0
     run_dir: str = ""  # coordinator-local: where the ServerApp writes results
@@ -100,15 +104,26 @@ class RunConfig:
         _check(self.min_sites >= 1, "min-sites", self.min_sites, ">= 1")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
         _check(self.norm in ("batch", "group"), "norm", self.norm, "'batch' or 'group'")
-        _check(self.dp_accountant in ("rdp", "prv"), "dp.accountant", self.dp_accountant,
-               "'rdp' or 'prv'")  # fmt: skip
-        _check(self.central_dp_mode in CENTRAL_DP_MODES, "central-dp.mode", self.central_dp_mode,
-               f"one of {CENTRAL_DP_MODES}")  # fmt: skip
+        _check(
+            self.dp_accountant in ("rdp", "prv"),
+            "dp.accountant",
+            self.dp_accountant,
+            "'rdp' or 'prv'",
+        )
+        _check(
+            self.central_dp_mode in CENTRAL_DP_MODES,
+            "central-dp.mode",
+            self.central_dp_mode,
+            f"one of {CENTRAL_DP_MODES}",
+        )
         if self.dp_enabled:
             _check(self.norm == "group", "norm", self.norm, "'group' when dp.enabled (Opacus)")
-            _check(self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0,
-                   "dp.noise-multiplier", self.dp_noise_multiplier,
-                   "> 0 (or set dp.target-epsilon > 0)")  # fmt: skip
+            _check(
+                self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0,
+                "dp.noise-multiplier",
+                self.dp_noise_multiplier,
+                "> 0 (or set dp.target-epsilon > 0)",
+            )
             _check(self.dp_max_grad_norm > 0, "dp.max-grad-norm", self.dp_max_grad_norm, "> 0")
             _check(0 < self.dp_delta < 1, "dp.delta", self.dp_delta, "in (0, 1)")
 
@@ -128,7 +143,7 @@ class SiteConfig:
     cache_dir: Path
     max_epsilon: float = math.inf
     delta: float = 0.0  # the site's own delta for its cap; 0 means: use the run's
-    small_policy: str = "pad"
+    small_policy: SmallPolicy = "pad"
 
     @classmethod
     def from_context(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -137,8 +152,12 @@ class SiteConfig:
             return cls.from_node_config(node_config)
         pid = _get(node_config, "partition-id", int)
         folder = sim_site_dir(Path(run.sim_sites_dir), pid)
-        return cls(site_name=folder.name, data_dir=folder / "data", state_dir=folder / "state",
-                   cache_dir=folder / "state" / "cache")  # fmt: skip
+        return cls(
+            site_name=folder.name,
+            data_dir=folder / "data",
+            state_dir=folder / "state",
+            cache_dir=folder / "state" / "cache",
+        )
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> SiteConfig:
@@ -151,6 +170,7 @@ class SiteConfig:
         delta = _get(cfg, "delta", float, 0.0) if "delta" in cfg else 0.0
         _check(0 <= delta < 1, "delta", delta, "in [0, 1)")
         small = _get(cfg, "small-policy", str, "pad") if "small-policy" in cfg else "pad"
+        _check(small in get_args(SmallPolicy), "small-policy", small, "'pad' or 'skip'")
         cache = _get(cfg, "cache-dir", str, str(state / "cache")) if "cache-dir" in cfg else None
         return cls(
             site_name=name,
@@ -159,5 +179,5 @@ class SiteConfig:
             cache_dir=Path(cache) if cache else state / "cache",
             max_epsilon=max_eps,
             delta=delta,
-            small_policy=small,
+            small_policy=small,  # type: ignore[arg-type]  # checked just above
         )

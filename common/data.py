@@ -160,10 +160,15 @@ def scan(root: Path) -> tuple[list[PatchRecord], LoadReport]:
             st = os.stat(os.path.join(dirpath, name))
             records.append(
                 PatchRecord(
-                    rel, match["patient"], int(match["x"]), int(match["y"]),
-                    int(match["label"]), st.st_size, st.st_mtime_ns,
+                    rel,
+                    match["patient"],
+                    int(match["x"]),
+                    int(match["y"]),
+                    int(match["label"]),
+                    st.st_size,
+                    st.st_mtime_ns,
                 )
-            )  # fmt: skip
+            )
     for rel in report.ignored:
         log.info("ignored %s: not a patch name in <patient>/<0|1>/", rel)
     for rel in report.mislabelled:
@@ -303,10 +308,16 @@ def _write_cache(entry: Path, patches: PatchSet) -> None:
         np.save(tmp / "images.npy", patches.images)
         np.savez(
             tmp / "facts.npz",
-            labels=patches.labels, patients=patches.patients, xs=patches.xs, ys=patches.ys,
-        )  # fmt: skip
-        meta = {"files": patches.files, "report": asdict(patches.report),
-                "fingerprint": patches.fingerprint}  # fmt: skip
+            labels=patches.labels,
+            patients=patches.patients,
+            xs=patches.xs,
+            ys=patches.ys,
+        )
+        meta = {
+            "files": patches.files,
+            "report": asdict(patches.report),
+            "fingerprint": patches.fingerprint,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, entry)
     except OSError:

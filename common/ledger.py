@@ -13,19 +13,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from common.config import Accountant
+from common.fileio import atomic_write
+
 log = logging.getLogger(__name__)
 
-Accountant = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 LEDGER_FORMAT = "idc-fl privacy ledger"
 LEDGER_VERSION = 1
@@ -81,8 +82,9 @@ class Refusal:
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not isinstance(self.reason, str):
-            raise ValueError(f"run_id and reason must be strings, got {self.run_id!r}, "
-                             f"{self.reason!r}")  # fmt: skip
+            raise ValueError(
+                f"run_id and reason must be strings, got {self.run_id!r}, {self.reason!r}"
+            )
         if not isinstance(self.round, int) or isinstance(self.round, bool):
             raise ValueError(f"round must be an integer, got {self.round!r}")
 
@@ -240,20 +242,10 @@ class PrivacyLedger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write(self, data: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        text = json.dumps(data, indent=1, sort_keys=True).encode()
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # make the rename itself durable
-            finally:
-                os.close(dir_fd)
+            atomic_write(self.path, text, mode=0o600)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise LedgerError(f"privacy ledger {self.path} cannot be written: {exc}") from exc
 
     # -- reporting ---------------------------------------------------------------------

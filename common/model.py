@@ -26,12 +26,11 @@ running statistics, which Opacus can train with per-sample gradients.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
-Norm = Literal["batch", "group"]
+from common.config import Norm
+
 NORMS: tuple[str, ...] = ("batch", "group")
 CHANNELS = 32
 PATCH_SIZE = 50
@@ -83,11 +82,17 @@ class IDCNet(nn.Module):
         self.pool = nn.Sequential(nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten())
         flat = CHANNELS * (PATCH_SIZE // 2) ** 2  # 20,000
         self.head = nn.Sequential(
-            nn.Linear(flat, 128), nn.ReLU(), _norm1d(norm, 128),
-            nn.Linear(128, 64), nn.ReLU(), _norm1d(norm, 64),
-            nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(flat, 128),
+            nn.ReLU(),
+            _norm1d(norm, 128),
+            nn.Linear(128, 64),
+            nn.ReLU(),
+            _norm1d(norm, 64),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Dropout(0.5),
             nn.Linear(64, NUM_CLASSES),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map a batch of (N, 3, 50, 50) floats in [0, 1] to (N, 2) logits."""

@@ -18,8 +18,10 @@ def plot_curves(
     rows: Sequence[Mapping[str, float]],
     path: Path,
     x: str = "epoch",
-    pairs: Sequence[tuple[str, str]] = (("train_accuracy", "val_accuracy"),
-                                        ("train_loss", "val_loss")),  # fmt: skip
+    pairs: Sequence[tuple[str, str]] = (
+        ("train_accuracy", "val_accuracy"),
+        ("train_loss", "val_loss"),
+    ),
 ) -> Path:
     """Plot one panel per pair of series against ``x`` (Figure 1 of the paper)."""
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.6), squeeze=False)
@@ -44,8 +46,10 @@ def plot_confusion(confusion: Sequence[Sequence[int]], path: Path, title: str = 
     cm = np.asarray(confusion, dtype=np.float64)
     pct = 100 * cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, data, fmt, name in ((axes[0], cm, "{:.0f}", "counts"),
-                                (axes[1], pct, "{:.1f}%", "percent of true class")):  # fmt: skip
+    for ax, data, fmt, name in (
+        (axes[0], cm, "{:.0f}", "counts"),
+        (axes[1], pct, "{:.1f}%", "percent of true class"),
+    ):
         ax.imshow(data, cmap="Blues")
         for i in range(2):
             for j in range(2):
@@ -67,8 +71,10 @@ def plot_examples(
 ) -> Path:
     """Rows of correctly and wrongly classified patches with their labels (Figure 3)."""
     pred = (np.asarray(probs) >= 0.5).astype(int)
-    groups = (("correct", np.flatnonzero(pred == labels)[:per_row]),
-              ("wrong", np.flatnonzero(pred != labels)[:per_row]))  # fmt: skip
+    groups = (
+        ("correct", np.flatnonzero(pred == labels)[:per_row]),
+        ("wrong", np.flatnonzero(pred != labels)[:per_row]),
+    )
     fig, axes = plt.subplots(2, per_row, figsize=(1.6 * per_row, 4), squeeze=False)
     for row, (name, idx) in enumerate(groups):
         for col in range(per_row):

@@ -296,8 +296,9 @@ def make_private(
     if not isinstance(dp, DPConfig):
         raise TypeError(f"dp must be a DPConfig, got {type(dp).__name__}")
     if grad_sample_mode is not None and grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
-                         f"{grad_sample_mode!r}")  # fmt: skip
+        raise ValueError(
+            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
+        )
     _check_inputs(model, optimizer, loader)
     plan = plan_round(dp, loader, epochs)
     if grad_sample_mode is None:
@@ -306,8 +307,11 @@ def make_private(
     if plan.noise_multiplier == 0:
         log.warning("DP-SGD with noise multiplier 0: clipping only, no privacy")
     if seed is not None:
-        log.warning("DP sampling and noise seeded with %d: reproducible, and private only "
-                    "while that seed stays secret", seed)  # fmt: skip
+        log.warning(
+            "DP sampling and noise seeded with %d: reproducible, and private only "
+            "while that seed stays secret",
+            seed,
+        )
     # The loader's own generator comes from make_loader's seed, which the coordinator may
     # know; whoever can predict the batches removes the amplification by subsampling that
     # the accountant counts on. So the Poisson loader is built here, with its own generator,
@@ -317,19 +321,36 @@ def make_private(
         raise RuntimeError(f"Opacus plans {len(poisson) * epochs} steps, not {plan.steps}")
     engine = PrivacyEngine(accountant=dp.accountant)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=poisson,
-        noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=False, grad_sample_mode=grad_sample_mode,
+        module=model,
+        optimizer=optimizer,
+        data_loader=poisson,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=False,
+        grad_sample_mode=grad_sample_mode,
         noise_generator=_generator(seed, 1),
-    )  # fmt: skip
+    )
     if dp_loader is not poisson:
         raise RuntimeError("Opacus replaced the Poisson-sampling loader; refusing to train")
     dp_model.forbid_grad_accumulation()  # what poisson_sampling=True would have done
-    log.info("DP-SGD (%s): noise %.4g, clip %.4g, sample rate %.4g, %d steps planned",
-             grad_sample_mode, plan.noise_multiplier, dp.max_grad_norm, plan.sample_rate,
-             plan.steps)  # fmt: skip
-    return PrivateObjects(dp_model, dp_optimizer, poisson, plan.noise_multiplier,
-                          plan.sample_rate, plan.steps, engine, grad_sample_mode)  # fmt: skip
+    log.info(
+        "DP-SGD (%s): noise %.4g, clip %.4g, sample rate %.4g, %d steps planned",
+        grad_sample_mode,
+        plan.noise_multiplier,
+        dp.max_grad_norm,
+        plan.sample_rate,
+        plan.steps,
+    )
+    return PrivateObjects(
+        dp_model,
+        dp_optimizer,
+        poisson,
+        plan.noise_multiplier,
+        plan.sample_rate,
+        plan.steps,
+        engine,
+        grad_sample_mode,
+    )
 
 
 def steps_taken(private: PrivateObjects) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import time
 import zipfile
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from common.audit import LogHead, digest_update
+from common.fileio import atomic_write
 from common.metrics import json_safe
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,7 @@ def save_model(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[s
         "metadata": text,
         "state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     return path
 
 
@@ -101,8 +99,14 @@ def _read(path: Path) -> object:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError,
-            pickle.UnpicklingError) as exc:  # fmt: skip
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        pickle.UnpicklingError,
+    ) as exc:
         # A truncated or foreign file surfaces as any of these from torch's unpickler, whose
         # long advice (retry with weights_only=False) is exactly what we must not do.
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
@@ -219,8 +223,10 @@ def describe(metadata: Mapping[str, Any] | None) -> str:
     """Return a few human-readable lines about a model's record."""
     if metadata is None:
         return "model provenance: NONE (unverified plain weights)"
-    lines = [f"model run: {metadata.get('run_id')}  rounds: {metadata.get('rounds')}",
-             f"weights digest: {metadata.get('weights_digest')} (verified)"]  # fmt: skip
+    lines = [
+        f"model run: {metadata.get('run_id')}  rounds: {metadata.get('rounds')}",
+        f"weights digest: {metadata.get('weights_digest')} (verified)",
+    ]
     audit = metadata.get("audit")
     if audit:
         lines.append(f"coordinator audit log position: seq {audit['seq']} hash {audit['hash']}")

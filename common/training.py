@@ -165,12 +165,20 @@ def train(
         stats = train_epoch(model, train_loader, optimizer, device, desc, config.progress)
         result.steps += int(stats["steps"])
         result.examples += int(stats["examples"])
-        row = {"epoch": float(epoch), "train_loss": stats["loss"],
-               "train_accuracy": stats["accuracy"]}  # fmt: skip
+        row = {
+            "epoch": float(epoch),
+            "train_loss": stats["loss"],
+            "train_accuracy": stats["accuracy"],
+        }
         if val_loader is not None:
             val = evaluate(model, val_loader, device)
-            row.update({f"val_{k}": float(v) for k, v in val.items()  # type: ignore[arg-type]
-                        if k in (M.LOSS, M.ACCURACY, M.BALANCED_ACCURACY)})  # fmt: skip
+            row.update(
+                {
+                    f"val_{k}": float(v)  # type: ignore[arg-type]
+                    for k, v in val.items()
+                    if k in (M.LOSS, M.ACCURACY, M.BALANCED_ACCURACY)
+                }
+            )
         result.history.append(row)
         log.info("%s %s", desc, {k: round(v, 4) for k, v in row.items()})
         if on_epoch is not None:

@@ -41,13 +41,19 @@ def main(grid: Grid, context: Context) -> None:
         coordinator.close()
 
 
-def start_strategy(coordinator: object, grid: Grid, initial: ArrayRecord, rounds: int,
-                   timeout: float) -> object:  # fmt: skip
+def start_strategy(
+    coordinator: object, grid: Grid, initial: ArrayRecord, rounds: int, timeout: float
+) -> object:
     """Call FedAvg's own start loop (kept apart for readability)."""
     strategy = coordinator.strategy  # type: ignore[attr-defined]
     t0 = time.time()
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
-                            timeout=timeout, train_config=ConfigRecord(),
-                            evaluate_config=ConfigRecord())  # fmt: skip
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=rounds,
+        timeout=timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
     log.info("strategy finished in %.1f s", time.time() - t0)
     return result

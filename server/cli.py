@@ -18,7 +18,7 @@ def _open_audit(paths: object) -> object:
 
 def _init(args: argparse.Namespace) -> int:
     from common import keys
-    from server.flower_proc import make_tls
+    from flowerctl import make_tls
     from server.registry import CoordPaths, save_sites
 
     paths = CoordPaths(args.dir)
@@ -57,13 +57,16 @@ def _sync_live(paths: object) -> None:
     if not (paths.root / LIVE_FILE).is_file():  # type: ignore[attr-defined]
         print("no SuperLink running: the registry applies when `idc-server start` runs")
         return
-    from server.flower_proc import FlowerProcError
+    from flowerctl import FlowerProcError
 
     try:
         sync_sites(paths, connection(paths))  # type: ignore[arg-type]
     except (FlowerProcError, OSError) as exc:
-        print(f"warning: could not update the running SuperLink ({exc}); the registry applies "
-              "when `idc-server start` next runs", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: could not update the running SuperLink ({exc}); the registry applies "
+            "when `idc-server start` next runs",
+            file=sys.stderr,
+        )
         return
     print("the running SuperLink now admits exactly the registered sites")
 
@@ -96,8 +99,13 @@ def _cross_check(args: argparse.Namespace) -> int:
 
     server_key = args.server_key or (args.server_log.parents[1] / "coordinator.pub")
     site_key = args.site_key or (args.site_log.parents[1] / "site.pub")
-    report = cross_check(args.server_log, keys.load_public_key(server_key), args.site_log,
-                         keys.load_public_key(site_key), args.site)  # fmt: skip
+    report = cross_check(
+        args.server_log,
+        keys.load_public_key(server_key),
+        args.site_log,
+        keys.load_public_key(site_key),
+        args.site,
+    )
     print(format_cross_check(report))
     return 0 if report.ok else 1
 
@@ -107,8 +115,12 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     asub = audit.add_subparsers(dest="audit_command", required=True)
     p = asub.add_parser("verify", help="check the hash chain and every signature")
     p.add_argument("log", type=Path)
-    p.add_argument("--key", type=Path, default=None,
-                   help="public key (default COORD_DIR/coordinator.pub beside audit/)")  # fmt: skip
+    p.add_argument(
+        "--key",
+        type=Path,
+        default=None,
+        help="public key (default COORD_DIR/coordinator.pub beside audit/)",
+    )
     p.set_defaults(func=_audit_verify)
     p = asub.add_parser("cross-check", help="match a site's sent updates with those received")
     p.add_argument("server_log", type=Path)
@@ -124,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser, sub = new_parser("idc-server", __doc__, cache=False)
     p = sub.add_parser("init", help="create the CA, server certificate and coordinator state")
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
-    p.add_argument("--host", action="append", default=[],
-                   help="name or address the certificate names (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="name or address the certificate names (repeatable)",
+    )
     p.set_defaults(func=_init)
     p = sub.add_parser("add-site", help="register a hospital's public key")
     p.add_argument("--dir", type=Path, required=True)

@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 
 def initial_arrays(run: RunConfig) -> dict[str, np.ndarray]:
     """The seeded initial model, as the arrays that travel."""
-    model = build_model(run.norm, seed=run.seed)  # type: ignore[arg-type]
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()
-            if not k.endswith("num_batches_tracked")}  # fmt: skip
+    model = build_model(run.norm, seed=run.seed)
+    return {
+        k: v.detach().cpu().numpy()
+        for k, v in model.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
 
 
 def central_dp(run: RunConfig, strategy: Strategy, sites: int) -> Strategy:
@@ -46,8 +49,11 @@ def central_dp(run: RunConfig, strategy: Strategy, sites: int) -> Strategy:
     """
     if run.central_dp_mode == "none":
         return strategy
-    wrapper = (DifferentialPrivacyClientSideFixedClipping if run.central_dp_mode == "client-fixed"
-               else DifferentialPrivacyServerSideFixedClipping)  # fmt: skip
+    wrapper = (
+        DifferentialPrivacyClientSideFixedClipping
+        if run.central_dp_mode == "client-fixed"
+        else DifferentialPrivacyServerSideFixedClipping
+    )
     return wrapper(strategy, run.central_dp_noise, run.central_dp_clip, max(sites, 1))
 
 
@@ -69,23 +75,34 @@ class Coordinator:
         state = self.dir.read_state()
         self.completed = int(state.get("completed_round", 0))
         if self.completed and not run.resume:
-            raise ValueError(f"{run_dir} already holds {self.completed} completed round(s); "
-                             "use --resume to continue it or choose a new --out")  # fmt: skip
+            raise ValueError(
+                f"{run_dir} already holds {self.completed} completed round(s); "
+                "use --resume to continue it or choose a new --out"
+            )
         self.hash = config_hash(run)
         if self.completed and state.get("config_hash") not in (None, self.hash):
             raise ValueError(f"cannot resume {run_dir}: the run settings changed")
         inner = central_dp(run, fedavg(run), len(site_keys))
-        self.strategy = CoordinatorStrategy(inner, run, self.dir, run_id, self.completed,
-                                            site_keys, self.audit)  # fmt: skip
+        self.strategy = CoordinatorStrategy(
+            inner, run, self.dir, run_id, self.completed, site_keys, self.audit
+        )
         self.strategy.state_extra = {"run_id": run_id, "config_hash": self.hash}
-        self._audit("run.resumed" if self.completed else "run.started", "ok", {
-            "config_hash": self.hash, "completed_round": self.completed,
-            "rounds": run.num_server_rounds, "registered_sites": len(site_keys)})  # fmt: skip
+        self._audit(
+            "run.resumed" if self.completed else "run.started",
+            "ok",
+            {
+                "config_hash": self.hash,
+                "completed_round": self.completed,
+                "rounds": run.num_server_rounds,
+                "registered_sites": len(site_keys),
+            },
+        )
 
     def _audit(self, action: str, outcome: str, details: dict[str, Any]) -> None:
         if self.audit is not None:
-            self.audit.append(action, f"run {self.run_id}", outcome,
-                              {"run_id": self.run_id, **details})  # fmt: skip
+            self.audit.append(
+                action, f"run {self.run_id}", outcome, {"run_id": self.run_id, **details}
+            )
 
     def run_loop(self, grid: Grid) -> None:
         """Run the remaining rounds with FedAvg's own loop."""
@@ -97,9 +114,16 @@ class Coordinator:
             arrays = initial_arrays(self.cfg)
             self.dir.save_arrays(self.dir.checkpoint(0), arrays)
         remaining = self.cfg.num_server_rounds - self.completed
-        self.dir.write_json("run.json", {"run_id": self.run_id, "config": vars(self.cfg),
-                                         "config_hash": self.hash, "status": "running",
-                                         "resumed_from": self.completed})  # fmt: skip
+        self.dir.write_json(
+            "run.json",
+            {
+                "run_id": self.run_id,
+                "config": vars(self.cfg),
+                "config_hash": self.hash,
+                "status": "running",
+                "resumed_from": self.completed,
+            },
+        )
         if remaining > 0:
             record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
             start_strategy(self, grid, record, remaining, self.cfg.round_timeout)
@@ -117,27 +141,50 @@ class Coordinator:
         self.dir.save_arrays(final / "model.npz", arrays)
         torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, final / "model.pt")
         rows = self.dir.read_rounds()
-        summary = {"run_id": self.run_id, "status": "finished", "rounds": last,
-                   "config_hash": self.hash, "final_digest": digest_update(arrays),
-                   "last_round": rows[-1] if rows else None,
-                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        summary = {
+            "run_id": self.run_id,
+            "status": "finished",
+            "rounds": last,
+            "config_hash": self.hash,
+            "final_digest": digest_update(arrays),
+            "last_round": rows[-1] if rows else None,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         summary["central_dp"] = self.client_level_privacy(last)
         self.dir.write_json("summary.json", summary)
         if rows:
             curve = [
-                {"round": r["round"], **{f"train_{k}": v for k, v in r["train"].items()},
-                 **{f"eval_{k}": v for k, v in r["evaluate"].items()}}
+                {
+                    "round": r["round"],
+                    **{f"train_{k}": v for k, v in r["train"].items()},
+                    **{f"eval_{k}": v for k, v in r["evaluate"].items()},
+                }
                 for r in rows
-            ]  # fmt: skip
-            plot_curves(curve, self.dir.root / "curves.png", x="round",
-                        pairs=(("train_train-accuracy", "eval_balanced-accuracy"),
-                               ("train_train-loss", "eval_loss")))  # fmt: skip
+            ]
+            plot_curves(
+                curve,
+                self.dir.root / "curves.png",
+                x="round",
+                pairs=(
+                    ("train_train-accuracy", "eval_balanced-accuracy"),
+                    ("train_train-loss", "eval_loss"),
+                ),
+            )
         self._audit("run.finished", "ok", {"rounds": last, "final_digest": digest_update(arrays)})
         # Written after run.finished so the record can name that entry as the run's end.
         head = self.audit.head if self.audit is not None else None
-        save_model(final / MODEL_FILE, arrays, run_metadata(
-            self.run_id, last, rows, head, config_hash=self.hash,
-            central_dp=summary["central_dp"]))  # fmt: skip
+        save_model(
+            final / MODEL_FILE,
+            arrays,
+            run_metadata(
+                self.run_id,
+                last,
+                rows,
+                head,
+                config_hash=self.hash,
+                central_dp=summary["central_dp"],
+            ),
+        )
 
     def client_level_privacy(self, rounds: int) -> dict[str, Any] | None:
         """Epsilon of the central-DP Gaussian mechanism over ``rounds`` releases, honestly.
@@ -151,17 +198,24 @@ class Coordinator:
         from common.ledger import epsilon_from_history
 
         eps = epsilon_from_history([(run.central_dp_noise, 1.0, rounds)], run.dp_delta)
-        return {"mode": run.central_dp_mode, "noise_multiplier": run.central_dp_noise,
-                "clipping_norm": run.central_dp_clip, "rounds": rounds, "delta": run.dp_delta,
-                "epsilon": eps, "unit": "client-level: one site's whole update per round; "
-                "sample rate 1 (every site every round), no amplification claimed"}  # fmt: skip
+        return {
+            "mode": run.central_dp_mode,
+            "noise_multiplier": run.central_dp_noise,
+            "clipping_norm": run.central_dp_clip,
+            "rounds": rounds,
+            "delta": run.dp_delta,
+            "epsilon": eps,
+            "unit": "client-level: one site's whole update per round; "
+            "sample rate 1 (every site every round), no amplification claimed",
+        }
 
     def fail(self, exc: BaseException) -> None:
         """Leave a clear record of why the run stopped."""
         msg = f"{type(exc).__name__}: {exc}"
         log.error("run %s failed: %s", self.run_id, msg)
-        self.dir.write_json("status.json", {"status": "failed", "error": msg,
-                                            "traceback": traceback.format_exc()})  # fmt: skip
+        self.dir.write_json(
+            "status.json", {"status": "failed", "error": msg, "traceback": traceback.format_exc()}
+        )
         try:
             self._audit("run.failed", "failed", {"error": msg[:500]})
         except Exception:  # the audit log itself may be what failed

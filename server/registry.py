@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from common import keys
+from common.fileio import atomic_write
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -51,8 +51,9 @@ class CoordPaths:
     def require(self) -> CoordPaths:
         """Fail with a clear message when COORD_DIR was never initialised."""
         if not self.sites.is_file() or not self.key.is_file():
-            raise FileNotFoundError(f"{self.root} is not a coordinator folder "
-                                    "(run `idc-server init --dir ...` first)")  # fmt: skip
+            raise FileNotFoundError(
+                f"{self.root} is not a coordinator folder (run `idc-server init --dir ...` first)"
+            )
         return self
 
 
@@ -76,9 +77,7 @@ def load_sites(paths: CoordPaths) -> dict[str, dict[str, str]]:
 
 def save_sites(paths: CoordPaths, sites: dict[str, dict[str, str]]) -> None:
     """Write the registry atomically."""
-    tmp = paths.sites.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sites, indent=2, sort_keys=True))
-    os.replace(tmp, paths.sites)
+    atomic_write(paths.sites, json.dumps(sites, indent=2, sort_keys=True).encode(), mode=0o600)
 
 
 def add_site(paths: CoordPaths, name: str, key_file: Path) -> dict[str, str]:
@@ -95,8 +94,11 @@ def add_site(paths: CoordPaths, name: str, key_file: Path) -> dict[str, str]:
             raise ValueError(f"that key is already registered for site {other!r}")
     paths.site_keys.mkdir(parents=True, exist_ok=True)
     (paths.site_keys / f"{name}.pub").write_text(openssh + "\n")
-    sites[name] = {"public_key": openssh, "fingerprint": fingerprint,
-                   "added": datetime.now(UTC).isoformat()}  # fmt: skip
+    sites[name] = {
+        "public_key": openssh,
+        "fingerprint": fingerprint,
+        "added": datetime.now(UTC).isoformat(),
+    }
     save_sites(paths, sites)
     return sites[name]
 
@@ -115,6 +117,5 @@ def remove_site(paths: CoordPaths, name: str) -> dict[str, str]:
 def site_public_keys(paths: CoordPaths) -> dict[str, keys.PublicKey]:
     """Registered sites' keys, for checking the signatures on their updates."""
     return {
-        name: keys.load_public_key(paths.site_keys / f"{name}.pub")
-        for name in load_sites(paths)
+        name: keys.load_public_key(paths.site_keys / f"{name}.pub") for name in load_sites(paths)
     }

@@ -11,16 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from common.fileio import atomic_write
 from common.metrics import json_safe
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -48,9 +40,7 @@ class RunDir:
 
     def save_arrays(self, path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         """Write a checkpoint atomically."""
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, **dict(arrays))  # type: ignore[arg-type]
-        os.replace(tmp, path)
+        atomic_write(path, lambda handle: np.savez(handle, **dict(arrays)))  # type: ignore[arg-type]
 
     @staticmethod
     def load_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -64,8 +54,13 @@ class RunDir:
             return {"completed_round": 0}
         return json.loads(self.state.read_text())
 
-    def commit_round(self, server_round: int, row: dict[str, Any],
-                     arrays: Mapping[str, np.ndarray], extra: dict[str, Any]) -> None:  # fmt: skip
+    def commit_round(
+        self,
+        server_round: int,
+        row: dict[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        extra: dict[str, Any],
+    ) -> None:
         """Checkpoint, metrics line, then state: a crash in between repeats the round whole."""
         self.save_arrays(self.checkpoint(server_round), arrays)
         done = self.completed_rounds()
@@ -74,9 +69,12 @@ class RunDir:
                 fh.write(json.dumps(json_safe(row)) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-        state = {**extra, "completed_round": server_round,
-                 "checkpoint": self.checkpoint(server_round).name}  # fmt: skip
-        _atomic_write(self.state, json.dumps(state, indent=2).encode())
+        state = {
+            **extra,
+            "completed_round": server_round,
+            "checkpoint": self.checkpoint(server_round).name,
+        }
+        atomic_write(self.state, json.dumps(state, indent=2).encode())
 
     def completed_rounds(self) -> list[int]:
         """Round numbers with a metrics line."""
@@ -91,5 +89,5 @@ class RunDir:
     def write_json(self, name: str, value: Any) -> Path:
         """Write a JSON file in the run folder atomically."""
         path = self.root / name
-        _atomic_write(path, json.dumps(json_safe(value), indent=2).encode())
+        atomic_write(path, json.dumps(json_safe(value), indent=2).encode())
         return path

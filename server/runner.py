@@ -8,12 +8,11 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+import flowerctl
 from common.config import RunConfig
-from server import flower_proc as fp
 from server.registry import CoordPaths, load_sites
 
 log = logging.getLogger(__name__)
@@ -21,20 +20,21 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LIVE_FILE = "superlink.json"
 
 
-def _tls(paths: CoordPaths) -> fp.TlsPaths:
+def _tls(paths: CoordPaths) -> flowerctl.TlsPaths:
     t = paths.tls
-    return fp.TlsPaths(t / "ca.pem", t / "ca.key", t / "server.pem", t / "server.key")
+    return flowerctl.TlsPaths(t / "ca.pem", t / "ca.key", t / "server.pem", t / "server.key")
 
 
-def connection(paths: CoordPaths) -> fp.Connection:
+def connection(paths: CoordPaths) -> flowerctl.Connection:
     """How this coordinator's own CLI reaches its running SuperLink."""
     live = paths.root / LIVE_FILE
     if not live.is_file():
-        raise RuntimeError(f"no SuperLink is running for {paths.root} "
-                           "(start one with `idc-server start`)")  # fmt: skip
+        raise RuntimeError(
+            f"no SuperLink is running for {paths.root} (start one with `idc-server start`)"
+        )
     info = json.loads(live.read_text())
     ca = Path(info["ca"]) if info.get("ca") else None
-    return fp.write_cli_config(paths.root / "flwr-cli", info["local_address"], ca)
+    return flowerctl.write_cli_config(paths.root / "flwr-cli", info["local_address"], ca)
 
 
 def _fingerprint(public_key: bytes) -> str:
@@ -42,12 +42,15 @@ def _fingerprint(public_key: bytes) -> str:
 
     from common import keys
 
-    key = (serialization.load_ssh_public_key(public_key) if public_key.startswith(b"ecdsa-")
-           else serialization.load_pem_public_key(public_key))  # fmt: skip
+    key = (
+        serialization.load_ssh_public_key(public_key)
+        if public_key.startswith(b"ecdsa-")
+        else serialization.load_pem_public_key(public_key)
+    )
     return keys.public_key_fingerprint(key)  # type: ignore[arg-type]
 
 
-def sync_sites(paths: CoordPaths, conn: fp.Connection) -> dict[str, int]:
+def sync_sites(paths: CoordPaths, conn: flowerctl.Connection) -> dict[str, int]:
     """Make the SuperLink's registered nodes match the registry, keys included.
 
     A site removed from the registry, or whose key was rotated (remove-site, add-site), has
@@ -55,19 +58,20 @@ def sync_sites(paths: CoordPaths, conn: fp.Connection) -> dict[str, int]:
     """
     sites = load_sites(paths)
     known: dict[str, int] = {}
-    for node in fp.list_nodes(conn):
+    for node in flowerctl.list_nodes(conn):
         if node.status == "unregistered":
             continue
         info = sites.get(node.name)
         if info is None or _fingerprint(bytes(node.public_key)) != info["fingerprint"]:
-            fp.unregister_supernode(conn, node.node_id)
+            flowerctl.unregister_supernode(conn, node.node_id)
             log.info("unregistered %s (node %d): removed or key rotated", node.name, node.node_id)
         else:
             known[node.name] = node.node_id
     out = {}
     for name in sites:
-        out[name] = known.get(name) or fp.register_supernode(
-            conn, paths.site_keys / f"{name}.pub", name)  # fmt: skip
+        out[name] = known.get(name) or flowerctl.register_supernode(
+            conn, paths.site_keys / f"{name}.pub", name
+        )
     return out
 
 
@@ -78,16 +82,25 @@ def _start(args: argparse.Namespace) -> int:
         raise ValueError(f"--address must be HOST:PORT, got {args.address!r}")
     tls = None if args.insecure else _tls(paths)
     if tls is None:
-        print("WARNING: --insecure: plain HTTP and no SuperNode authentication; "
-              "never use this with patient data", file=sys.stderr)  # fmt: skip
+        print(
+            "WARNING: --insecure: plain HTTP and no SuperNode authentication; "
+            "never use this with patient data",
+            file=sys.stderr,
+        )
     log_path = paths.root / "logs" / "superlink.log"
-    proc = fp.start_superlink(paths.superlink, int(port), tls, log_path, host=host or "127.0.0.1")
+    proc = flowerctl.start_superlink(
+        paths.superlink, int(port), tls, log_path, host=host or "127.0.0.1"
+    )
     live = paths.root / LIVE_FILE
     try:
         local = f"127.0.0.1:{port}" if host in ("", "0.0.0.0") else args.address
-        fp.wait_superlink_ready(local, tls.ca_cert if tls else None, args.timeout, proc)
-        info = {"address": args.address, "local_address": local, "pid": proc.pid,
-                "ca": str(tls.ca_cert) if tls else None}
+        flowerctl.wait_superlink_ready(local, tls.ca_cert if tls else None, args.timeout, proc)
+        info = {
+            "address": args.address,
+            "local_address": local,
+            "pid": proc.pid,
+            "ca": str(tls.ca_cert) if tls else None,
+        }
         live.write_text(json.dumps(info))
         if tls is not None:
             nodes = sync_sites(paths, connection(paths))
@@ -99,7 +112,7 @@ def _start(args: argparse.Namespace) -> int:
         return 0
     finally:
         live.unlink(missing_ok=True)
-        fp.stop_process(proc)
+        flowerctl.stop_process(proc)
 
 
 def app_hash(root: Path = PROJECT_ROOT) -> str:
@@ -136,10 +149,12 @@ def _print_progress(run_dir: Path, shown: int) -> int:
     lines = [json.loads(x) for x in rounds.read_text().splitlines() if x]
     for row in lines[shown:]:
         ev = row.get("evaluate", {})
-        print(f"round {row['round']}: {len(row.get('sites', {}))} site(s), "
-              f"eval balanced accuracy {ev.get('balanced-accuracy', float('nan')):.4f}, "
-              f"rejected {len(row.get('rejected', []))}, failed {len(row.get('failures', []))}",
-              flush=True)  # fmt: skip
+        print(
+            f"round {row['round']}: {len(row.get('sites', {}))} site(s), "
+            f"eval balanced accuracy {ev.get('balanced-accuracy', float('nan')):.4f}, "
+            f"rejected {len(row.get('rejected', []))}, failed {len(row.get('failures', []))}",
+            flush=True,
+        )
     return len(lines)
 
 
@@ -148,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     from common.audit import AuditLog
 
     paths = CoordPaths(args.dir).require()
-    run_dir = (args.resume or args.out)
+    run_dir = args.resume or args.out
     if run_dir is None:
         raise ValueError("give --out RUN_DIR for a new run or --resume RUN_DIR")
     run_dir = run_dir.resolve()
@@ -160,26 +175,37 @@ def _run(args: argparse.Namespace) -> int:
         config = {**previous.to_run_config(), **config}
     if args.rounds is not None:
         config["num-server-rounds"] = args.rounds
-    config.update({"run-dir": str(run_dir), "coord-dir": str(paths.root.resolve()),
-                   "resume": bool(args.resume)})  # fmt: skip
+    config.update(
+        {
+            "run-dir": str(run_dir),
+            "coord-dir": str(paths.root.resolve()),
+            "resume": bool(args.resume),
+        }
+    )
     conn = connection(paths)
     digest = app_hash()
     with AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator") as audit:
-        audit.append("run.submitted", "run", "ok", {"app_hash": digest, "resume": bool(args.resume),
-                     "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()
-                                                   ).hexdigest()})  # fmt: skip
-    run_id = fp.submit_run(conn, PROJECT_ROOT, config)
+        audit.append(
+            "run.submitted",
+            "run",
+            "ok",
+            {
+                "app_hash": digest,
+                "resume": bool(args.resume),
+                "config_hash": hashlib.sha256(
+                    json.dumps(config, sort_keys=True).encode()
+                ).hexdigest(),
+            },
+        )
+    run_id = flowerctl.submit_run(conn, PROJECT_ROOT, config)
     print(f"run {run_id} submitted; results in {run_dir}", flush=True)
-    shown, deadline = 0, time.monotonic() + args.timeout
-    while True:
+    shown = 0
+
+    def progress() -> None:
+        nonlocal shown
         shown = _print_progress(run_dir, shown)
-        status = fp.run_status(conn, run_id)
-        if status.finished:
-            break
-        if time.monotonic() > deadline:
-            fp.stop_run(conn, run_id)
-            raise RuntimeError(f"run {run_id} did not finish within {args.timeout:.0f} s; stopped")
-        time.sleep(1.0)
+
+    status = flowerctl.follow_run(conn, run_id, args.timeout, on_poll=progress)
     _print_progress(run_dir, shown)
     print(f"run {run_id}: {status.text}")
     if status.sub_status != "completed":
@@ -187,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         if failure.is_file():
             print(f"error: {json.loads(failure.read_text())['error']}", file=sys.stderr)
         else:
-            print(fp.run_logs(conn, run_id)[-3000:], file=sys.stderr)
+            print(flowerctl.run_logs(conn, run_id)[-3000:], file=sys.stderr)
         return 1
     print(f"final model: {run_dir / 'final' / 'model.pt'}")
     return 0
@@ -206,7 +232,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="new run folder")
     p.add_argument("--resume", type=Path, default=None, help="continue this run folder")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides of [tool.flwr.app.config], e.g. local-epochs=2")  # fmt: skip
+    p.add_argument(
+        "--run-config",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides of [tool.flwr.app.config], e.g. local-epochs=2",
+    )
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after seconds")
     p.set_defaults(func=_run)

@@ -70,19 +70,27 @@ def fedavg(run: RunConfig) -> FedAvg:
     weight = "num-examples" if run.central_dp_mode == "none" else "uniform-weight"
     return FedAvg(
         weighted_by_key=weight,
-        fraction_train=run.fraction_train, fraction_evaluate=1.0,
-        min_train_nodes=run.min_sites, min_evaluate_nodes=run.min_sites,
+        fraction_train=run.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=run.min_sites,
+        min_evaluate_nodes=run.min_sites,
         min_available_nodes=run.min_sites,
-    )  # fmt: skip
+    )
 
 
 class CoordinatorStrategy(Strategy):
     """Wraps a strategy with the checks and records a coordinator owes."""
 
     def __init__(
-        self, inner: Strategy, run: RunConfig, run_dir: RunDir, run_id: str, offset: int,
-        site_keys: Mapping[str, keys.PublicKey], audit: AuditLog | None,
-    ) -> None:  # fmt: skip
+        self,
+        inner: Strategy,
+        run: RunConfig,
+        run_dir: RunDir,
+        run_id: str,
+        offset: int,
+        site_keys: Mapping[str, keys.PublicKey],
+        audit: AuditLog | None,
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.run, self.run_dir, self.run_id, self.offset = run, run_dir, run_id, offset
@@ -130,9 +138,17 @@ class CoordinatorStrategy(Strategy):
         messages = list(self.inner.configure_train(r, arrays, config, grid))
         self.sampled = {m.metadata.dst_node_id for m in messages}
         selected = sorted(self.node_names.get(n, f"node {n}") for n in self.sampled)
-        self._audit("round.started", f"round {r}", "ok", {
-            "run_id": self.run_id, "round": r, "sites_selected": selected,
-            "global_digest": digest_update(self.global_arrays)})  # fmt: skip
+        self._audit(
+            "round.started",
+            f"round {r}",
+            "ok",
+            {
+                "run_id": self.run_id,
+                "round": r,
+                "sites_selected": selected,
+                "global_digest": digest_update(self.global_arrays),
+            },
+        )
         return messages
 
     def aggregate_train(
@@ -145,8 +161,12 @@ class CoordinatorStrategy(Strategy):
         accepted = [msg for msg in replies if self._vet(r, msg)]
         self._record_silent(r, self.sampled - {m.metadata.src_node_id for m in replies})
         if len(accepted) < self.run.min_sites:
-            self._audit("round.failed", f"round {r}", "failed",
-                        {"run_id": self.run_id, "round": r, "accepted": len(accepted)})  # fmt: skip
+            self._audit(
+                "round.failed",
+                f"round {r}",
+                "failed",
+                {"run_id": self.run_id, "round": r, "accepted": len(accepted)},
+            )
             raise TooFewSites(
                 f"round {r}: {len(accepted)} usable update(s), {self.run.min_sites} needed; "
                 f"failures: {self.current.failures}; rejected: {self.current.rejected}"
@@ -155,9 +175,17 @@ class CoordinatorStrategy(Strategy):
         if agg is None:
             raise TooFewSites(f"round {r}: aggregation produced no model")
         self.current.train = _floats(metrics)
-        self._audit("aggregate.computed", f"round {r}", "ok", {
-            "run_id": self.run_id, "round": r, "sites": len(accepted),
-            "digest": digest_update(to_numpy(agg))})  # fmt: skip
+        self._audit(
+            "aggregate.computed",
+            f"round {r}",
+            "ok",
+            {
+                "run_id": self.run_id,
+                "round": r,
+                "sites": len(accepted),
+                "digest": digest_update(to_numpy(agg)),
+            },
+        )
         return agg, metrics
 
     def _record_silent(self, r: int, nodes: set[int]) -> None:
@@ -183,25 +211,51 @@ class CoordinatorStrategy(Strategy):
         if claimed is not None and claimed != name:
             reason = f"reply claims to be {claimed!r} but came from registered node {name!r}"
             self.current.rejected.append({"site": name, "reason": reason, "kind": "invalid"})
-            self._audit(UPDATE_RECEIVED, name, "rejected", {"run_id": self.run_id, "round": r,
-                        "digest": "", "signature_valid": False, "accepted": False,
-                        "reason": reason})  # fmt: skip
+            self._audit(
+                UPDATE_RECEIVED,
+                name,
+                "rejected",
+                {
+                    "run_id": self.run_id,
+                    "round": r,
+                    "digest": "",
+                    "signature_valid": False,
+                    "accepted": False,
+                    "reason": reason,
+                },
+            )
             return False
         metrics = _floats(msg.content.metric_records.get("metrics"))
-        eps: dict[str, Any] = {k: metrics[k] for k in ("epsilon-round", "epsilon-total")
-                               if k in metrics}  # fmt: skip
+        eps: dict[str, Any] = {
+            k: metrics[k] for k in ("epsilon-round", "epsilon-total") if k in metrics
+        }
         if meta is not None and meta.get("status") == "refused":
             row = {"site": name, "reason": str(meta.get("reason")), **eps}
             self.current.rejected.append({**row, "kind": "refused"})
             log.warning("round %d: %s refused to train: %s", r, name, row["reason"])
-            self._audit("site.refused", name, "refused", {"run_id": self.run_id, "round": r,
-                        "reason": row["reason"]})  # fmt: skip
+            self._audit(
+                "site.refused",
+                name,
+                "refused",
+                {"run_id": self.run_id, "round": r, "reason": row["reason"]},
+            )
             return False
         reason, digest, sig_ok = self._check_reply(r, msg, name, meta)
-        self._audit(UPDATE_RECEIVED, name, "accepted" if reason is None else "rejected", {
-            "run_id": self.run_id, "round": r, "digest": digest, "signature_valid": sig_ok,
-            "accepted": reason is None, "reason": reason or "",
-            "num_examples": int(metrics.get("num-examples", 0)), **eps})  # fmt: skip
+        self._audit(
+            UPDATE_RECEIVED,
+            name,
+            "accepted" if reason is None else "rejected",
+            {
+                "run_id": self.run_id,
+                "round": r,
+                "digest": digest,
+                "signature_valid": sig_ok,
+                "accepted": reason is None,
+                "reason": reason or "",
+                "num_examples": int(metrics.get("num-examples", 0)),
+                **eps,
+            },
+        )
         if reason is not None:
             self.current.rejected.append({"site": name, "reason": reason, "kind": "invalid"})
             log.warning("round %d: update from %s rejected: %s", r, name, reason)
@@ -245,8 +299,9 @@ class CoordinatorStrategy(Strategy):
         good = []
         for msg in replies:
             if msg.has_error():
-                self.current.failures.append({"site": self._node(msg), "phase": "evaluate",
-                                              "reason": msg.error.reason})  # fmt: skip
+                self.current.failures.append(
+                    {"site": self._node(msg), "phase": "evaluate", "reason": msg.error.reason}
+                )
                 continue
             good.append(msg)
             name = self._node(msg)
@@ -259,12 +314,22 @@ class CoordinatorStrategy(Strategy):
     def _commit(self, r: int) -> None:
         assert self.current is not None
         cur = self.current
-        row = {"round": r, "train": cur.train, "evaluate": cur.evaluate, "sites": cur.sites,
-               "evaluations": cur.evaluations,
-               "rejected": cur.rejected, "failures": cur.failures,
-               "seconds": round(time.time() - cur.started, 3)}  # fmt: skip
+        row = {
+            "round": r,
+            "train": cur.train,
+            "evaluate": cur.evaluate,
+            "sites": cur.sites,
+            "evaluations": cur.evaluations,
+            "rejected": cur.rejected,
+            "failures": cur.failures,
+            "seconds": round(time.time() - cur.started, 3),
+        }
         self.run_dir.commit_round(r, row, self.global_arrays, self.state_extra)
         digest = digest_update(self.global_arrays)
-        self._audit("checkpoint.written", f"round {r}", "ok",
-                    {"run_id": self.run_id, "round": r, "digest": digest})  # fmt: skip
+        self._audit(
+            "checkpoint.written",
+            f"round {r}",
+            "ok",
+            {"run_id": self.run_id, "round": r, "digest": digest},
+        )
         log.info("round %d committed: %s", r, {k: round(v, 4) for k, v in cur.evaluate.items()})

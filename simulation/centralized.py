@@ -47,8 +47,9 @@ class BaselineConfig:
 
     def train_config(self) -> TrainConfig:
         """The loop's part of this config."""
-        return TrainConfig(epochs=self.epochs, lr=self.lr, patience=self.patience,
-                           progress=self.progress)  # fmt: skip
+        return TrainConfig(
+            epochs=self.epochs, lr=self.lr, patience=self.patience, progress=self.progress
+        )
 
 
 def make_split(patches: PatchSet, config: BaselineConfig) -> Split:
@@ -60,8 +61,10 @@ def make_split(patches: PatchSet, config: BaselineConfig) -> Split:
     if config.balance:
         split = Split(balance(split.train, patches.labels, config.seed), split.val, split.test)
     if len(split.train) == 0 or len(split.test) == 0:
-        raise ValueError(f"split left an empty part: {len(split.train)} train, "
-                         f"{len(split.test)} test patches; add patients")  # fmt: skip
+        raise ValueError(
+            f"split left an empty part: {len(split.train)} train, "
+            f"{len(split.test)} test patches; add patients"
+        )
     return split
 
 
@@ -74,8 +77,9 @@ def fit(
     loader = make_loader(train_ds, config.batch_size, shuffle=True, seed=config.seed)
     val_loader = None
     if val_idx is not None and len(val_idx):
-        val_loader = make_loader(PatchDataset(patches.images, patches.labels, val_idx),
-                                 EVAL_BATCH, shuffle=False)  # fmt: skip
+        val_loader = make_loader(
+            PatchDataset(patches.images, patches.labels, val_idx), EVAL_BATCH, shuffle=False
+        )
     result = train(model, loader, config.train_config(), val_loader)
     return model, result.history
 
@@ -92,8 +96,13 @@ def run_centralized(
     out.mkdir(parents=True, exist_ok=True)
     patches = load_patches(data, cache_dir=cache_dir, workers=2)
     split = make_split(patches, config)
-    log.info("split (%s): %d train, %d val, %d test patches", config.split,
-             len(split.train), len(split.val), len(split.test))  # fmt: skip
+    log.info(
+        "split (%s): %d train, %d val, %d test patches",
+        config.split,
+        len(split.train),
+        len(split.val),
+        len(split.test),
+    )
     model, history = fit(patches, split.train, split.val, config)
     device = resolve_device()
     loader = eval_loader(patches, split.test)
@@ -101,13 +110,16 @@ def run_centralized(
     labels, probs, _ = predict(model, loader, device)  # type: ignore[arg-type]
     summary: dict[str, object] = {
         "config": asdict(config),
-        "data": {"root": patches.report.root, "fingerprint": patches.fingerprint,
-                 "usable": patches.report.usable, "patients": patches.report.patients},
-        "split_sizes": {"train": len(split.train), "val": len(split.val),
-                        "test": len(split.test)},
+        "data": {
+            "root": patches.report.root,
+            "fingerprint": patches.fingerprint,
+            "usable": patches.report.usable,
+            "patients": patches.report.patients,
+        },
+        "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "history": history,
         "test": test,
-    }  # fmt: skip
+    }
     (out / "metrics.json").write_text(json.dumps(M.json_safe(summary), indent=2))
     torch.save(model.state_dict(), out / "model.pt")
     plot_curves(history, out / "curves.png")

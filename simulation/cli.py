@@ -16,21 +16,34 @@ log = logging.getLogger(__name__)
 def _synth(args: argparse.Namespace) -> int:
     from simulation.synth import SynthSpec, synthesize
 
-    spec = SynthSpec(patients=args.patients, seed=args.seed, sites=args.sites,
-                     site_shift=args.site_shift,
-                     patches_per_patient=(args.min_patches, args.max_patches))  # fmt: skip
+    spec = SynthSpec(
+        patients=args.patients,
+        seed=args.seed,
+        sites=args.sites,
+        site_shift=args.site_shift,
+        patches_per_patient=(args.min_patches, args.max_patches),
+    )
     summary = synthesize(args.out, spec, workers=args.workers)
-    print(f"wrote {summary.patches} patches ({summary.positives} IDC-positive) from "
-          f"{len(summary.patients)} patients to {args.out} in {summary.seconds:.1f} s")  # fmt: skip
+    print(
+        f"wrote {summary.patches} patches ({summary.positives} IDC-positive) from "
+        f"{len(summary.patients)} patients to {args.out} in {summary.seconds:.1f} s"
+    )
     return 0
 
 
 def _centralized(args: argparse.Namespace) -> int:
     from simulation.centralized import BaselineConfig, results_table, run_centralized
 
-    config = BaselineConfig(split=args.split, epochs=args.epochs, batch_size=args.batch_size,
-                            lr=args.lr, patience=args.patience or None, balance=args.balance,
-                            seed=args.seed, progress=sys.stderr.isatty())  # fmt: skip
+    config = BaselineConfig(
+        split=args.split,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience or None,
+        balance=args.balance,
+        seed=args.seed,
+        progress=sys.stderr.isatty(),
+    )
     summary = run_centralized(args.data, args.out, config, args.cache_dir)
     print(results_table({f"centralized ({args.split} split)": summary["test"]}))  # type: ignore[dict-item]
     print(f"results in {args.out}")
@@ -72,12 +85,22 @@ def _plan(args: argparse.Namespace, seed: int | None = None) -> object:
     from simulation.plan import SimPlan
     from simulation.sim_runtime import Resources
 
-    return SimPlan(data=args.data, sites=args.sites, partition=args.partition, rounds=args.rounds,
-                   local_epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
-                   norm=getattr(args, "norm", "group"), seed=args.seed if seed is None else seed,
-                   partition_seed=args.partition_seed, alpha=args.alpha,
-                   exponent=args.exponent, timeout=args.timeout,
-                   resources=Resources(cpus_per_site=args.cpus_per_site))  # fmt: skip
+    return SimPlan(
+        data=args.data,
+        sites=args.sites,
+        partition=args.partition,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        norm=getattr(args, "norm", "group"),
+        seed=args.seed if seed is None else seed,
+        partition_seed=args.partition_seed,
+        alpha=args.alpha,
+        exponent=args.exponent,
+        timeout=args.timeout,
+        resources=Resources(cpus_per_site=args.cpus_per_site),
+    )
 
 
 def _federated(args: argparse.Namespace) -> int:
@@ -87,11 +110,17 @@ def _federated(args: argparse.Namespace) -> int:
 
     dp = None
     if args.dp is not None or args.dp_noise is not None:
-        dp = DPSpec(epsilon=args.dp, noise_multiplier=args.dp_noise, max_grad_norm=args.dp_clip,
-                    delta=args.dp_delta)  # fmt: skip
+        dp = DPSpec(
+            epsilon=args.dp,
+            noise_multiplier=args.dp_noise,
+            max_grad_norm=args.dp_clip,
+            delta=args.dp_delta,
+        )
     results = run_compare(_plan(args), args.out, {"fedavg": dp}, say=_say)  # type: ignore[arg-type]
-    print(f"\nheld-out: every site's own test patients ({results['union_test']['patients']} "
-          f"patients, {results['union_test']['patches']} patches)")  # fmt: skip
+    print(
+        f"\nheld-out: every site's own test patients ({results['union_test']['patients']} "
+        f"patients, {results['union_test']['patches']} patches)"
+    )
     print(compare_table(results))
     print(f"report: {args.out / 'report.md'}")
     return 0
@@ -99,10 +128,14 @@ def _federated(args: argparse.Namespace) -> int:
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     """``--threads``: torch threads of this process (the baselines; ClientApps get Ray's)."""
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for the centralized and local-only training in this "
-                        "process (default 1: on a small or shared machine more threads spin "
-                        "and slow down; each simulated site gets one Ray CPU anyway)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for the centralized and local-only training in this "
+        "process (default 1: on a small or shared machine more threads spin "
+        "and slow down; each simulated site gets one Ray CPU anyway)",
+    )
 
 
 def _add_site_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,8 +145,12 @@ def _add_site_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data", type=Path, required=True, help="patches in the Kaggle layout")
     p.add_argument("--sites", type=int, required=True, help="number of virtual sites")
-    p.add_argument("--partition", choices=PARTITIONS, default="iid",
-                   help="how patients are dealt to sites (site-shift: synth data only)")
+    p.add_argument(
+        "--partition",
+        choices=PARTITIONS,
+        default="iid",
+        help="how patients are dealt to sites (site-shift: synth data only)",
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="label-skew Dirichlet alpha")
     p.add_argument("--exponent", type=float, default=1.0, help="size-skew power-law exponent")
     p.add_argument("--partition-seed", type=int, default=0)
@@ -121,8 +158,12 @@ def _add_site_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cpus-per-site", type=int, default=1,
-                   help="Ray CPUs per ClientApp: how many virtual sites train at once")
+    p.add_argument(
+        "--cpus-per-site",
+        type=int,
+        default=1,
+        help="Ray CPUs per ClientApp: how many virtual sites train at once",
+    )
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds per FedAvg run")
     p.add_argument("--out", type=Path, required=True, help="results folder (replaced if ours)")
 
@@ -131,10 +172,19 @@ def _add_federated(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("federated", help="centralized vs FedAvg vs local-only on the same patients")
     _add_site_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="model init, site splits, shuffling")
-    p.add_argument("--norm", choices=("batch", "group"), default="group",
-                   help="group (default): what DP-SGD needs, and no batch statistics to average")
-    p.add_argument("--dp", type=float, default=None, metavar="EPSILON",
-                   help="DP-SGD at every site with this total epsilon per site over the run")
+    p.add_argument(
+        "--norm",
+        choices=("batch", "group"),
+        default="group",
+        help="group (default): what DP-SGD needs, and no batch statistics to average",
+    )
+    p.add_argument(
+        "--dp",
+        type=float,
+        default=None,
+        metavar="EPSILON",
+        help="DP-SGD at every site with this total epsilon per site over the run",
+    )
     p.add_argument("--dp-noise", type=float, default=None, help="or a fixed noise multiplier")
     p.add_argument("--dp-clip", type=float, default=1.0, help="per-sample clipping norm")
     p.add_argument("--dp-delta", type=float, default=1e-5)
@@ -159,12 +209,33 @@ def _sweep(args: argparse.Namespace) -> int:
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("privacy-sweep", help="FedAvg accuracy against the total DP budget")
     _add_site_arguments(p)
-    p.add_argument("--epsilons", required=True,
-                   help="total epsilon per site over the run, e.g. 1,3,8,inf (inf: no DP)")
+    p.add_argument(
+        "--epsilons",
+        required=True,
+        help="total epsilon per site over the run, e.g. 1,3,8,inf (inf: no DP)",
+    )
     p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1 (mean and spread)")
     p.add_argument("--dp-clip", type=float, default=1.0, help="per-sample clipping norm")
     p.add_argument("--dp-delta", type=float, default=1e-5)
     p.set_defaults(func=_sweep)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="three synthetic hospitals: centralized vs FedAvg vs FedAvg+DP")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where results go")
+    p.add_argument("--patients", type=int, default=15, help="synthetic patients (3 sites)")
+    p.add_argument("--rounds", type=int, default=4, help="FedAvg rounds")
+    p.add_argument("--local-epochs", type=int, default=1, help="epochs per round at each site")
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=8.0,
+        help="total DP budget of each site over the run (sample-level)",
+    )
+    add_threads_argument(p)
+    from simulation.demo import run_demo
+
+    p.set_defaults(func=run_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,9 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("budget", help="offline privacy maths: epsilon of a plan, or its noise")
     add_budget_arguments(p)
     p.set_defaults(func=run_budget)
-    from simulation import demo
-
-    demo.add_parser(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -190,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
-            print(f"idc-sim {args.command}: error: --threads must be >= 1, got {args.threads}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"idc-sim {args.command}: error: --threads must be >= 1, got {args.threads}",
+                file=sys.stderr,
+            )
             return 2
         import torch
 

@@ -14,21 +14,6 @@ from simulation.synth import MANIFEST, SynthSpec
 SITES = 3
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``idc-sim demo``."""
-    p = sub.add_parser("demo", help="three synthetic hospitals: centralized vs FedAvg vs FedAvg+DP")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where results go")
-    p.add_argument("--patients", type=int, default=15, help="synthetic patients (3 sites)")
-    p.add_argument("--rounds", type=int, default=4, help="FedAvg rounds")
-    p.add_argument("--local-epochs", type=int, default=1, help="epochs per round at each site")
-    p.add_argument("--epsilon", type=float, default=8.0,
-                   help="total DP budget of each site over the run (sample-level)")  # fmt: skip
-    from simulation.cli import add_threads_argument
-
-    add_threads_argument(p)
-    p.set_defaults(func=run_demo)
-
-
 def _data(folder: Path, spec: SynthSpec) -> Path:
     """The synthetic hospitals, made once and reused while the spec is unchanged."""
     from dataclasses import asdict
@@ -41,11 +26,17 @@ def _data(folder: Path, spec: SynthSpec) -> Path:
         if doc.get("complete") and doc.get("spec") == json.loads(json.dumps(asdict(spec))):
             print(f"[demo] reusing the synthetic hospitals in {folder}", flush=True)
             return folder
-    print(f"[demo] synthesizing {spec.patients} patients in {SITES} hospitals, each with its "
-          f"own stain profile, into {folder} ...", flush=True)  # fmt: skip
+    print(
+        f"[demo] synthesizing {spec.patients} patients in {SITES} hospitals, each with its "
+        f"own stain profile, into {folder} ...",
+        flush=True,
+    )
     summary = synthesize(folder, spec, workers=2)
-    print(f"[demo] {summary.patches} patches ({summary.positives} IDC-positive) in "
-          f"{summary.seconds:.0f} s", flush=True)  # fmt: skip
+    print(
+        f"[demo] {summary.patches} patches ({summary.positives} IDC-positive) in "
+        f"{summary.seconds:.0f} s",
+        flush=True,
+    )
     return folder
 
 
@@ -57,9 +48,11 @@ def summary_table(results: dict[str, Any]) -> str:
     fed, dp = results["fedavg"]["fedavg"], results["fedavg"]["fedavg-dp"]
     spent = ", ".join(f"{k} {v:.2f}" for k, v in sorted(dp["epsilon"].items()))
     keys = (M.BALANCED_ACCURACY, M.F1, M.AUC)
-    named = (("centralized (pooled data)", results["centralized"], "-"),
-             ("federated (FedAvg)", fed, "-"),
-             (f"federated + DP (epsilon <= {dp['dp']['epsilon']:g} per site)", dp, spent))
+    named = (
+        ("centralized (pooled data)", results["centralized"], "-"),
+        ("federated (FedAvg)", fed, "-"),
+        (f"federated + DP (epsilon <= {dp['dp']['epsilon']:g} per site)", dp, spent),
+    )
     rows = [[name, *(fmt(res["union"][k]) for k in keys), eps] for name, res, eps in named]
     return md_table(["model", "balanced accuracy", "F1", "AUC", "epsilon spent per site"], rows)
 
@@ -70,23 +63,35 @@ def run_demo(args: argparse.Namespace) -> int:
     from simulation.federated import run_compare
 
     start = time.monotonic()
-    data = _data(args.out / "data", SynthSpec(patients=args.patients, sites=SITES,
-                                              site_shift=0.5, seed=0))  # fmt: skip
+    data = _data(
+        args.out / "data", SynthSpec(patients=args.patients, sites=SITES, site_shift=0.5, seed=0)
+    )
     # A demo's schedule: 10x the paper's learning rate and small batches, so that four
     # epochs already learn; group norm so that the plain and the DP runs differ only by DP.
-    plan = SimPlan(data=data, sites=SITES, partition="site-shift", rounds=args.rounds,
-                   local_epochs=args.local_epochs, lr=1e-3, batch_size=16, norm="group",
-                   seed=0)  # fmt: skip
+    plan = SimPlan(
+        data=data,
+        sites=SITES,
+        partition="site-shift",
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        lr=1e-3,
+        batch_size=16,
+        norm="group",
+        seed=0,
+    )
     out = args.out / "results"
 
     def say(message: str) -> None:
         print(f"[demo {time.monotonic() - start:4.0f} s] {message}", flush=True)
 
-    results = run_compare(plan, out, {"fedavg": None, "fedavg-dp": DPSpec(epsilon=args.epsilon)},
-                          local=False, say=say)  # fmt: skip
+    results = run_compare(
+        plan, out, {"fedavg": None, "fedavg-dp": DPSpec(epsilon=args.epsilon)}, local=False, say=say
+    )
     union = results["union_test"]
-    print(f"\nHeld-out patients: every hospital's own test patients ({union['patients']} "
-          f"patients, {union['patches']} patches)\n")  # fmt: skip
+    print(
+        f"\nHeld-out patients: every hospital's own test patients ({union['patients']} "
+        f"patients, {union['patches']} patches)\n"
+    )
     print(summary_table(results))
     print(f"\n{PRIVACY_UNIT}\n")
     print(f"[demo] done in {time.monotonic() - start:.0f} s; report: {out / 'report.md'}")

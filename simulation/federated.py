@@ -51,8 +51,12 @@ class Prepared:
     def pooled_split(self, sites: Sequence[Site]) -> Split:
         """The sites' own train/val/test parts, as indices into ``pooled``."""
         pairs = list(zip(sites, self.offsets, strict=True))
-        return Split(*(np.concatenate([getattr(s.split, part) + o for s, o in pairs])
-                       for part in ("train", "val", "test")))  # fmt: skip
+        return Split(
+            *(
+                np.concatenate([getattr(s.split, part) + o for s, o in pairs])
+                for part in ("train", "val", "test")
+            )
+        )
 
 
 def open_sites(sites_dir: Path, count: int, seed: int) -> list[Site]:
@@ -66,10 +70,12 @@ def _pool(sets: Sequence[PatchSet]) -> tuple[PatchSet, np.ndarray]:
         images=np.concatenate([np.asarray(s.images) for s in sets]),
         labels=np.concatenate([s.labels for s in sets]),
         patients=np.concatenate([s.patients for s in sets]),
-        xs=np.concatenate([s.xs for s in sets]), ys=np.concatenate([s.ys for s in sets]),
-        files=[f for s in sets for f in s.files], report=sets[0].report,
+        xs=np.concatenate([s.xs for s in sets]),
+        ys=np.concatenate([s.ys for s in sets]),
+        files=[f for s in sets for f in s.files],
+        report=sets[0].report,
         fingerprint="pooled:" + ",".join(s.fingerprint[:12] for s in sets),
-    )  # fmt: skip
+    )
     return pooled, offsets
 
 
@@ -85,22 +91,40 @@ def prepare(plan: SimPlan, out: Path, say: Say = log.info) -> Prepared:
         if not manifest.is_file():
             raise ValueError(f"partition 'site-shift' needs a synth output; {manifest} is missing")
         site_of = json.loads(manifest.read_text())["site_of"]
-    parts = partition(plan.partition, table, plan.sites, plan.partition_seed, alpha=plan.alpha,
-                      exponent=plan.exponent, site_of=site_of)  # fmt: skip
+    parts = partition(
+        plan.partition,
+        table,
+        plan.sites,
+        plan.partition_seed,
+        alpha=plan.alpha,
+        exponent=plan.exponent,
+        site_of=site_of,
+    )
     sites_dir = rt.build_sites(plan.data, records, parts, out / "sites")
-    (out / "partition.json").write_text(json.dumps({
-        "partition": plan.partition, "seed": plan.partition_seed, "alpha": plan.alpha,
-        "exponent": plan.exponent, "sites": {f"site-{k:03d}": p.tolist()
-                                             for k, p in enumerate(parts)}}, indent=1))  # fmt: skip
-    say(f"{len(table.ids)} patients, {len(records)} patches -> {plan.sites} sites "
-        f"({plan.partition}); decoding each site once ...")  # fmt: skip
+    (out / "partition.json").write_text(
+        json.dumps(
+            {
+                "partition": plan.partition,
+                "seed": plan.partition_seed,
+                "alpha": plan.alpha,
+                "exponent": plan.exponent,
+                "sites": {f"site-{k:03d}": p.tolist() for k, p in enumerate(parts)},
+            },
+            indent=1,
+        )
+    )
+    say(
+        f"{len(table.ids)} patients, {len(records)} patches -> {plan.sites} sites "
+        f"({plan.partition}); decoding each site once ..."
+    )
     rt.decode_sites(sites_dir, plan.sites)
     pooled, offsets = _pool([s.patches for s in open_sites(sites_dir, plan.sites, plan.seed)])
     return Prepared(sites_dir, table, parts, pooled, offsets)
 
 
-def score(arrays: dict[str, np.ndarray], norm: str, patches: PatchSet,
-          idx: np.ndarray) -> dict[str, Any]:  # fmt: skip
+def score(
+    arrays: dict[str, np.ndarray], norm: str, patches: PatchSet, idx: np.ndarray
+) -> dict[str, Any]:
     """Headline metrics of a model given as exchanged arrays on ``patches[idx]``."""
     model = build_model(norm, seed=0)  # type: ignore[arg-type]
     load_arrays(model, arrays)
@@ -112,8 +136,9 @@ def _metrics(model: Any, patches: PatchSet, idx: np.ndarray) -> dict[str, Any]:
     return {k: res[k] for k in (*HEADLINE, M.CONFUSION, "examples")}
 
 
-def run_fedavg(plan: SimPlan, prep: Prepared, root: Path, dp: tuple[DPSpec, float] | None,
-               say: Say = log.info) -> list[dict[str, Any]]:  # fmt: skip
+def run_fedavg(
+    plan: SimPlan, prep: Prepared, root: Path, dp: tuple[DPSpec, float] | None, say: Say = log.info
+) -> list[dict[str, Any]]:
     """FedAvg on the prepared sites through Flower's simulation engine; returns rounds.jsonl."""
     sites_dir, coord = rt.make_run_sites(prep.sites_dir, plan.sites, root)
     run = plan.run_config(root / "run", coord, sites_dir, dp)
@@ -121,16 +146,19 @@ def run_fedavg(plan: SimPlan, prep: Prepared, root: Path, dp: tuple[DPSpec, floa
     def progress(row: dict[str, Any]) -> None:
         ev, eps = row.get("evaluate", {}), rt.epsilon_by_site([row])
         dp_text = f", epsilon so far <= {max(eps.values()):.2f}" if dp and eps else ""
-        say(f"  round {row['round']}/{plan.rounds}: {len(row.get('sites', {}))} sites trained, "
+        say(
+            f"  round {row['round']}/{plan.rounds}: {len(row.get('sites', {}))} sites trained, "
             f"mean site-test balanced accuracy {ev.get('balanced-accuracy', float('nan')):.3f}"
-            f"{dp_text} ({row.get('seconds', 0):.0f} s)")  # fmt: skip
+            f"{dp_text} ({row.get('seconds', 0):.0f} s)"
+        )
 
     with rt.SimEngine(root / "engine", plan.resources) as engine:
         return engine.run(run, plan.sites, plan.timeout, progress)
 
 
-def fedavg_scores(plan: SimPlan, prep: Prepared, sites: Sequence[Site], root: Path,
-                  norm: str) -> dict[str, Any]:  # fmt: skip
+def fedavg_scores(
+    plan: SimPlan, prep: Prepared, sites: Sequence[Site], root: Path, norm: str
+) -> dict[str, Any]:
     """The FedAvg global model after every round, on the union test and each site's test."""
     run_dir, test = RunDir(root / "run"), prep.pooled_split(sites).test
     curve = []
@@ -138,8 +166,10 @@ def fedavg_scores(plan: SimPlan, prep: Prepared, sites: Sequence[Site], root: Pa
         m = score(RunDir.load_arrays(run_dir.checkpoint(r)), norm, prep.pooled, test)
         curve.append({"epoch": r * plan.local_epochs, **m})
     final = RunDir.load_arrays(run_dir.root / "final" / "model.npz")
-    per_site = {s.config.site_name: score(final, norm, prep.pooled, s.split.test + o)
-                for s, o in zip(sites, prep.offsets, strict=True)}  # fmt: skip
+    per_site = {
+        s.config.site_name: score(final, norm, prep.pooled, s.split.test + o)
+        for s, o in zip(sites, prep.offsets, strict=True)
+    }
     return {"union": curve[-1], "curve": curve, "sites": per_site}
 
 
@@ -150,10 +180,11 @@ def centralized(plan: SimPlan, prep: Prepared, sites: Sequence[Site]) -> dict[st
     """
     split = prep.pooled_split(sites)
     model, history = fit(prep.pooled, split.train, split.test, plan.baseline())
-    per_site = {s.config.site_name: _metrics(model, prep.pooled, s.split.test + o)
-                for s, o in zip(sites, prep.offsets, strict=True)}  # fmt: skip
-    return {"union": _metrics(model, prep.pooled, split.test), "curve": history,
-            "sites": per_site}  # fmt: skip
+    per_site = {
+        s.config.site_name: _metrics(model, prep.pooled, s.split.test + o)
+        for s, o in zip(sites, prep.offsets, strict=True)
+    }
+    return {"union": _metrics(model, prep.pooled, split.test), "curve": history, "sites": per_site}
 
 
 def local_only(plan: SimPlan, prep: Prepared, sites: Sequence[Site], say: Say) -> dict[str, Any]:
@@ -166,8 +197,10 @@ def local_only(plan: SimPlan, prep: Prepared, sites: Sequence[Site], say: Say) -
         out["sites"][name] = _metrics(model, site.patches, site.split.test)
         out["union_by_site"][name] = _metrics(model, prep.pooled, test)
         out["curves"][name] = history
-        say(f"  local-only {name}: balanced accuracy on its own test "
-            f"{out['sites'][name][M.BALANCED_ACCURACY]:.3f}")  # fmt: skip
+        say(
+            f"  local-only {name}: balanced accuracy on its own test "
+            f"{out['sites'][name][M.BALANCED_ACCURACY]:.3f}"
+        )
     out["union"] = mean_spread([out["union_by_site"][n] for n in out["union_by_site"]])
     return out
 
@@ -186,30 +219,48 @@ def mean_spread(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def site_facts(prep: Prepared, sites: Sequence[Site]) -> dict[str, dict[str, Any]]:
     """Patients, patches and IDC share of each site, and the size of its own parts."""
     shares = site_positive_shares(prep.parts, prep.table)
-    return {s.config.site_name: {
-        "patients": int(len(part)), "patches": int(len(s.patches)), "idc_share": float(share),
-        "train": int(len(s.split.train)), "val": int(len(s.split.val)),
-        "test": int(len(s.split.test))}
-        for s, part, share in zip(sites, prep.parts, shares, strict=True)}  # fmt: skip
+    return {
+        s.config.site_name: {
+            "patients": int(len(part)),
+            "patches": int(len(s.patches)),
+            "idc_share": float(share),
+            "train": int(len(s.split.train)),
+            "val": int(len(s.split.val)),
+            "test": int(len(s.split.test)),
+        }
+        for s, part, share in zip(sites, prep.parts, shares, strict=True)
+    }
 
 
-def fedavg_result(plan: SimPlan, prep: Prepared, sites: Sequence[Site], root: Path,
-                  spec: DPSpec | None, say: Say) -> dict[str, Any]:  # fmt: skip
+def fedavg_result(
+    plan: SimPlan, prep: Prepared, sites: Sequence[Site], root: Path, spec: DPSpec | None, say: Say
+) -> dict[str, Any]:
     """Run FedAvg (with DP-SGD when ``spec`` is given) and score it; folder ``root``."""
     noise = noise_for_plan(plan, sites, spec) if spec else 0.0
-    say(f"FedAvg{' + DP-SGD' if spec else ''}: {plan.sites} sites x {plan.rounds} rounds x "
+    say(
+        f"FedAvg{' + DP-SGD' if spec else ''}: {plan.sites} sites x {plan.rounds} rounds x "
         f"{plan.local_epochs} local epoch(s) in Flower's simulation engine"
-        + (f", noise multiplier {noise:.3f}" if spec else "") + " ...")  # fmt: skip
+        + (f", noise multiplier {noise:.3f}" if spec else "")
+        + " ..."
+    )
     rows = run_fedavg(plan, prep, root, None if spec is None else (spec, noise), say)
     res = fedavg_scores(plan, prep, sites, root, plan.norm)
-    res.update(epsilon=rt.epsilon_by_site(rows), run=str(root / "run"),
-               reported=rows[-1].get("evaluations", {}) if rows else {},
-               dp=None if spec is None else {**asdict(spec), "noise_multiplier": noise})
+    res.update(
+        epsilon=rt.epsilon_by_site(rows),
+        run=str(root / "run"),
+        reported=rows[-1].get("evaluations", {}) if rows else {},
+        dp=None if spec is None else {**asdict(spec), "noise_multiplier": noise},
+    )
     return res
 
 
-def run_compare(plan: SimPlan, out: Path, fedavg_runs: Mapping[str, DPSpec | None] | None = None,
-                local: bool = True, say: Say = log.info) -> dict[str, Any]:  # fmt: skip
+def run_compare(
+    plan: SimPlan,
+    out: Path,
+    fedavg_runs: Mapping[str, DPSpec | None] | None = None,
+    local: bool = True,
+    say: Say = log.info,
+) -> dict[str, Any]:
     """Prepare the sites, train every contender, write results.json, the plots and report.md.
 
     ``fedavg_runs`` maps a folder name under ``out`` to the DP-SGD spec of one FedAvg run
@@ -223,8 +274,9 @@ def run_compare(plan: SimPlan, out: Path, fedavg_runs: Mapping[str, DPSpec | Non
     out = rt.fresh_output(out)
     prep = prepare(plan, out, say)
     sites = prep.open(plan.seed)
-    fed = {name: fedavg_result(plan, prep, sites, out / name, spec, say)
-           for name, spec in runs.items()}  # fmt: skip
+    fed = {
+        name: fedavg_result(plan, prep, sites, out / name, spec, say) for name, spec in runs.items()
+    }
     say(f"centralized: {plan.rounds * plan.local_epochs} epoch(s) on the pooled patients ...")
     cen = centralized(plan, prep, sites)
     loc = None
@@ -232,9 +284,16 @@ def run_compare(plan: SimPlan, out: Path, fedavg_runs: Mapping[str, DPSpec | Non
         say(f"local-only: each of {plan.sites} sites alone ...")
         loc = local_only(plan, prep, sites, say)
     test = prep.pooled_split(sites).test
-    results = {"plan": plan_facts(plan), "sites": site_facts(prep, sites),
-               "union_test": {"patches": int(len(test)),
-                              "patients": len(set(prep.pooled.patients[test].tolist()))},
-               "centralized": cen, "fedavg": fed, "local_only": loc}  # fmt: skip
+    results = {
+        "plan": plan_facts(plan),
+        "sites": site_facts(prep, sites),
+        "union_test": {
+            "patches": int(len(test)),
+            "patients": len(set(prep.pooled.patients[test].tolist())),
+        },
+        "centralized": cen,
+        "fedavg": fed,
+        "local_only": loc,
+    }
     report.write_compare(out, results)
     return results

@@ -45,8 +45,10 @@ def _check(ids: np.ndarray, sites: int, min_patients: int) -> None:
     if len(set(ids.tolist())) != len(ids):
         raise ValueError("patient ids must be unique (one row per patient)")
     if len(ids) < sites * min_patients:
-        raise ValueError(f"{len(ids)} patients cannot fill {sites} sites with at least "
-                         f"{min_patients} patients each; use fewer sites")  # fmt: skip
+        raise ValueError(
+            f"{len(ids)} patients cannot fill {sites} sites with at least "
+            f"{min_patients} patients each; use fewer sites"
+        )
 
 
 def _parts(ids: np.ndarray, site_of: np.ndarray, sites: int) -> list[np.ndarray]:
@@ -65,9 +67,7 @@ def _top_up(site_of: np.ndarray, sites: int, min_patients: int, rng: np.random.G
             counts[k] += 1
 
 
-def iid(
-    ids: Ids, sites: int, seed: int = 0, min_patients: int = MIN_PATIENTS
-) -> list[np.ndarray]:
+def iid(ids: Ids, sites: int, seed: int = 0, min_patients: int = MIN_PATIENTS) -> list[np.ndarray]:
     """Shuffle patients and deal them out evenly (site sizes differ by at most one)."""
     arr = np.asarray(ids).astype(str)
     _check(arr, sites, min_patients)
@@ -78,9 +78,13 @@ def iid(
 
 
 def label_skew(
-    ids: Ids, positive_share: Shares, sites: int, alpha: float,
-    seed: int = 0, min_patients: int = MIN_PATIENTS,
-) -> list[np.ndarray]:  # fmt: skip
+    ids: Ids,
+    positive_share: Shares,
+    sites: int,
+    alpha: float,
+    seed: int = 0,
+    min_patients: int = MIN_PATIENTS,
+) -> list[np.ndarray]:
     """Dirichlet(``alpha``) label skew over patients.
 
     Patients are ranked by their share of IDC patches and halved into IDC-rich and IDC-poor
@@ -111,9 +115,12 @@ def label_skew(
 
 
 def size_skew(
-    ids: Ids, sites: int, exponent: float = 1.0, seed: int = 0,
+    ids: Ids,
+    sites: int,
+    exponent: float = 1.0,
+    seed: int = 0,
     min_patients: int = MIN_PATIENTS,
-) -> list[np.ndarray]:  # fmt: skip
+) -> list[np.ndarray]:
     """Site sizes (in patients) from a power law: the site of rank r gets about ``r**-exponent``.
 
     Every site first gets ``min_patients``; the rest are shared in proportion to the power
@@ -148,25 +155,37 @@ def site_shift(
     _check(arr, sites, 1)
     missing = [p for p in arr.tolist() if p not in site_of]
     if missing:
-        raise ValueError(f"patients {missing[:5]} have no stain site in synth.json "
-                         "(site-shift needs a synth output)")  # fmt: skip
+        raise ValueError(
+            f"patients {missing[:5]} have no stain site in synth.json "
+            "(site-shift needs a synth output)"
+        )
     which = np.array([int(site_of[p]) for p in arr.tolist()], dtype=np.int64)
     found = sorted(set(which.tolist()))
     if found != list(range(sites)):
-        raise ValueError(f"site-shift: the data has stain sites {found}, so --sites must be "
-                         f"{len(found)}, got {sites}")  # fmt: skip
+        raise ValueError(
+            f"site-shift: the data has stain sites {found}, so --sites must be "
+            f"{len(found)}, got {sites}"
+        )
     counts = np.bincount(which, minlength=sites)
     if counts.min() < min_patients:
-        raise ValueError(f"site-shift: stain site {int(np.argmin(counts))} has "
-                         f"{int(counts.min())} patients, fewer than {min_patients}")  # fmt: skip
+        raise ValueError(
+            f"site-shift: stain site {int(np.argmin(counts))} has "
+            f"{int(counts.min())} patients, fewer than {min_patients}"
+        )
     return _parts(arr, which, sites)
 
 
 def partition(
-    kind: str, table: PatientTable, sites: int, seed: int = 0, *, alpha: float = 0.5,
-    exponent: float = 1.0, site_of: Mapping[str, int] | None = None,
+    kind: str,
+    table: PatientTable,
+    sites: int,
+    seed: int = 0,
+    *,
+    alpha: float = 0.5,
+    exponent: float = 1.0,
+    site_of: Mapping[str, int] | None = None,
     min_patients: int = MIN_PATIENTS,
-) -> list[np.ndarray]:  # fmt: skip
+) -> list[np.ndarray]:
     """Dispatch to the partitioner named ``kind`` (one of :data:`PARTITIONS`)."""
     if kind == "iid":
         return iid(table.ids, sites, seed, min_patients)

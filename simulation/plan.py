@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from client.site import Site
-from common.config import RunConfig
+from common.config import Accountant, Norm, RunConfig
 from simulation.centralized import BaselineConfig
 from simulation.partitioners import PARTITIONS
 from simulation.sim_runtime import Resources
@@ -22,12 +22,14 @@ class DPSpec:
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     delta: float = 1e-5
-    accountant: str = "rdp"
+    accountant: Accountant = "rdp"
 
     def __post_init__(self) -> None:
         if (self.epsilon is None) == (self.noise_multiplier is None):
-            raise ValueError("give exactly one of a DP epsilon and a noise multiplier, got "
-                             f"epsilon={self.epsilon}, noise={self.noise_multiplier}")  # fmt: skip
+            raise ValueError(
+                "give exactly one of a DP epsilon and a noise multiplier, got "
+                f"epsilon={self.epsilon}, noise={self.noise_multiplier}"
+            )
         if self.epsilon is not None and not (0 < self.epsilon < float("inf")):
             raise ValueError(f"DP epsilon must be a positive finite number, got {self.epsilon}")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
@@ -45,7 +47,7 @@ class SimPlan:
     local_epochs: int = 1
     lr: float = 1e-4
     batch_size: int = 64
-    norm: str = "group"
+    norm: Norm = "group"
     seed: int = 0  # model init, each site's train/val/test split, shuffling
     partition_seed: int = 0
     alpha: float = 0.5
@@ -57,30 +59,51 @@ class SimPlan:
         if self.partition not in PARTITIONS:
             raise ValueError(f"partition must be one of {PARTITIONS}, got {self.partition!r}")
         if self.rounds < 1 or self.local_epochs < 1:
-            raise ValueError(f"rounds and local epochs must be >= 1, got {self.rounds}, "
-                             f"{self.local_epochs}")  # fmt: skip
+            raise ValueError(
+                f"rounds and local epochs must be >= 1, got {self.rounds}, {self.local_epochs}"
+            )
 
-    def run_config(self, run_dir: Path, coord: Path, sites_dir: Path,
-                   dp: tuple[DPSpec, float] | None = None) -> RunConfig:  # fmt: skip
+    def run_config(
+        self, run_dir: Path, coord: Path, sites_dir: Path, dp: tuple[DPSpec, float] | None = None
+    ) -> RunConfig:
         """The ServerApp's run config; ``dp`` is the spec and the noise chosen for it."""
-        run = RunConfig(num_server_rounds=self.rounds, local_epochs=self.local_epochs,
-                        learning_rate=self.lr, batch_size=self.batch_size, min_sites=self.sites,
-                        round_timeout=min(self.timeout, 24 * 3600.0), seed=self.seed,
-                        norm=self.norm, run_dir=str(run_dir), coord_dir=str(coord),
-                        sim_sites_dir=str(sites_dir))  # fmt: skip
+        run = RunConfig(
+            num_server_rounds=self.rounds,
+            local_epochs=self.local_epochs,
+            learning_rate=self.lr,
+            batch_size=self.batch_size,
+            min_sites=self.sites,
+            round_timeout=min(self.timeout, 24 * 3600.0),
+            seed=self.seed,
+            norm=self.norm,
+            run_dir=str(run_dir),
+            coord_dir=str(coord),
+            sim_sites_dir=str(sites_dir),
+        )
         if dp is not None:
             spec, noise = dp
-            run = replace(run, dp_enabled=True, dp_noise_multiplier=noise, norm="group",
-                          dp_max_grad_norm=spec.max_grad_norm, dp_delta=spec.delta,
-                          dp_accountant=spec.accountant)  # fmt: skip
+            run = replace(
+                run,
+                dp_enabled=True,
+                dp_noise_multiplier=noise,
+                norm="group",
+                dp_max_grad_norm=spec.max_grad_norm,
+                dp_delta=spec.delta,
+                dp_accountant=spec.accountant,
+            )
         run.check()
         return run
 
     def baseline(self, epochs_scale: int = 1) -> BaselineConfig:
         """The baselines' recipe: as many passes over the data as FedAvg makes, no stopping."""
-        return BaselineConfig(epochs=self.rounds * self.local_epochs * epochs_scale,
-                              batch_size=self.batch_size, lr=self.lr, patience=None,
-                              seed=self.seed, norm=self.norm)  # type: ignore[arg-type]
+        return BaselineConfig(
+            epochs=self.rounds * self.local_epochs * epochs_scale,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            patience=None,
+            seed=self.seed,
+            norm=self.norm,
+        )
 
 
 def noise_for_plan(plan: SimPlan, sites: Sequence[Site], spec: DPSpec) -> float:
@@ -97,9 +120,16 @@ def noise_for_plan(plan: SimPlan, sites: Sequence[Site], spec: DPSpec) -> float:
     noises = []
     for site in sites:
         batches = -(-len(site.split.train) // plan.batch_size)
-        noises.append(noise_for_epsilon(spec.epsilon, 1 / batches, rounds=plan.rounds,
-                                        local_epochs=plan.local_epochs, delta=spec.delta,
-                                        accountant=spec.accountant))  # type: ignore[arg-type]
+        noises.append(
+            noise_for_epsilon(
+                spec.epsilon,
+                1 / batches,
+                rounds=plan.rounds,
+                local_epochs=plan.local_epochs,
+                delta=spec.delta,
+                accountant=spec.accountant,
+            )
+        )
     return max(noises)
 
 

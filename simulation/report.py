@@ -16,8 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import metrics as M  # noqa: E402
 from common.privacy import PRIVACY_UNIT  # noqa: E402
 
-COLUMNS = ((M.ACCURACY, "accuracy"), (M.BALANCED_ACCURACY, "balanced accuracy"),
-           (M.F1, "F1"), (M.AUC, "AUC"))  # fmt: skip
+COLUMNS = (
+    (M.ACCURACY, "accuracy"),
+    (M.BALANCED_ACCURACY, "balanced accuracy"),
+    (M.F1, "F1"),
+    (M.AUC, "AUC"),
+)
 
 
 def fmt(value: Any, spread: Any = None) -> str:
@@ -63,8 +67,10 @@ def headline_rows(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, An
 
 def compare_table(results: Mapping[str, Any]) -> str:
     """The headline table on the union of every site's test patients."""
-    rows = [[name] + [fmt(m.get(k), m.get(f"{k}_std")) for k, _ in COLUMNS]
-            for name, m in headline_rows(results)]  # fmt: skip
+    rows = [
+        [name] + [fmt(m.get(k), m.get(f"{k}_std")) for k, _ in COLUMNS]
+        for name, m in headline_rows(results)
+    ]
     return md_table(["model", *(label for _, label in COLUMNS)], rows)
 
 
@@ -83,8 +89,13 @@ def site_table(results: Mapping[str, Any]) -> tuple[str, list[str]]:
     header += ["local-only", "local-only vs FedAvg"] if loc else []
     rows, losers = [], []
     for name, facts in results["sites"].items():
-        row = [name, str(facts["patients"]), f"{facts['train']} / {facts['test']}",
-               f"{facts['idc_share']:.2f}", fmt(results["centralized"]["sites"][name][bacc])]
+        row = [
+            name,
+            str(facts["patients"]),
+            f"{facts['train']} / {facts['test']}",
+            f"{facts['idc_share']:.2f}",
+            fmt(results["centralized"]["sites"][name][bacc]),
+        ]
         row += [fmt(r["sites"][name][bacc]) for r in runs]
         row += [fmt(r["epsilon"].get(name)) for r in runs if r.get("dp")]
         if loc:
@@ -100,16 +111,33 @@ def plot_compare(results: Mapping[str, Any], path: Path) -> Path:
     bacc = M.BALANCED_ACCURACY
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     cen = results["centralized"]["curve"]
-    ax.plot([r["epoch"] for r in cen], [r.get("val_balanced_accuracy") for r in cen], "o-",
-            label="centralized, union test")  # fmt: skip
+    ax.plot(
+        [r["epoch"] for r in cen],
+        [r.get("val_balanced_accuracy") for r in cen],
+        "o-",
+        label="centralized, union test",
+    )
     for run in results["fedavg"].values():
-        ax.plot([r["epoch"] for r in run["curve"]], [r[bacc] for r in run["curve"]], "s-",
-                label=f"{fedavg_label(run)}, union test")  # fmt: skip
+        ax.plot(
+            [r["epoch"] for r in run["curve"]],
+            [r[bacc] for r in run["curve"]],
+            "s-",
+            label=f"{fedavg_label(run)}, union test",
+        )
     for i, curve in enumerate((results.get("local_only") or {}).get("curves", {}).values()):
-        ax.plot([r["epoch"] for r in curve], [r.get("val_balanced_accuracy") for r in curve],
-                ":", color="grey", alpha=0.6, label="local-only, own test" if i == 0 else None)
-    ax.set(xlabel="epochs over the training patients (FedAvg: rounds x local epochs)",
-           ylabel="balanced accuracy", title="held-out patients")  # fmt: skip
+        ax.plot(
+            [r["epoch"] for r in curve],
+            [r.get("val_balanced_accuracy") for r in curve],
+            ":",
+            color="grey",
+            alpha=0.6,
+            label="local-only, own test" if i == 0 else None,
+        )
+    ax.set(
+        xlabel="epochs over the training patients (FedAvg: rounds x local epochs)",
+        ylabel="balanced accuracy",
+        title="held-out patients",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     names = list(results["sites"])
@@ -135,16 +163,19 @@ def privacy_text(results: Mapping[str, Any]) -> str:
     for run in results["fedavg"].values():
         dp = run.get("dp")
         if not dp:
-            lines.append("- FedAvg without DP-SGD: the shared updates carry no formal "
-                         "privacy guarantee.")  # fmt: skip
+            lines.append(
+                "- FedAvg without DP-SGD: the shared updates carry no formal privacy guarantee."
+            )
             continue
         spent = max(run["epsilon"].values()) if run["epsilon"] else float("nan")
         target = f"target total epsilon {dp['epsilon']:g} per site, " if dp.get("epsilon") else ""
-        lines.append(f"- {fedavg_label(run)}: sample-level DP-SGD at every site, {target}noise "
-                     f"multiplier {dp['noise_multiplier']:.4f}, clipping norm "
-                     f"{dp['max_grad_norm']:g}, delta {dp['delta']:g}; the largest epsilon a "
-                     f"site spent over the whole run is {spent:.3f} (each site's own privacy "
-                     "ledger).")  # fmt: skip
+        lines.append(
+            f"- {fedavg_label(run)}: sample-level DP-SGD at every site, {target}noise "
+            f"multiplier {dp['noise_multiplier']:.4f}, clipping norm "
+            f"{dp['max_grad_norm']:g}, delta {dp['delta']:g}; the largest epsilon a "
+            f"site spent over the whole run is {spent:.3f} (each site's own privacy "
+            "ledger)."
+        )
     lines.append("- Centralized and local-only training use no DP: they are references.")
     return "\n".join(lines) + f"\n\n{PRIVACY_UNIT}"
 
@@ -157,20 +188,23 @@ def write_compare(out: Path, results: Mapping[str, Any]) -> Path:
     sites_md, losers = site_table(results)
     lose = ""
     if results.get("local_only"):
-        lose = (f"**Local-only beats FedAvg at {len(losers)} of {len(results['sites'])} "
-                f"sites: {', '.join(losers)}.**" if losers else
-                "FedAvg is at least as good as local-only training at every site.")  # fmt: skip
+        lose = (
+            f"**Local-only beats FedAvg at {len(losers)} of {len(results['sites'])} "
+            f"sites: {', '.join(losers)}.**"
+            if losers
+            else "FedAvg is at least as good as local-only training at every site."
+        )
     runs = ", ".join(f"`{name}/`" for name in results["fedavg"])
     n_patients = sum(s["patients"] for s in results["sites"].values())
     text = f"""# Federated by patient vs centralized vs local-only
 
-- Data: `{plan['data']}`, {n_patients} patients in {plan['sites']} virtual sites, partition
-  `{plan['partition']}` (`partition.json` lists each site's patients).
-- Schedule: FedAvg {plan['rounds']} rounds x {plan['local_epochs']} local epoch(s); the others
-  train for the same number of epochs. Learning rate {plan['lr']:g}, batch
-  {plan['batch_size']}, norm `{plan['norm']}`, seed {plan['seed']}.
-- Held out: the union of every site's own test patients ({union['patients']} patients,
-  {union['patches']} patches), split exactly as the ClientApp splits them. Every model is
+- Data: `{plan["data"]}`, {n_patients} patients in {plan["sites"]} virtual sites, partition
+  `{plan["partition"]}` (`partition.json` lists each site's patients).
+- Schedule: FedAvg {plan["rounds"]} rounds x {plan["local_epochs"]} local epoch(s); the others
+  train for the same number of epochs. Learning rate {plan["lr"]:g}, batch
+  {plan["batch_size"]}, norm `{plan["norm"]}`, seed {plan["seed"]}.
+- Held out: the union of every site's own test patients ({union["patients"]} patients,
+  {union["patches"]} patches), split exactly as the ClientApp splits them. Every model is
   scored on them; nothing was selected on them (no early stopping).
 
 {compare_table(results)}
@@ -204,13 +238,29 @@ def sweep_table(results: Mapping[str, Any]) -> str:
     """One row per epsilon: noise, epsilon spent, metrics as mean ± sd over seeds."""
     rows = []
     for r in results["summary"]:
-        rows.append([_eps_text(r["epsilon"]), f"{r['noise_multiplier']:.4f}",
-                     f"{r['epsilon_spent_max']:.3f}" if math.isfinite(r["epsilon"]) else "-",
-                     fmt(r[M.BALANCED_ACCURACY], r[f"{M.BALANCED_ACCURACY}_std"]),
-                     fmt(r[M.AUC], r[f"{M.AUC}_std"]), fmt(r[M.F1], r[f"{M.F1}_std"]),
-                     str(len(r["seeds"]))])  # fmt: skip
-    return md_table(["total epsilon per site", "noise multiplier", "max epsilon spent",
-                     "balanced accuracy", "AUC", "F1", "seeds"], rows)  # fmt: skip
+        rows.append(
+            [
+                _eps_text(r["epsilon"]),
+                f"{r['noise_multiplier']:.4f}",
+                f"{r['epsilon_spent_max']:.3f}" if math.isfinite(r["epsilon"]) else "-",
+                fmt(r[M.BALANCED_ACCURACY], r[f"{M.BALANCED_ACCURACY}_std"]),
+                fmt(r[M.AUC], r[f"{M.AUC}_std"]),
+                fmt(r[M.F1], r[f"{M.F1}_std"]),
+                str(len(r["seeds"])),
+            ]
+        )
+    return md_table(
+        [
+            "total epsilon per site",
+            "noise multiplier",
+            "max epsilon spent",
+            "balanced accuracy",
+            "AUC",
+            "F1",
+            "seeds",
+        ],
+        rows,
+    )
 
 
 def plot_sweep(results: Mapping[str, Any], path: Path) -> Path:
@@ -220,14 +270,14 @@ def plot_sweep(results: Mapping[str, Any], path: Path) -> Path:
     right = max(finite) * 4 if finite else 1.0  # where the no-DP point is drawn
     xs = [r["epsilon"] if math.isfinite(r["epsilon"]) else right for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, (key, label) in zip(axes, ((M.BALANCED_ACCURACY, "balanced accuracy"),
-                                       (M.AUC, "ROC AUC")), strict=True):  # fmt: skip
+    for ax, (key, label) in zip(
+        axes, ((M.BALANCED_ACCURACY, "balanced accuracy"), (M.AUC, "ROC AUC")), strict=True
+    ):
         ys = [r[key] for r in rows]
         errs = [0.0 if not math.isfinite(r[f"{key}_std"]) else r[f"{key}_std"] for r in rows]
         ax.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=4)
         ax.set_xscale("log")
-        ax.set_xticks(xs, [_eps_text(r["epsilon"]).replace(" (no DP)", "\n(no DP)")
-                           for r in rows])  # fmt: skip
+        ax.set_xticks(xs, [_eps_text(r["epsilon"]).replace(" (no DP)", "\n(no DP)") for r in rows])
         ax.minorticks_off()
         ax.set(xlabel="total epsilon per site (sample-level)", ylabel=label, title=label)
         ax.grid(alpha=0.3)
@@ -245,15 +295,15 @@ def write_sweep(out: Path, results: Mapping[str, Any]) -> Path:
     plan, dp = results["plan"], results["dp"]
     text = f"""# What each privacy budget costs FedAvg
 
-- Data: `{plan['data']}` in {plan['sites']} virtual sites, partition `{plan['partition']}`.
-- Schedule: {plan['rounds']} rounds x {plan['local_epochs']} local epoch(s), learning rate
-  {plan['lr']:g}, batch {plan['batch_size']}, norm `group` for every point (DP-SGD needs it).
-- DP-SGD at every site: clipping norm {dp['max_grad_norm']:g}, delta {dp['delta']:g},
-  {dp['accountant'].upper()} accountant. Epsilon is the total budget of each site over the
+- Data: `{plan["data"]}` in {plan["sites"]} virtual sites, partition `{plan["partition"]}`.
+- Schedule: {plan["rounds"]} rounds x {plan["local_epochs"]} local epoch(s), learning rate
+  {plan["lr"]:g}, batch {plan["batch_size"]}, norm `group` for every point (DP-SGD needs it).
+- DP-SGD at every site: clipping norm {dp["max_grad_norm"]:g}, delta {dp["delta"]:g},
+  {dp["accountant"].upper()} accountant. Epsilon is the total budget of each site over the
   whole run; the noise multiplier was computed offline so that no site exceeds it (the
   smallest site needs the most noise). "max epsilon spent" is the largest total any site's
   own privacy ledger recorded.
-- Scored on the union of every site's own test patients; seeds {results['seeds']}
+- Scored on the union of every site's own test patients; seeds {results["seeds"]}
   (mean ± standard deviation over seeds).
 
 {sweep_table(results)}

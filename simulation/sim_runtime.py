@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
+import flowerctl
 from common import keys
 from common.config import RunConfig, SiteConfig, sim_site_dir
 from common.data import LoadOptions, PatchRecord, load_patches, resolve_root
-from server import flower_proc as fp
 from server.registry import CoordPaths, add_site, save_sites
 from server.rundir import RunDir
 
@@ -90,16 +89,24 @@ def build_sites(
 def site_config(sites: Path, k: int) -> SiteConfig:
     """The shared data and cache of virtual site ``k``, as the baselines read them."""
     folder = sim_site_dir(sites, k)
-    return SiteConfig(site_name=folder.name, data_dir=folder / "data",
-                      state_dir=folder / "state", cache_dir=folder / "cache")  # fmt: skip
+    return SiteConfig(
+        site_name=folder.name,
+        data_dir=folder / "data",
+        state_dir=folder / "state",
+        cache_dir=folder / "cache",
+    )
 
 
 def decode_sites(sites: Path, count: int, workers: int = 2) -> None:
     """Decode every site's patches into its cache now, so no ClientApp has to."""
     for k in range(count):
         cfg = site_config(sites, k)
-        load_patches(cfg.data_dir, cache_dir=cfg.cache_dir,
-                     options=LoadOptions(small=cfg.small_policy), workers=workers)  # type: ignore[arg-type]
+        load_patches(
+            cfg.data_dir,
+            cache_dir=cfg.cache_dir,
+            options=LoadOptions(small=cfg.small_policy),
+            workers=workers,
+        )
 
 
 def make_run_sites(sites: Path, count: int, run_root: Path) -> tuple[Path, Path]:
@@ -120,9 +127,9 @@ def make_run_sites(sites: Path, count: int, run_root: Path) -> tuple[Path, Path]
     return virtual, coord.root
 
 
-def to_run_config(run: RunConfig) -> dict[str, fp.ConfigValue]:
+def to_run_config(run: RunConfig) -> dict[str, flowerctl.ConfigValue]:
     """The run config keys of ``run`` (the inverse of ``RunConfig.from_run_config``)."""
-    out: dict[str, fp.ConfigValue] = {}
+    out: dict[str, flowerctl.ConfigValue] = {}
     for f in dataclasses.fields(run):
         key = f.name.replace("_", "-")
         if key.startswith("central-dp-"):
@@ -142,14 +149,18 @@ class Resources:
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus_per_site <= self.total_cpus:
-            raise ValueError(f"cpus per site must be in [1, {self.total_cpus}], "
-                             f"got {self.cpus_per_site}")  # fmt: skip
+            raise ValueError(
+                f"cpus per site must be in [1, {self.total_cpus}], got {self.cpus_per_site}"
+            )
 
-    def federation_config(self, sites: int) -> dict[str, fp.ConfigValue]:
+    def federation_config(self, sites: int) -> dict[str, flowerctl.ConfigValue]:
         """``flwr run --federation-config`` entries for ``sites`` virtual SuperNodes."""
-        return {"num-supernodes": sites, "client-resources-num-cpus": self.cpus_per_site,
-                "init-args-num-cpus": self.total_cpus,
-                "init-args-logging-level": "WARNING"}  # fmt: skip
+        return {
+            "num-supernodes": sites,
+            "client-resources-num-cpus": self.cpus_per_site,
+            "init-args-num-cpus": self.total_cpus,
+            "init-args-logging-level": "WARNING",
+        }
 
 
 class RunFailed(RuntimeError):
@@ -164,18 +175,19 @@ class SimEngine:
         self.resources = resources or Resources()
         self.seen: dict[int, str] = {}  # every descendant seen: pid -> its start time
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conn: fp.Connection | None = None
+        self.conn: flowerctl.Connection | None = None
 
     def __enter__(self) -> SimEngine:
-        port = fp.free_port()
-        self.proc = fp.start_sim_superlink(self.work / "superlink", port,
-                                           self.work / "logs" / "superlink.log")  # fmt: skip
+        port = flowerctl.free_port()
+        self.proc = flowerctl.start_sim_superlink(
+            self.work / "superlink", port, self.work / "logs" / "superlink.log"
+        )
         try:
-            fp.wait_superlink_ready(f"127.0.0.1:{port}", None, 60, self.proc)
+            flowerctl.wait_superlink_ready(f"127.0.0.1:{port}", None, 60, self.proc)
         except BaseException:
             self.close()
             raise
-        self.conn = fp.write_cli_config(self.work / "flwr-cli", f"127.0.0.1:{port}", None)
+        self.conn = flowerctl.write_cli_config(self.work / "flwr-cli", f"127.0.0.1:{port}", None)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -184,13 +196,16 @@ class SimEngine:
     def close(self) -> None:
         """Stop the SuperLink and every process below it (simulation engine, Ray), by pid."""
         if self.proc is not None:
-            fp.stop_tree(self.proc, self.seen)
+            flowerctl.stop_tree(self.proc, self.seen)
             self.proc = None
 
     def run(
-        self, run: RunConfig, sites: int, timeout: float,
+        self,
+        run: RunConfig,
+        sites: int,
+        timeout: float,
         on_round: Callable[[dict[str, Any]], None] | None = None,
-    ) -> list[dict[str, Any]]:  # fmt: skip
+    ) -> list[dict[str, Any]]:
         """Run the project's ServerApp and ClientApp on ``sites`` virtual sites; return rounds.
 
         ``on_round`` gets each rounds.jsonl row as soon as the ServerApp commits it.
@@ -198,39 +213,40 @@ class SimEngine:
         if self.conn is None or self.proc is None:
             raise RuntimeError("SimEngine.run outside its `with` block")
         run.check()
-        run_id = fp.submit_run(self.conn, PROJECT_ROOT, to_run_config(run),
-                               self.resources.federation_config(sites))  # fmt: skip
+        run_id = flowerctl.submit_run(
+            self.conn, PROJECT_ROOT, to_run_config(run), self.resources.federation_config(sites)
+        )
         run_dir, shown = RunDir(Path(run.run_dir)), 0
-        deadline = time.monotonic() + timeout
-        while True:
-            self.seen.update(fp.tree_snapshot(self.proc.pid))
-            try:
-                status = fp.run_status(self.conn, run_id)
-            except fp.SuperLinkUnreachable:  # a busy SuperLink; the deadline still holds
-                status = fp.RunStatus("unknown", "", "")
+
+        def poll() -> None:
+            nonlocal shown
+            assert self.proc is not None
+            self.seen.update(flowerctl.tree_snapshot(self.proc.pid))
             rows = run_dir.read_rounds()
             for row in rows[shown:]:
                 if on_round is not None:
                     on_round(row)
             shown = len(rows)
-            if status.finished:
-                break
-            if time.monotonic() > deadline:
-                fp.stop_run(self.conn, run_id)
-                raise RunFailed(f"simulated run did not finish within {timeout:.0f} s; stopped")
-            time.sleep(POLL_SECONDS)
+
+        try:
+            status = flowerctl.follow_run(
+                self.conn, run_id, timeout, on_poll=poll, poll=POLL_SECONDS
+            )
+        except flowerctl.FlowerTimeout as exc:
+            raise RunFailed(f"simulated run: {exc}") from exc
+        poll()
         if status.sub_status != "completed":
             raise RunFailed(f"simulated run {status.text}: {self._why(run_dir, run_id, status)}")
         return run_dir.read_rounds()
 
-    def _why(self, run_dir: RunDir, run_id: int, status: fp.RunStatus) -> str:
+    def _why(self, run_dir: RunDir, run_id: int, status: flowerctl.RunStatus) -> str:
         failure = run_dir.root / "status.json"
         if failure.is_file():
             return str(json.loads(failure.read_text()).get("error"))
         assert self.conn is not None
         try:
-            return status.details or fp.run_logs(self.conn, run_id)[-3000:]
-        except fp.FlowerProcError as exc:
+            return status.details or flowerctl.run_logs(self.conn, run_id)[-3000:]
+        except flowerctl.FlowerProcError as exc:
             return f"{status.details} (logs unavailable: {exc})"
 
 

@@ -60,26 +60,35 @@ def tag(epsilon: float, seed: int) -> str:
     return f"eps-{'inf' if math.isinf(epsilon) else f'{epsilon:g}'}-seed-{seed}"
 
 
-def one_point(plan: SimPlan, prep: Prepared, epsilon: float, spec: DPSpec, out: Path,
-              say: Say) -> dict[str, Any]:  # fmt: skip
+def one_point(
+    plan: SimPlan, prep: Prepared, epsilon: float, spec: DPSpec, out: Path, say: Say
+) -> dict[str, Any]:
     """Run and score one (epsilon, seed) point."""
     sites = prep.open(plan.seed)
     dp = None
     if math.isfinite(epsilon):
         spec = replace(spec, epsilon=epsilon)
         dp = (spec, noise_for_plan(plan, sites, spec))
-    say(f"epsilon {epsilon:g}, seed {plan.seed}: "
-        + (f"noise multiplier {dp[1]:.4f}" if dp else "no DP") + " ...")  # fmt: skip
+    say(
+        f"epsilon {epsilon:g}, seed {plan.seed}: "
+        + (f"noise multiplier {dp[1]:.4f}" if dp else "no DP")
+        + " ..."
+    )
     root = out / "runs" / tag(epsilon, plan.seed)
     rows = run_fedavg(plan, prep, root, dp, say)
     final = RunDir.load_arrays(root / "run" / "final" / "model.npz")
     metrics = score(final, plan.norm, prep.pooled, prep.pooled_split(sites).test)
     spent = rt.epsilon_by_site(rows)
-    return {"epsilon": epsilon, "no_dp": dp is None, "seed": plan.seed,
-            "noise_multiplier": dp[1] if dp else 0.0,
-            "epsilon_spent_max": max(spent.values()) if dp and spent else 0.0,
-            "epsilon_spent": spent, "run": str(root / "run"),
-            **{k: metrics[k] for k in SWEPT}}  # fmt: skip
+    return {
+        "epsilon": epsilon,
+        "no_dp": dp is None,
+        "seed": plan.seed,
+        "noise_multiplier": dp[1] if dp else 0.0,
+        "epsilon_spent_max": max(spent.values()) if dp and spent else 0.0,
+        "epsilon_spent": spent,
+        "run": str(root / "run"),
+        **{k: metrics[k] for k in SWEPT},
+    }
 
 
 def summarise(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -88,10 +97,12 @@ def summarise(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for eps in dict.fromkeys(p["epsilon"] for p in points):
         mine = [p for p in points if p["epsilon"] == eps]
         row: dict[str, Any] = {
-            "epsilon": eps, "no_dp": math.isinf(eps), "seeds": [p["seed"] for p in mine],
+            "epsilon": eps,
+            "no_dp": math.isinf(eps),
+            "seeds": [p["seed"] for p in mine],
             "noise_multiplier": float(np.mean([p["noise_multiplier"] for p in mine])),
             "epsilon_spent_max": max(p["epsilon_spent_max"] for p in mine),
-        }  # fmt: skip
+        }
         for key in SWEPT:
             vals = np.array([p[key] for p in mine if p[key] is not None], dtype=np.float64)
             vals = vals[np.isfinite(vals)]
@@ -101,8 +112,14 @@ def summarise(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def run_sweep(plan: SimPlan, epsilons: Sequence[float], seeds: Sequence[int], out: Path,
-              spec: DPSpec | None = None, say: Say = log.info) -> dict[str, Any]:  # fmt: skip
+def run_sweep(
+    plan: SimPlan,
+    epsilons: Sequence[float],
+    seeds: Sequence[int],
+    out: Path,
+    spec: DPSpec | None = None,
+    say: Say = log.info,
+) -> dict[str, Any]:
     """Every (seed, epsilon) point; writes sweep.json, sweep.md and sweep.png into ``out``."""
     from simulation import report
 
@@ -115,11 +132,21 @@ def run_sweep(plan: SimPlan, epsilons: Sequence[float], seeds: Sequence[int], ou
     for seed in seeds:
         for eps in epsilons:
             points.append(one_point(replace(plan, seed=seed), prep, eps, spec, out, say))
-            say(f"  -> balanced accuracy {points[-1][M.BALANCED_ACCURACY]:.4f}, "
-                f"AUC {points[-1][M.AUC]:.4f}")  # fmt: skip
-    results = {"plan": plan_facts(plan), "seeds": list(seeds), "epsilons": list(epsilons),
-               "dp": {"max_grad_norm": spec.max_grad_norm, "delta": spec.delta,
-                      "accountant": spec.accountant},
-               "points": points, "summary": summarise(points)}  # fmt: skip
+            say(
+                f"  -> balanced accuracy {points[-1][M.BALANCED_ACCURACY]:.4f}, "
+                f"AUC {points[-1][M.AUC]:.4f}"
+            )
+    results = {
+        "plan": plan_facts(plan),
+        "seeds": list(seeds),
+        "epsilons": list(epsilons),
+        "dp": {
+            "max_grad_norm": spec.max_grad_norm,
+            "delta": spec.delta,
+            "accountant": spec.accountant,
+        },
+        "points": points,
+        "summary": summarise(points),
+    }
     report.write_sweep(out, results)
     return results

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from common.fileio import atomic_write
+
 logger = logging.getLogger(__name__)
 
 PATCH = 50
@@ -45,19 +47,36 @@ class SynthSpec:
     positive_fraction: tuple[float, float] = (0.1, 0.6)
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.patients) and self.patients >= 1, "patients", self.patients,
-               "an int >= 1")
+        _check(
+            _is_int(self.patients) and self.patients >= 1, "patients", self.patients, "an int >= 1"
+        )
         lo, hi = _pair("patches_per_patient", self.patches_per_patient)
-        _check(_is_int(lo) and _is_int(hi) and 1 <= lo <= hi, "patches_per_patient",
-               self.patches_per_patient, "ints with 1 <= low <= high")
+        _check(
+            _is_int(lo) and _is_int(hi) and 1 <= lo <= hi,
+            "patches_per_patient",
+            self.patches_per_patient,
+            "ints with 1 <= low <= high",
+        )
         _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an int >= 0")
-        _check(_is_int(self.sites) and 1 <= self.sites <= self.patients, "sites", self.sites,
-               f"an int in [1, patients={self.patients}]")
-        _check(_is_real(self.site_shift) and 0.0 <= self.site_shift < math.inf, "site_shift",
-               self.site_shift, "a finite number >= 0")
+        _check(
+            _is_int(self.sites) and 1 <= self.sites <= self.patients,
+            "sites",
+            self.sites,
+            f"an int in [1, patients={self.patients}]",
+        )
+        _check(
+            _is_real(self.site_shift) and 0.0 <= self.site_shift < math.inf,
+            "site_shift",
+            self.site_shift,
+            "a finite number >= 0",
+        )
         lo, hi = _pair("positive_fraction", self.positive_fraction)
-        _check(_is_real(lo) and _is_real(hi) and 0.0 <= lo <= hi <= 1.0, "positive_fraction",
-               self.positive_fraction, "numbers with 0 <= low <= high <= 1")
+        _check(
+            _is_real(lo) and _is_real(hi) and 0.0 <= lo <= hi <= 1.0,
+            "positive_fraction",
+            self.positive_fraction,
+            "numbers with 0 <= low <= high <= 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -131,8 +150,14 @@ def synthesize(out: Path, spec: SynthSpec, workers: int = 1) -> SynthSummary:
     patches, positives = (sum(c) for c in zip(*counts, strict=True))
     _write_manifest(out, spec, site_of, (patches, positives))
     seconds = time.perf_counter() - start
-    logger.info("synthesized %d patches (%d positive) of %d patients in %.2f s (%.0f/s)",
-                patches, positives, spec.patients, seconds, patches / max(seconds, 1e-9))
+    logger.info(
+        "synthesized %d patches (%d positive) of %d patients in %.2f s (%.0f/s)",
+        patches,
+        positives,
+        spec.patients,
+        seconds,
+        patches / max(seconds, 1e-9),
+    )
     return SynthSummary(out, patches, positives, list(site_of), site_of, seconds)
 
 
@@ -182,9 +207,7 @@ def _write_manifest(
         "patches": counts[0] if counts else None,
         "positives": counts[1] if counts else None,
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out / MANIFEST)
+    atomic_write(out / MANIFEST, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_patient(out: Path, spec: SynthSpec, index: int) -> tuple[int, int]:
@@ -306,8 +329,7 @@ def _nuclei(rng: np.random.Generator, m: np.ndarray, size_scale: float) -> np.nd
     n, mn = len(idx), m[idx]
     cx, cy = rng.uniform(-2.0, 52.0, (2, n))
     # Tumour nuclei: larger, more varied in size, more eccentric and ragged, darker.
-    a = np.clip((1.4 + 2.2 * mn) * size_scale * np.exp(rng.normal(0.0, 0.12 + 0.22 * mn)),
-                0.8, 4.8)
+    a = np.clip((1.4 + 2.2 * mn) * size_scale * np.exp(rng.normal(0.0, 0.12 + 0.22 * mn)), 0.8, 4.8)
     b = a * (1.0 - rng.uniform(0.0, 0.25 + 0.35 * mn))
     theta = rng.uniform(0.0, np.pi, n)
     ragged = rng.uniform(0.0, 0.05 + 0.25 * mn) * np.array([[0.6], [0.4]])
@@ -315,8 +337,15 @@ def _nuclei(rng: np.random.Generator, m: np.ndarray, size_scale: float) -> np.nd
     darkness = (0.75 + 0.6 * mn) * rng.uniform(0.8, 1.2, n)
     # Per-pixel work stays in float32 on an 11 x 11 stamp per nucleus, never a full patch.
     cos, sin, inv_a, inv_b, edge, dark, c2, c3, s2, s3 = _columns(
-        np.cos(theta), np.sin(theta), 1 / a, 1 / b, 1.4 * a, darkness,
-        *(ragged * np.cos(phase)), *(ragged * np.sin(phase)))
+        np.cos(theta),
+        np.sin(theta),
+        1 / a,
+        1 / b,
+        1.4 * a,
+        darkness,
+        *(ragged * np.cos(phase)),
+        *(ragged * np.sin(phase)),
+    )
     ix, iy = np.floor(cx).astype(np.int64), np.floor(cy).astype(np.int64)
     dx = (ix[:, None] + _STAMP - cx[:, None]).astype(np.float32)[:, None, :]
     dy = (iy[:, None] + _STAMP - cy[:, None]).astype(np.float32)[:, :, None]
@@ -324,8 +353,13 @@ def _nuclei(rng: np.random.Generator, m: np.ndarray, size_scale: float) -> np.nd
     r = np.sqrt(u * u + v * v) + np.float32(1e-6)
     c, s = u / r, v / r
     # sin(k*phi + phase) expanded in cos(phi), sin(phi): no arctan2 or sin per pixel.
-    wobble = (1.0 + c2 * (2 * s * c) + s2 * (c * c - s * s)
-              + c3 * (3 * s - 4 * s * s * s) + s3 * (4 * c * c * c - 3 * c))
+    wobble = (
+        1.0
+        + c2 * (2 * s * c)
+        + s2 * (c * c - s * s)
+        + c3 * (3 * s - 4 * s * s * s)
+        + s3 * (4 * c * c * c - 3 * c)
+    )
     d = np.sqrt((u * inv_a) ** 2 + (v * inv_b) ** 2) / wobble
     # A linear ramp about 0.7 px wide makes the soft edge without an exp per pixel.
     inside = np.clip((1.0 - d) * edge + 0.5, 0.0, 1.0)
@@ -345,8 +379,9 @@ def _fat(rng: np.random.Generator, m: np.ndarray) -> np.ndarray:
     shape = rng.uniform((-8.0, -8.0, 3.0, 0.65), (58.0, 58.0, 13.0, 1.0), (len(idx), 4))
     cx, cy, r, aspect = _columns(*shape.T)
     grid = np.arange(PATCH, dtype=np.float32) + 0.5
-    d = np.sqrt(((grid[None, None, :] - cx) / r) ** 2
-                + ((grid[None, :, None] - cy) / (r * aspect)) ** 2)
+    d = np.sqrt(
+        ((grid[None, None, :] - cx) / r) ** 2 + ((grid[None, :, None] - cy) / (r * aspect)) ** 2
+    )
     d -= 0.12 * _smooth_noise(rng, len(idx), 6)  # ragged outline
     mask = np.clip((1.0 - d) * r * 0.8 + 0.5, 0.0, 1.0)
     flat = idx[:, None] * PATCH**2 + np.arange(PATCH**2)

@@ -14,8 +14,16 @@ REAL_DATA = Path(os.environ.get("IDC_REAL_DATA", DEFAULT_REAL))
 
 
 def write_patch(
-    root: Path, patient: str, x: int, y: int, label: int, *, folder: str | None = None,
-    size: tuple[int, int] = (50, 50), mode: str = "RGB", value: int | None = None,
+    root: Path,
+    patient: str,
+    x: int,
+    y: int,
+    label: int,
+    *,
+    folder: str | None = None,
+    size: tuple[int, int] = (50, 50),
+    mode: str = "RGB",
+    value: int | None = None,
 ) -> Path:
     """Write one PNG in the Kaggle layout; ``folder`` overrides the class folder."""
     d = root / patient / (folder if folder is not None else str(label))

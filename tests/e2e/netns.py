@@ -24,8 +24,9 @@ class NetnsUnavailable(RuntimeError):
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT,
-                         stdin=subprocess.DEVNULL)  # fmt: skip
+    res = subprocess.run(
+        ["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT, stdin=subprocess.DEVNULL
+    )
     if check and res.returncode != 0:
         raise RuntimeError(f"`ip {' '.join(args)}` failed ({res.returncode}): {res.stderr.strip()}")
     return res
@@ -75,8 +76,20 @@ class NetnsLab:
         ns, address = f"{self.tag}-{short}", f"{SUBNET}.{host_id}"
         self._add_ns(ns)
         port = f"p{host_id}"  # the switch's end; the host's end is eth0 in its own namespace
-        _ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-            "netns", ns)  # fmt: skip
+        _ip(
+            "-n",
+            self.switch,
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        )
         _ip("-n", self.switch, "link", "set", port, "master", "br0")
         _ip("-n", self.switch, "link", "set", port, "up")
         _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
@@ -94,6 +107,8 @@ class NetnsLab:
         for name in reversed(self._made):
             _ip("netns", "delete", name, check=False)
         listed = _ip("netns", "list", check=False).stdout
-        left = [n for n in self._made if any(line.split()[:1] == [n] for line in listed.splitlines())]
+        left = [
+            n for n in self._made if any(line.split()[:1] == [n] for line in listed.splitlines())
+        ]
         self._made = left
         return left

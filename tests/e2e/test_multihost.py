@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from common.cli_util import FLOWER_ENV
+from flowerctl import FLWR_ENV as FLOWER_ENV
 from simulation.synth import SynthSpec, synthesize
 from tests.e2e.netns import SUBNET, NetnsLab, NetnsUnavailable, check_available
 from tests.integration.federation import split_synth_by_site, wait_for
@@ -32,14 +32,20 @@ SERVER = f"{SUBNET}.{COORD_HOST}:{PORT}"
 GOOD = {"hosp0": 11, "hosp1": 12, "hosp2": 13}
 WRONG_CA = ("wrongca", 21)  # registered key, but trusts another federation's CA
 INTRUDER = ("intruder", 22)  # right CA, reachable, key never registered
-FAST = ["local-epochs=1", "batch-size=32", 'norm="group"', "learning-rate=0.001",
-        "round-timeout=90", "min-sites=3"]  # fmt: skip
+FAST = [
+    "local-epochs=1",
+    "batch-size=32",
+    'norm="group"',
+    "learning-rate=0.001",
+    "round-timeout=90",
+    "min-sites=3",
+]
 # The SuperLink's access log: "<client ip>:<port> - "POST /v1/fleet/activate-node ..." <status>
 ACTIVATE = re.compile(r'(\d+\.\d+\.\d+\.\d+):\d+ - "POST /v1/fleet/activate-node [^"]*" (\d{3})')
 # Asks the coordinator's SuperLink, from inside its namespace, for {site name: node status}.
 NODES = (
     "import json, pathlib, sys\n"
-    "from server.flower_proc import node_statuses\n"
+    "from flowerctl import node_statuses\n"
     "from server.registry import CoordPaths\n"
     "from server.runner import connection\n"
     "nodes = node_statuses(connection(CoordPaths(pathlib.Path(sys.argv[1]))))\n"
@@ -49,7 +55,7 @@ NODES = (
 STRANGER = (
     "import pathlib, sys\n"
     "from common.keys import generate_key_pair\n"
-    "from server.flower_proc import register_supernode, write_cli_config\n"
+    "from flowerctl import register_supernode, write_cli_config\n"
     "home, ca, server = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
     "generate_key_pair(home / 'k.key', home / 'k.pub')\n"
     "print(register_supernode(write_cli_config(home, server, ca), home / 'k.pub', 'stranger'))\n"
@@ -78,18 +84,30 @@ class Hosts:
     def __init__(self, root: Path, net: NetnsLab) -> None:
         self.root, self.net = root, net
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = {**os.environ, **FLOWER_ENV, "IDC_CACHE_DIR": str(root / "cache"),
-                    "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            **FLOWER_ENV,
+            "IDC_CACHE_DIR": str(root / "cache"),
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def _argv(self, ns: str | None, args: tuple[str, ...]) -> list[str]:
         argv = [str(BIN / args[0]), *args[1:]]
         return self.net.wrap(ns, argv) if ns else argv
 
-    def cli(self, ns: str | None, *args: str, timeout: float = 120,
-            check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def cli(
+        self, ns: str | None, *args: str, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run one command to completion (``ns=None``: file-only commands, no network)."""
-        res = subprocess.run(self._argv(ns, args), env=self.env, cwd=self.root, text=True,
-                             capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        res = subprocess.run(
+            self._argv(ns, args),
+            env=self.env,
+            cwd=self.root,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if check and res.returncode != 0:
             raise AssertionError(f"{args} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
@@ -97,9 +115,15 @@ class Hosts:
     def spawn(self, name: str, ns: str | None, *args: str) -> subprocess.Popen[bytes]:
         """Start a command in its own session (``ip netns exec`` execs it: the PID is its own)."""
         with open(self.root / f"{name}.out", "ab") as out:
-            proc = subprocess.Popen(self._argv(ns, args), env=self.env, cwd=self.root,
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                self._argv(ns, args),
+                env=self.env,
+                cwd=self.root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
@@ -117,8 +141,13 @@ class Hosts:
 
     def nodes(self, ns: str, coord: Path) -> dict[str, str]:
         """``{site name: status}`` as the SuperLink lists them (``{}`` while unreachable)."""
-        res = subprocess.run(self.net.wrap(ns, [sys.executable, "-c", NODES, str(coord)]),
-                             env=self.env, capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            self.net.wrap(ns, [sys.executable, "-c", NODES, str(coord)]),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return json.loads(res.stdout) if res.returncode == 0 else {}
 
     def flower_pids(self) -> set[int]:
@@ -170,8 +199,9 @@ def hosts(tmp_path, lab):
 @pytest.fixture
 def site_data(tmp_path):
     # three patients a site: each site's split has train, validation and test patients
-    synthesize(tmp_path / "all", SynthSpec(patients=9, sites=3, patches_per_patient=(25, 35),
-                                           seed=3))  # fmt: skip
+    synthesize(
+        tmp_path / "all", SynthSpec(patients=9, sites=3, patches_per_patient=(25, 35), seed=3)
+    )
     return split_synth_by_site(tmp_path / "all", tmp_path / "data")
 
 
@@ -184,35 +214,63 @@ def san_ips(cert: Path) -> list[str]:
 def start_coordinator(hosts: Hosts, ns: str, coord: Path) -> None:
     """``idc-server start`` bound to the coordinator's address, inside its namespace."""
     hosts.spawn("server", ns, "idc-server", "start", "--dir", str(coord), "--address", SERVER)
-    wait_for(lambda: "SuperLink ready" in hosts.output("server") or not hosts.alive("server"),
-             90, "the SuperLink")  # fmt: skip
+    wait_for(
+        lambda: "SuperLink ready" in hosts.output("server") or not hosts.alive("server"),
+        90,
+        "the SuperLink",
+    )
     assert hosts.alive("server"), hosts.output("server")
 
 
 def provision(hosts: Hosts, coord: Path, other: Path) -> None:
     """Both coordinators and every site initialised; all but the intruder registered."""
     root = hosts.root
-    inits = [(c.name, ("idc-server", "init", "--dir", str(c), "--host", f"{SUBNET}.{COORD_HOST}"))
-             for c in (coord, other)]  # fmt: skip
-    inits += [(f"init-{s}", ("idc-client", "init", "--dir", str(root / s), "--name", s))
-              for s in [*GOOD, WRONG_CA[0], INTRUDER[0]]]  # fmt: skip
+    inits = [
+        (c.name, ("idc-server", "init", "--dir", str(c), "--host", f"{SUBNET}.{COORD_HOST}"))
+        for c in (coord, other)
+    ]
+    inits += [
+        (f"init-{s}", ("idc-client", "init", "--dir", str(root / s), "--name", s))
+        for s in [*GOOD, WRONG_CA[0], INTRUDER[0]]
+    ]
     for name, args in inits:  # independent folders: in parallel
         hosts.spawn(name, None, *args)
     hosts.finish([name for name, _ in inits], timeout=120)
     for site in [*GOOD, WRONG_CA[0]]:  # one registry file: one at a time
-        hosts.cli(None, "idc-server", "add-site", "--dir", str(coord), "--name", site,
-                  "--key", str(root / site / "site.pub"))  # fmt: skip
+        hosts.cli(
+            None,
+            "idc-server",
+            "add-site",
+            "--dir",
+            str(coord),
+            "--name",
+            site,
+            "--key",
+            str(root / site / "site.pub"),
+        )
 
 
-def start_sites(hosts: Hosts, site_ns: dict[str, str], coord: Path, other: Path,
-                data: dict[int, Path]) -> None:  # fmt: skip
+def start_sites(
+    hosts: Hosts, site_ns: dict[str, str], coord: Path, other: Path, data: dict[int, Path]
+) -> None:
     """Every hospital connects to the coordinator by its address; wrongca with the wrong CA."""
     for name in site_ns:
         ca = other if name == WRONG_CA[0] else coord
         folder = data[list(GOOD).index(name)] if name in GOOD else data[0]
-        hosts.spawn(name, site_ns[name], "idc-client", "start", "--dir", str(hosts.root / name),
-                    "--server", SERVER, "--ca", str(ca / "tls" / "ca.pem"),
-                    "--data", str(folder))  # fmt: skip
+        hosts.spawn(
+            name,
+            site_ns[name],
+            "idc-client",
+            "start",
+            "--dir",
+            str(hosts.root / name),
+            "--server",
+            SERVER,
+            "--ca",
+            str(ca / "tls" / "ca.pem"),
+            "--data",
+            str(folder),
+        )
 
 
 def activations(superlink_log: Path) -> dict[str, set[int]]:
@@ -230,16 +288,25 @@ def check_audit(hosts: Hosts, coord: Path) -> None:
     for name in GOOD:
         site_log = hosts.root / name / "audit" / "site-audit.jsonl"
         hosts.cli(None, "idc-client", "audit", "verify", str(site_log))
-        res = hosts.cli(None, "idc-server", "audit", "cross-check", str(coord_log),
-                        str(site_log), "--site", name)  # fmt: skip
+        res = hosts.cli(
+            None,
+            "idc-server",
+            "audit",
+            "cross-check",
+            str(coord_log),
+            str(site_log),
+            "--site",
+            name,
+        )
         assert "OK: 2 update(s) match in both logs" in res.stdout, res.stdout
 
 
 def test_coordinator_and_three_hospitals_on_separate_hosts(hosts, lab, site_data, tmp_path):
     coord, other = tmp_path / "coord", tmp_path / "other-coord"
     coord_ns, coord_ip = lab.add_host("coord", COORD_HOST)
-    site_ns = {name: lab.add_host(name, host)[0]
-               for name, host in [*GOOD.items(), WRONG_CA, INTRUDER]}  # fmt: skip
+    site_ns = {
+        name: lab.add_host(name, host)[0] for name, host in [*GOOD.items(), WRONG_CA, INTRUDER]
+    }
     provision(hosts, coord, other)
     assert coord_ip in san_ips(coord / "tls" / "server.pem")
 
@@ -249,9 +316,14 @@ def test_coordinator_and_three_hospitals_on_separate_hosts(hosts, lab, site_data
 
     start_sites(hosts, site_ns, coord, other, site_data)
     bad = [WRONG_CA[0], INTRUDER[0]]
-    wait_for(lambda: all(hosts.nodes(coord_ns, coord).get(n) == "online" for n in GOOD)
-             and not any(hosts.alive(n) for n in bad), 150,
-             "the three hospitals online and the two others refused")  # fmt: skip
+    wait_for(
+        lambda: (
+            all(hosts.nodes(coord_ns, coord).get(n) == "online" for n in GOOD)
+            and not any(hosts.alive(n) for n in bad)
+        ),
+        150,
+        "the three hospitals online and the two others refused",
+    )
     for name in bad:
         assert hosts.procs[name].returncode != 0, hosts.output(name)
     nodes = hosts.nodes(coord_ns, coord)
@@ -265,9 +337,21 @@ def test_coordinator_and_three_hospitals_on_separate_hosts(hosts, lab, site_data
     assert 200 not in seen[f"{SUBNET}.{INTRUDER[1]}"], seen  # reached it, and was refused
     assert f"{SUBNET}.{WRONG_CA[1]}" not in seen, seen  # never got past the TLS handshake
 
-    res = hosts.cli(coord_ns, "idc-server", "run", "--dir", str(coord), "--out",
-                    str(tmp_path / "run"), "--rounds", "2", "--run-config", *FAST,
-                    timeout=360, check=False)  # fmt: skip
+    res = hosts.cli(
+        coord_ns,
+        "idc-server",
+        "run",
+        "--dir",
+        str(coord),
+        "--out",
+        str(tmp_path / "run"),
+        "--rounds",
+        "2",
+        "--run-config",
+        *FAST,
+        timeout=360,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "round 2:" in res.stdout
     rows = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
@@ -282,9 +366,14 @@ def test_coordinator_and_three_hospitals_on_separate_hosts(hosts, lab, site_data
     check_audit(hosts, coord)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Flower 1.42's SuperLink serves its unauthenticated Control API on the Fleet API's port: "
-    "anyone who reaches the port can register a SuperNode key (deploy/README.md, Ports)"))
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "Flower 1.42's SuperLink serves its unauthenticated Control API on the Fleet API's port: "
+        "anyone who reaches the port can register a SuperNode key (deploy/README.md, Ports)"
+    ),
+)
 def test_a_stranger_who_reaches_the_port_cannot_register_a_node(hosts, lab, tmp_path):
     coord = tmp_path / "coord"
     coord_ns, coord_ip = lab.add_host("coord", COORD_HOST)
@@ -292,8 +381,21 @@ def test_a_stranger_who_reaches_the_port_cannot_register_a_node(hosts, lab, tmp_
     hosts.cli(None, "idc-server", "init", "--dir", str(coord), "--host", coord_ip)
     start_coordinator(hosts, coord_ns, coord)
     (tmp_path / "stranger").mkdir()
-    res = subprocess.run(lab.wrap(stranger_ns, [sys.executable, "-c", STRANGER,
-                                                str(tmp_path / "stranger"),
-                                                str(coord / "tls" / "ca.pem"), SERVER]),
-                         env=hosts.env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        lab.wrap(
+            stranger_ns,
+            [
+                sys.executable,
+                "-c",
+                STRANGER,
+                str(tmp_path / "stranger"),
+                str(coord / "tls" / "ca.pem"),
+                SERVER,
+            ],
+        ),
+        env=hosts.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "stranger" not in hosts.nodes(coord_ns, coord), res.stdout + res.stderr

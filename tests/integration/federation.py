@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli_util import FLOWER_ENV
-from common.procs import alive, descendants, signal_tree
-from server.flower_proc import free_port
+from flowerctl import FLWR_ENV as FLOWER_ENV
+from flowerctl import alive, descendants, free_port, signal_tree
 
 BIN = Path(sys.executable).parent
 
@@ -52,13 +51,25 @@ class Federation:
         self.address = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.flower_pids: set[int] = set()  # SuperLink/SuperNode groups, stopped last
-        self.env = {**os.environ, **FLOWER_ENV, "IDC_CACHE_DIR": str(root / "cache"),
-                    "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            **FLOWER_ENV,
+            "IDC_CACHE_DIR": str(root / "cache"),
+            "PYTHONUNBUFFERED": "1",
+        }
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:  # noqa: E501
+    def cli(
+        self, *args: str, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:  # noqa: E501
         """Run one command to completion."""
-        res = subprocess.run([str(BIN / args[0]), *args[1:]], env=self.env, cwd=self.root,
-                             capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        res = subprocess.run(
+            [str(BIN / args[0]), *args[1:]],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and res.returncode != 0:
             raise AssertionError(f"{args} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
@@ -66,9 +77,15 @@ class Federation:
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         """Start a long-running command in its own session, output to ``<name>.out``."""
         out = open(self.root / f"{name}.out", "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, cwd=self.root,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            env=self.env,
+            cwd=self.root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.procs[name] = proc
         return proc
 
@@ -83,17 +100,27 @@ class Federation:
         site_dir = self.root / name
         self.cli("idc-client", "init", "--dir", str(site_dir), "--name", name)
         if register:
-            self.cli("idc-server", "add-site", "--dir", str(self.coord), "--name", name,
-                     "--key", str(site_dir / "site.pub"))  # fmt: skip
+            self.cli(
+                "idc-server",
+                "add-site",
+                "--dir",
+                str(self.coord),
+                "--name",
+                name,
+                "--key",
+                str(site_dir / "site.pub"),
+            )
         return site_dir
 
     def start_server(self) -> subprocess.Popen[bytes]:
         """``idc-server start`` and wait until it says it is ready (each start its own log)."""
         name = f"server{sum(n.startswith('server') for n in self.procs) or ''}"
-        proc = self.spawn(name, "idc-server", "start", "--dir", str(self.coord), "--address",
-                          self.address)  # fmt: skip
-        wait_for(lambda: "SuperLink ready" in self.output(name) or self._dead(name),
-                 90, "the SuperLink")  # fmt: skip
+        proc = self.spawn(
+            name, "idc-server", "start", "--dir", str(self.coord), "--address", self.address
+        )
+        wait_for(
+            lambda: "SuperLink ready" in self.output(name) or self._dead(name), 90, "the SuperLink"
+        )
         assert proc.poll() is None, self.output(name)
         self.flower_pids.add(self.superlink_pid())
         return proc
@@ -110,32 +137,50 @@ class Federation:
 
     def start_site(self, name: str, data: Path, *extra: str) -> None:
         """``idc-client start`` for a site made with :meth:`add_site`."""
-        self.spawn(name, "idc-client", "start", "--dir", str(self.root / name), "--server",
-                   self.address, "--ca", str(self.coord / "tls" / "ca.pem"), "--data",
-                   str(data), *extra)  # fmt: skip
+        self.spawn(
+            name,
+            "idc-client",
+            "start",
+            "--dir",
+            str(self.root / name),
+            "--server",
+            self.address,
+            "--ca",
+            str(self.coord / "tls" / "ca.pem"),
+            "--data",
+            str(data),
+            *extra,
+        )
 
     def supernode_pid(self, name: str) -> int:
         """The SuperNode process that ``idc-client start`` launched for ``name``."""
-        text = wait_for(lambda: "SuperNode started" in self.output(name) and self.output(name),
-                        60, f"{name}'s SuperNode")  # fmt: skip
+        text = wait_for(
+            lambda: "SuperNode started" in self.output(name) and self.output(name),
+            60,
+            f"{name}'s SuperNode",
+        )
         pid = int(text.split("(pid ")[1].split(",")[0])
         self.flower_pids.add(pid)
         return pid
 
     def wait_sites_online(self, n: int, timeout: float = 90) -> None:
         """Poll the SuperLink until ``n`` nodes are online."""
-        from server.flower_proc import node_statuses
+        from flowerctl import node_statuses
         from server.registry import CoordPaths
         from server.runner import connection
 
         conn = connection(CoordPaths(self.coord))
-        wait_for(lambda: sum(s == "online" for s, _ in node_statuses(conn).values()) >= n,
-                 timeout, f"{n} sites online")  # fmt: skip
+        wait_for(
+            lambda: sum(s == "online" for s, _ in node_statuses(conn).values()) >= n,
+            timeout,
+            f"{n} sites online",
+        )
 
     def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         """``idc-server run`` to completion."""
-        return self.cli("idc-server", "run", "--dir", str(self.coord), *args,
-                        timeout=timeout, check=False)  # fmt: skip
+        return self.cli(
+            "idc-server", "run", "--dir", str(self.coord), *args, timeout=timeout, check=False
+        )
 
     def kill_group(self, pid: int) -> None:
         """SIGKILL a process we started, its group and every process below it (a crash)."""

@@ -19,8 +19,13 @@ from tests.integration.federation import Federation, load_checkpoint, split_synt
 
 pytestmark = pytest.mark.slow
 # Group norm: no running statistics, so an early global model evaluates fairly.
-FAST = ["local-epochs=2", "learning-rate=0.001", "batch-size=32", "norm=\"group\"",
-        "round-timeout=90"]
+FAST = [
+    "local-epochs=2",
+    "learning-rate=0.001",
+    "batch-size=32",
+    'norm="group"',
+    "round-timeout=90",
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +74,9 @@ def test_two_rounds_over_tls_with_registered_sites_only(fed, site_data):
     (fed.root / "hosp2" / "site.key").unlink()
     (fed.root / "hosp2" / "site.pub").unlink()
     generate_key_pair(fed.root / "hosp2" / "site.key", fed.root / "hosp2" / "site.pub")
-    res = fed.run("--out", str(fed.root / "run"), "--rounds", "2", "--run-config", "min-sites=2",
-                  *FAST)
+    res = fed.run(
+        "--out", str(fed.root / "run"), "--rounds", "2", "--run-config", "min-sites=2", *FAST
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "round 2:" in res.stdout
     run_dir = fed.root / "run"
@@ -115,12 +121,27 @@ def test_site_killed_mid_round_does_not_stop_the_run(fed, site_data):
         fed.start_site(f"hosp{i}", folders[i])
     fed.wait_sites_online(3)
     victim = fed.supernode_pid("hosp2")
-    proc = fed.spawn("run", "idc-server", "run", "--dir", str(fed.coord), "--out",
-                     str(fed.root / "run"), "--rounds", "2", "--run-config", "min-sites=2",
-                     *FAST[:-1], "round-timeout=40")
+    proc = fed.spawn(
+        "run",
+        "idc-server",
+        "run",
+        "--dir",
+        str(fed.coord),
+        "--out",
+        str(fed.root / "run"),
+        "--rounds",
+        "2",
+        "--run-config",
+        "min-sites=2",
+        *FAST[:-1],
+        "round-timeout=40",
+    )
     site_log = fed.root / "hosp2" / "audit" / "site-audit.jsonl"
-    wait_for(lambda: site_log.is_file() and '"round":2' in site_log.read_text(), 300,
-             "hosp2 to receive round 2")
+    wait_for(
+        lambda: site_log.is_file() and '"round":2' in site_log.read_text(),
+        300,
+        "hosp2 to receive round 2",
+    )
     fed.kill_group(victim)
     assert proc.wait(600) == 0, fed.output("run")
     rows = rounds(fed.root / "run")
@@ -139,11 +160,26 @@ def test_coordinator_killed_after_round_one_then_resumed(fed, site_data):
         fed.start_site(f"hosp{i}", folders[i])
     fed.wait_sites_online(2)
     run_dir = fed.root / "run"
-    proc = fed.spawn("run", "idc-server", "run", "--dir", str(fed.coord), "--out", str(run_dir),
-                     "--rounds", "3", "--run-config", "min-sites=2", *FAST)
+    proc = fed.spawn(
+        "run",
+        "idc-server",
+        "run",
+        "--dir",
+        str(fed.coord),
+        "--out",
+        str(run_dir),
+        "--rounds",
+        "3",
+        "--run-config",
+        "min-sites=2",
+        *FAST,
+    )
     state = run_dir / "state.json"
-    wait_for(lambda: state.is_file() and json.loads(state.read_text())["completed_round"] >= 1,
-             300, "round 1 to complete")
+    wait_for(
+        lambda: state.is_file() and json.loads(state.read_text())["completed_round"] >= 1,
+        300,
+        "round 1 to complete",
+    )
     fed.kill_group(fed.superlink_pid())  # the coordinator crashes
     server.wait(30)
     assert proc.wait(60) != 0
@@ -162,7 +198,7 @@ def test_coordinator_killed_after_round_one_then_resumed(fed, site_data):
 
 
 def test_rotating_a_site_key_applies_to_the_running_superlink(fed):
-    from server.flower_proc import list_nodes
+    from flowerctl import list_nodes
     from server.registry import CoordPaths
     from server.runner import _fingerprint, connection
 
@@ -177,12 +213,21 @@ def test_rotating_a_site_key_applies_to_the_running_superlink(fed):
     generate_key_pair(site / "site.key", site / "site.pub")
     fed.cli("idc-server", "remove-site", "--dir", str(fed.coord), "--name", "hosp0")
     assert all(n.status == "unregistered" for n in list_nodes(conn))
-    out = fed.cli("idc-server", "add-site", "--dir", str(fed.coord), "--name", "hosp0", "--key",
-                  str(site / "site.pub")).stdout
+    out = fed.cli(
+        "idc-server",
+        "add-site",
+        "--dir",
+        str(fed.coord),
+        "--name",
+        "hosp0",
+        "--key",
+        str(site / "site.pub"),
+    ).stdout
     assert "now admits" in out
     live = [n for n in list_nodes(conn) if n.status != "unregistered"]
     assert [n.name for n in live] == ["hosp0"] and live[0].node_id != old.node_id
     from common.keys import load_public_key, public_key_fingerprint
 
     assert _fingerprint(bytes(live[0].public_key)) == public_key_fingerprint(
-        load_public_key(site / "site.pub"))
+        load_public_key(site / "site.pub")
+    )

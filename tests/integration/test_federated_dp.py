@@ -13,9 +13,18 @@ from simulation.synth import SynthSpec, synthesize
 from tests.integration.federation import Federation, split_synth_by_site
 
 pytestmark = pytest.mark.slow
-DP = ["min-sites=2", "local-epochs=1", "learning-rate=0.001", "batch-size=32", "norm=\"group\"",
-      "round-timeout=120", "dp.enabled=true", "dp.noise-multiplier=1.0", "dp.max-grad-norm=1.0",
-      "dp.delta=1e-4"]
+DP = [
+    "min-sites=2",
+    "local-epochs=1",
+    "learning-rate=0.001",
+    "batch-size=32",
+    'norm="group"',
+    "round-timeout=120",
+    "dp.enabled=true",
+    "dp.noise-multiplier=1.0",
+    "dp.max-grad-norm=1.0",
+    "dp.delta=1e-4",
+]
 
 
 @pytest.fixture

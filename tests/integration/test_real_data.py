@@ -15,8 +15,10 @@ pytestmark = pytest.mark.realdata
 
 
 def test_preflight_counts(real_data, tmp_path, capsys):
-    assert client_main(["--cache-dir", str(tmp_path / "cache"), "check", "--data",
-                        str(real_data)]) == 0
+    assert (
+        client_main(["--cache-dir", str(tmp_path / "cache"), "check", "--data", str(real_data)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "usable patches: 17061 from 239 patients (10647 negative, 6414 positive)" in out
 
@@ -33,6 +35,9 @@ def test_short_patient_split_training_beats_chance(real_data, tmp_path):
     model = build_model("group", seed=0)
     loader = make_loader(PatchDataset(ps.images, ps.labels, train_idx, augment=True), 64, True)
     train(model, loader, TrainConfig(epochs=2, lr=1e-3, patience=None))
-    m = evaluate(model, make_loader(PatchDataset(ps.images, ps.labels, test_idx), 256, False),
-                 torch.device("cpu"))
+    m = evaluate(
+        model,
+        make_loader(PatchDataset(ps.images, ps.labels, test_idx), 256, False),
+        torch.device("cpu"),
+    )
     assert m["balanced_accuracy"] > 0.6, m

@@ -17,8 +17,8 @@ from common.dataset import PatchDataset, make_loader
 from common.keys import load_public_key
 from common.model import build_model
 from common.privacy import PRIVACY_UNIT
-from common.procs import alive, descendants
 from common.training import evaluate
+from flowerctl import alive, descendants
 from server.rundir import RunDir
 from simulation.cli import main as sim_main
 from simulation.federated import run_compare
@@ -62,8 +62,11 @@ class ProcessWatcher:
         self._thread.join()
 
     def survivors(self) -> list[str]:
-        return [cmd for pid, (start, cmd) in self.seen.items()
-                if alive(pid) and _start_time(pid) == start]
+        return [
+            cmd
+            for pid, (start, cmd) in self.seen.items()
+            if alive(pid) and _start_time(pid) == start
+        ]
 
     def saw(self, needle: str) -> bool:
         return any(needle in cmd for _, cmd in self.seen.values())
@@ -72,8 +75,10 @@ class ProcessWatcher:
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("simdata")
-    synthesize(root / "sites", SynthSpec(patients=9, sites=3, site_shift=0.3,
-                                         patches_per_patient=(40, 60), seed=1))
+    synthesize(
+        root / "sites",
+        SynthSpec(patients=9, sites=3, site_shift=0.3, patches_per_patient=(40, 60), seed=1),
+    )
     synthesize(root / "heldout", SynthSpec(patients=4, patches_per_patient=(60, 60), seed=99))
     return root / "sites", root / "heldout"
 
@@ -95,11 +100,22 @@ def heldout_metrics(arrays, heldout):
     return evaluate(model, loader, torch.device("cpu"))
 
 
-def test_fedavg_simulation_learns_compares_and_leaves_nothing_running(synth_data, tmp_path,
-                                                                   one_thread):
+def test_fedavg_simulation_learns_compares_and_leaves_nothing_running(
+    synth_data, tmp_path, one_thread
+):
     data, heldout = synth_data
-    plan = SimPlan(data=data, sites=3, partition="site-shift", rounds=2, local_epochs=1,
-                   lr=1e-3, batch_size=16, norm="group", seed=0, timeout=600)
+    plan = SimPlan(
+        data=data,
+        sites=3,
+        partition="site-shift",
+        rounds=2,
+        local_epochs=1,
+        lr=1e-3,
+        batch_size=16,
+        norm="group",
+        seed=0,
+        timeout=600,
+    )
     out = tmp_path / "compare"
     with ProcessWatcher() as watcher:
         results = run_compare(plan, out)
@@ -140,9 +156,13 @@ def test_fedavg_simulation_learns_compares_and_leaves_nothing_running(synth_data
     coord_key = load_public_key(coord / "coordinator.pub")
     assert verify_log(coord / "audit" / "coordinator-audit.jsonl", coord_key).ok
     state = out / "fedavg" / "sites" / "site-001" / "state"
-    check = cross_check(coord / "audit" / "coordinator-audit.jsonl", coord_key,
-                        state / "audit" / "site-audit.jsonl", load_public_key(state / "site.pub"),
-                        "site-001")
+    check = cross_check(
+        coord / "audit" / "coordinator-audit.jsonl",
+        coord_key,
+        state / "audit" / "site-audit.jsonl",
+        load_public_key(state / "site.pub"),
+        "site-001",
+    )
     assert check.ok and check.matched == 2, check.problems
 
 
@@ -150,9 +170,27 @@ def test_privacy_sweep_writes_table_plot_and_json(synth_data, tmp_path, capsys, 
     data, _ = synth_data
     out = tmp_path / "sweep"
     with ProcessWatcher() as watcher:
-        code = sim_main(["privacy-sweep", "--data", str(data), "--sites", "3", "--rounds", "1",
-                         "--lr", "1e-3", "--batch-size", "16", "--epsilons", "4,inf",
-                         "--out", str(out), "--timeout", "600"])
+        code = sim_main(
+            [
+                "privacy-sweep",
+                "--data",
+                str(data),
+                "--sites",
+                "3",
+                "--rounds",
+                "1",
+                "--lr",
+                "1e-3",
+                "--batch-size",
+                "16",
+                "--epsilons",
+                "4,inf",
+                "--out",
+                str(out),
+                "--timeout",
+                "600",
+            ]
+        )
     assert code == 0, capsys.readouterr()
     assert watcher.survivors() == []
     printed = capsys.readouterr().out

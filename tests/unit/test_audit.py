@@ -116,9 +116,7 @@ def test_clock_stepping_back_does_not_make_time_decrease(tmp_path, key, monkeypa
 
     monkeypatch.setattr(audit, "datetime", SteppingClock)
     path = write_log(tmp_path / "a.jsonl", key, 2)
-    assert [json.loads(line)["time"] for line in lines(path)] == [
-        "2030-01-01T00:00:00.000000Z"
-    ] * 2
+    assert [json.loads(line)["time"] for line in lines(path)] == ["2030-01-01T00:00:00.000000Z"] * 2
     assert verify_log(path, key.public_key()).ok
 
 
@@ -156,6 +154,7 @@ def test_second_writer_on_the_same_log_is_refused(tmp_path, key):
 def test_concurrent_appends_keep_one_chain(tmp_path, key):
     path = tmp_path / "a.jsonl"
     with AuditLog(path, key, "server") as log:
+
         def work(t):
             for i in range(25):
                 log.append("tick", f"thread-{t}", "ok", {"i": i})
@@ -373,8 +372,13 @@ def sent(log, run, rnd, digest):
 
 
 def received(log, site, run, rnd, digest):
-    details = {"run_id": run, "round": rnd, "digest": digest, "signature_valid": True,
-               "accepted": True}
+    details = {
+        "run_id": run,
+        "round": rnd,
+        "digest": digest,
+        "signature_valid": True,
+        "accepted": True,
+    }
     log.append("update.received", site, "accepted", details)
 
 

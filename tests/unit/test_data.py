@@ -33,19 +33,28 @@ def test_scan_reads_names_and_reports_bad_layout(messy):
     facts = {(r.patient, r.x, r.y, r.label) for r in records}
     assert facts >= {("100", 50, 0, 1), ("101", 0, 50, 1)}
     assert report.mislabelled == ["101/1/101_idx5_x0_y100_class0.png"]
-    assert sorted(report.ignored) == ["100/0/100_idx5_x0_y0_class0.jpg", "100/0/notes.txt",
-                                      "stray.png"]
+    assert sorted(report.ignored) == [
+        "100/0/100_idx5_x0_y0_class0.jpg",
+        "100/0/notes.txt",
+        "stray.png",
+    ]
 
 
 def test_every_messy_case_has_its_behaviour(messy):
     ps = load_patches(messy)
     rep = ps.report
-    assert sorted(rep.unreadable) == ["103/0/103_idx5_x150_y0_class0.png",
-                                      "103/1/103_idx5_x100_y0_class1.png"]
-    assert sorted(rep.small_padded) == ["102/0/102_idx5_x0_y0_class0.png",
-                                        "102/0/102_idx5_x50_y0_class0.png"]
-    assert sorted(rep.converted) == ["103/1/103_idx5_x0_y0_class1.png",
-                                     "103/1/103_idx5_x50_y0_class1.png"]
+    assert sorted(rep.unreadable) == [
+        "103/0/103_idx5_x150_y0_class0.png",
+        "103/1/103_idx5_x100_y0_class1.png",
+    ]
+    assert sorted(rep.small_padded) == [
+        "102/0/102_idx5_x0_y0_class0.png",
+        "102/0/102_idx5_x50_y0_class0.png",
+    ]
+    assert sorted(rep.converted) == [
+        "103/1/103_idx5_x0_y0_class1.png",
+        "103/1/103_idx5_x50_y0_class1.png",
+    ]
     assert rep.usable == len(ps) == 7 and rep.patients == 4
     assert (rep.negatives, rep.positives) == (3, 4)
     assert ps.images.shape == (7, 50, 50, 3) and ps.images.dtype == np.uint8

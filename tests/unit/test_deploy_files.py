@@ -213,19 +213,22 @@ def readme_commands() -> list[tuple[str, list[str]]]:
         if not line.startswith("docker compose"):
             continue
         words = shlex.split(line)
-        words = words[words.index("compose") + 1:]
+        words = words[words.index("compose") + 1 :]
         while words and words[0] in ("-f",):
             words = words[2:]
         if words[0] == "exec" and "idc-server" in words:
-            out.append(("idc-server", words[words.index("idc-server") + 1:]))
+            out.append(("idc-server", words[words.index("idc-server") + 1 :]))
         elif words[0] == "run":
             opts, rest = [], words[1:]
             while rest[0].startswith("-"):
                 takes_value = rest[0] in ("--entrypoint", "-e")
-                opts, rest = opts + rest[: 1 + takes_value], rest[1 + takes_value:]
+                opts, rest = opts + rest[: 1 + takes_value], rest[1 + takes_value :]
             service, argv = rest[0], rest[1:]
-            program = (opts[opts.index("--entrypoint") + 1] if "--entrypoint" in opts
-                       else entrypoint_of(compose[service]["build"]["target"]))
+            program = (
+                opts[opts.index("--entrypoint") + 1]
+                if "--entrypoint" in opts
+                else entrypoint_of(compose[service]["build"]["target"])
+            )
             if program.startswith("idc-"):
                 out.append((program, argv))
     return out
@@ -234,14 +237,23 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 def test_readme_command_lines_parse_with_the_real_parsers():
     commands = readme_commands()
     seen = {(program, argv[0]) for program, argv in commands}
-    assert {("idc-server", "init"), ("idc-server", "add-site"), ("idc-server", "remove-site"),
-            ("idc-server", "run"), ("idc-client", "init"), ("idc-client", "check"),
-            ("idc-sim", "synth")} <= seen, seen
+    assert {
+        ("idc-server", "init"),
+        ("idc-server", "add-site"),
+        ("idc-server", "remove-site"),
+        ("idc-server", "run"),
+        ("idc-client", "init"),
+        ("idc-client", "check"),
+        ("idc-sim", "synth"),
+    } <= seen, seen
     for program, argv in commands:
         assert parse(program, argv) is not None
 
 
 def test_readme_certificate_names_the_host_the_sites_dial(compose):
-    inits = [argv for program, argv in readme_commands() if argv[:1] == ["init"]
-             and program == "idc-server"]  # fmt: skip
+    inits = [
+        argv
+        for program, argv in readme_commands()
+        if argv[:1] == ["init"] and program == "idc-server"
+    ]
     assert inits and all(services_host(compose) in parse("idc-server", a).host for a in inits)

@@ -38,8 +38,13 @@ KINDS = ("iid", "label-skew", "size-skew")
 
 
 @settings(max_examples=60, deadline=None)
-@given(problem=problems, seed=st.integers(0, 2**16), kind=st.sampled_from(KINDS),
-       alpha=st.sampled_from([0.05, 0.5, 100.0]), exponent=st.sampled_from([0.0, 1.0, 3.0]))
+@given(
+    problem=problems,
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(KINDS),
+    alpha=st.sampled_from([0.05, 0.5, 100.0]),
+    exponent=st.sampled_from([0.0, 1.0, 3.0]),
+)
 def test_disjoint_complete_and_seeded(problem, seed, kind, alpha, exponent):
     sites, n = problem
     table = _table(n, seed)
@@ -63,9 +68,12 @@ def test_label_skew_spread_grows_as_alpha_shrinks(base):
     table = _table(240, base)
     spreads = {}
     for alpha in (100.0, 1.0, 0.1):
-        per_seed = [site_positive_shares(label_skew(table.ids, table.positive_share, 4, alpha,
-                                                    seed=base + s), table).std()
-                    for s in range(8)]
+        per_seed = [
+            site_positive_shares(
+                label_skew(table.ids, table.positive_share, 4, alpha, seed=base + s), table
+            ).std()
+            for s in range(8)
+        ]
         spreads[alpha] = float(np.mean(per_seed))
     assert spreads[100.0] < spreads[1.0] < spreads[0.1], spreads
 

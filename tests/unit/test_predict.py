@@ -105,7 +105,10 @@ def test_mosaic_puts_pixels_in_place() -> None:
     assert (tissue[:10, :10] == 10).all() and (tissue[:10, 20:] == 20).all()
     assert (tissue[10:, 10:20] == 30).all() and (tissue[:10, 10:20] == 255).all()
     assert mosaic(images, np.array([0, 100, 50]), np.array([0, 0, 50]), cell=50).shape == (
-        100, 150, 3)  # fmt: skip
+        100,
+        150,
+        3,
+    )
     with pytest.raises(ValueError, match="cell"):
         mosaic(images, np.array([0, 100, 50]), np.array([0, 0, 50]), cell=7)
 
@@ -124,8 +127,20 @@ def test_cli_refuses_a_tampered_model(tmp_path, folder, model_file, capsys) -> N
     raw["state_dict"]["head.9.bias"][0] += 1.0
     torch.save(raw, model_file)
     out = tmp_path / "out"
-    code = main(["--cache-dir", str(tmp_path / "cache"), "predict", "--model", str(model_file),
-                 "--data", str(folder), "--out", str(out), "--no-heatmaps"])  # fmt: skip
+    code = main(
+        [
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "predict",
+            "--model",
+            str(model_file),
+            "--data",
+            str(folder),
+            "--out",
+            str(out),
+            "--no-heatmaps",
+        ]
+    )
     assert code != 0 and "refused" in capsys.readouterr().err
     assert not out.exists()
 
@@ -133,8 +148,18 @@ def test_cli_refuses_a_tampered_model(tmp_path, folder, model_file, capsys) -> N
 def test_cli_prints_provenance_and_unverified_needs_the_flag(tmp_path, folder, capsys) -> None:
     plain = tmp_path / "model.pt"
     torch.save(build_model("group", seed=0).state_dict(), plain)
-    args = ["--cache-dir", str(tmp_path / "cache"), "predict", "--model", str(plain),
-            "--data", str(folder), "--out", str(tmp_path / "out"), "--no-heatmaps"]  # fmt: skip
+    args = [
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "predict",
+        "--model",
+        str(plain),
+        "--data",
+        str(folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-heatmaps",
+    ]
     assert main(args) != 0
     assert main([*args, "--allow-unverified"]) == 0
     captured = capsys.readouterr()

@@ -93,10 +93,15 @@ def test_detect_norm(arrays) -> None:
 
 def test_run_metadata_is_honest_about_epsilon_and_fingerprints() -> None:
     rows = [
-        {"round": 1, "sites": {"a": {"dp": 1.0, "epsilon-total": 0.5},
-                               "b": {"dp": 0.0, "epsilon-total": 0.0}}},
+        {
+            "round": 1,
+            "sites": {
+                "a": {"dp": 1.0, "epsilon-total": 0.5},
+                "b": {"dp": 0.0, "epsilon-total": 0.0},
+            },
+        },
         {"round": 2, "sites": {"a": {"dp": 1.0, "epsilon-total": 0.9}}},
-    ]  # fmt: skip
+    ]
     meta = run_metadata("run-x", 2, rows, LogHead(7, "ab" * 32))
     sites = {s["site"]: s for s in meta["sites"]}
     assert sites["a"]["epsilon"] == 0.9 and sites["a"]["rounds"] == 2
@@ -117,17 +122,28 @@ def test_coordinator_finish_writes_a_model_that_names_the_run_end(tmp_path: Path
     key = keys.generate_key_pair(tmp_path / "c.key", tmp_path / "c.pub")
     coord.audit = AuditLog(tmp_path / "audit.jsonl", key, "coordinator")
     arrays = initial_arrays(run)
-    row = {"round": 1, "train": {"train-loss": 0.7, "train-accuracy": 0.5},
-           "evaluate": {"loss": 0.6, "balanced-accuracy": 0.5},
-           "sites": {"h1": {"dp": 0.0, "epsilon-total": 0.0}}}  # fmt: skip
+    row = {
+        "round": 1,
+        "train": {"train-loss": 0.7, "train-accuracy": 0.5},
+        "evaluate": {"loss": 0.6, "balanced-accuracy": 0.5},
+        "sites": {"h1": {"dp": 0.0, "epsilon-total": 0.0}},
+    }
     coord.dir.commit_round(1, row, arrays, {})
     coord.finish()
     loaded, meta = load_model(tmp_path / "run" / "final" / "model.idc")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert meta is not None and meta["run_id"] == "run-1" and meta["rounds"] == 1
     assert meta["weights_digest"] == summary["final_digest"] == digest_update(arrays)
-    assert meta["sites"] == [{"site": "h1", "rounds": 1, "last_round": 1, "dp": False,
-                              "epsilon": None, "fingerprint": None}]  # fmt: skip
+    assert meta["sites"] == [
+        {
+            "site": "h1",
+            "rounds": 1,
+            "last_round": 1,
+            "dp": False,
+            "epsilon": None,
+            "fingerprint": None,
+        }
+    ]
     last = parse_entry((tmp_path / "audit.jsonl").read_bytes().splitlines(keepends=True)[-1])
     assert last["action"] == "run.finished"
     assert meta["audit"]["seq"] == last["seq"] and meta["audit"]["hash"] == entry_hash(last)

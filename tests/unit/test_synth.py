@@ -88,7 +88,12 @@ def test_sites_round_robin_and_stain_shift(tmp_path):
     labelled = synthesize(tmp_path / "labelled", dataclasses.replace(base, sites=2))
     assert labelled.site_of == {"20000": 0, "20001": 1, "20002": 0, "20003": 1, "20004": 0}
     assert json.loads((tmp_path / "labelled" / "synth.json").read_text())["site_of"] == {
-        "20000": 0, "20001": 1, "20002": 0, "20003": 1, "20004": 0}
+        "20000": 0,
+        "20001": 1,
+        "20002": 0,
+        "20003": 1,
+        "20004": 0,
+    }
     assert _files(tmp_path / "labelled") == _files(tmp_path / "plain")
     synthesize(tmp_path / "shifted", dataclasses.replace(base, sites=2, site_shift=1.0))
     assert _files(tmp_path / "shifted").keys() == _files(tmp_path / "plain").keys()

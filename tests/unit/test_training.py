@@ -60,8 +60,16 @@ def test_short_training_learns_and_evaluation_reports_all_metrics():
     assert len(result.history) == 4 and result.steps == 32 and result.examples == 4 * 128
     assert after["loss"] < before["loss"]
     assert after["balanced_accuracy"] > 0.8
-    assert set(after) >= {"loss", "accuracy", "balanced_accuracy", "precision", "recall", "f1",
-                          "auc", "confusion"}
+    assert set(after) >= {
+        "loss",
+        "accuracy",
+        "balanced_accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "auc",
+        "confusion",
+    }
 
 
 def test_early_stopping_restores_the_best_weights():
@@ -71,8 +79,13 @@ def test_early_stopping_restores_the_best_weights():
     # validation labels flipped: validation loss rises as training succeeds
     val = make_loader(PatchDataset(images, 1 - labels), 64, False)
     seen = []
-    result = train(model, loader, TrainConfig(epochs=8, lr=1e-3, patience=2), val,
-                   on_epoch=lambda row: seen.append(model.state_dict()["head.9.bias"].clone()))
+    result = train(
+        model,
+        loader,
+        TrainConfig(epochs=8, lr=1e-3, patience=2),
+        val,
+        on_epoch=lambda row: seen.append(model.state_dict()["head.9.bias"].clone()),
+    )
     assert result.stopped_early and len(result.history) < 8
     best = min(result.history, key=lambda r: r["val_loss"])
     assert result.best_epoch == int(best["epoch"])
