@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from common import protocol
 from common.config import RunConfig, SiteConfig
 from common.metrics import json_safe
 
@@ -17,12 +18,12 @@ app = ClientApp()
 
 
 def _arrays(msg: Message) -> dict:
-    record = msg.content.array_records["arrays"]
+    record = msg.content.array_records[protocol.ARRAYS]
     return {k: v.numpy() for k, v in record.items()}
 
 
 def _round(msg: Message) -> int:
-    return int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+    return int(msg.content.config_records[protocol.CONFIG][protocol.SERVER_ROUND])  # type: ignore[arg-type]
 
 
 @app.train()
@@ -56,18 +57,26 @@ def train(msg: Message, context: Context) -> Message:
             audit.append("round.failed", run_id, "error", {"round": server_round, "reason": reason})
             raise
         meta = ConfigRecord(
-            {"site": site_cfg.site_name, "status": outcome.status, "reason": outcome.reason}
+            {
+                protocol.SITE_NAME: site_cfg.site_name,
+                protocol.STATUS: outcome.status,
+                protocol.REASON: outcome.reason,
+            }
         )
-        metrics = MetricRecord(outcome.metrics)  # type: ignore[arg-type]
+        metrics = MetricRecord(outcome.metrics.to_record())  # type: ignore[arg-type]
         if outcome.arrays is None:  # refused: no weights leave the site
-            return Message(RecordDict({"metrics": metrics, "site": meta}), reply_to=msg)
-        clip = msg.content.config_records["config"].get(KEY_CLIPPING_NORM)
+            return Message(
+                RecordDict({protocol.METRICS: metrics, protocol.SITE: meta}), reply_to=msg
+            )
+        clip = msg.content.config_records[protocol.CONFIG].get(KEY_CLIPPING_NORM)
         if clip is not None:  # central DP, client-side clipping: clip before signing
             S.clip_update(outcome.arrays, _arrays(msg), float(clip))  # type: ignore[arg-type]
         digest, signature = S.sign_and_record(audit, site_cfg, run_id, server_round, outcome.arrays)
-        meta["digest"], meta["signature"] = digest, signature
+        meta[protocol.DIGEST], meta[protocol.SIGNATURE] = digest, signature
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in outcome.arrays.items()})
-        content = RecordDict({"arrays": arrays, "metrics": metrics, "site": meta})
+        content = RecordDict(
+            {protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.SITE: meta}
+        )
         return Message(content, reply_to=msg)
 
 
@@ -84,12 +93,12 @@ def evaluate(msg: Message, context: Context) -> Message:
             "message.received", run_id, "ok", {"round": server_round, "action": "evaluate"}
         )
         site = S.Site.open(site_cfg, run.seed)
-        metrics = S.local_evaluate(site, run, _arrays(msg))
+        metrics = S.local_evaluate(site, run, _arrays(msg)).to_record()
         audit.append("metrics.sent", run_id, "ok", json_safe({"round": server_round, **metrics}))  # type: ignore[arg-type]
     content = RecordDict(
         {
-            "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
-            "site": ConfigRecord({"site": site_cfg.site_name}),
+            protocol.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
+            protocol.SITE: ConfigRecord({protocol.SITE_NAME: site_cfg.site_name}),
         }
     )
     return Message(content, reply_to=msg)

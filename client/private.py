@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from client.site import Site, load_arrays, local_train, model_arrays
+from client.site import Site, load_arrays, local_train, model_arrays, train_metrics
 from common.audit import AuditLog
 from common.config import RunConfig
 from common.ledger import LedgerEntry, PrivacyLedger, epsilon_from_history
@@ -30,7 +30,8 @@ from common.privacy import (
     release,
     steps_taken,
 )
-from common.training import TrainConfig, evaluate, resolve_device, train
+from common.protocol import NO_CAP, OK, REFUSED, TrainMetrics
+from common.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
 LEDGER_FILE = "privacy-ledger.json"
@@ -40,9 +41,9 @@ LEDGER_FILE = "privacy-ledger.json"
 class RoundOutcome:
     """What a round produced: weights (None when refused) and metrics for the reply."""
 
-    status: str  # "ok" or "refused"
+    status: str  # protocol.OK or protocol.REFUSED
     reason: str
-    metrics: dict[str, float]
+    metrics: TrainMetrics
     arrays: dict[str, np.ndarray] | None
 
 
@@ -57,8 +58,7 @@ def train_round(
     """Train one round as the run asks, privately when DP is on."""
     if not run.dp_enabled:
         new, metrics = local_train(site, run, arrays, server_round)
-        metrics.update({"dp": 0.0, "epsilon-round": 0.0, "epsilon-total": 0.0, "epsilon-cap": -1.0})
-        return RoundOutcome("ok", "", metrics, new)
+        return RoundOutcome(OK, "", metrics, new)
     return _private_round(site, run, arrays, run_id, server_round, audit)
 
 
@@ -115,8 +115,8 @@ def _private_round(
             {"round": server_round, "fingerprint": fp, "reason": str(exc)},
         )
         log.warning("round %d refused: %s", server_round, exc)
-        metrics = _dp_metrics(site, 0.0, spent, cfg.max_epsilon)
-        return RoundOutcome("refused", str(exc), metrics, None)
+        refusal = TrainMetrics(len(site.split.train), **_dp_fields(0.0, spent, cfg.max_epsilon))
+        return RoundOutcome(REFUSED, str(exc), refusal, None)
     optimizer = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
     private = make_private(model, optimizer, loader, dp, run.local_epochs, seed=None)  # type: ignore[arg-type]
     try:
@@ -147,23 +147,17 @@ def _private_round(
             "noise_multiplier": private.noise_multiplier,
         },
     )
-    val = evaluate(model, site.loader("val", run.batch_size, seed), resolve_device())  # type: ignore[arg-type]
-    metrics = {
-        "num-examples": float(len(site.split.train)),
-        "uniform-weight": 1.0,
-        "train-loss": float(result.history[-1]["train_loss"]),
-        "train-accuracy": float(result.history[-1]["train_accuracy"]),
-        "val-loss": float(val["loss"]),  # type: ignore[arg-type]
-        "val-accuracy": float(val["accuracy"]),  # type: ignore[arg-type]
-        "val-balanced-accuracy": float(val["balanced_accuracy"]),  # type: ignore[arg-type]
+    metrics = replace(
+        train_metrics(site, run, model, result, seed),
+        **_dp_fields(this_round, total, cfg.max_epsilon),
+    )
+    return RoundOutcome(OK, "", metrics, model_arrays(model))
+
+
+def _dp_fields(eps_round: float, eps_total: float, cap: float) -> dict[str, float]:
+    return {
+        "dp": 1.0,
+        "epsilon_round": float(eps_round),
+        "epsilon_total": float(eps_total),
+        "epsilon_cap": float(cap) if math.isfinite(cap) else NO_CAP,
     }
-    metrics.update(_dp_metrics(site, this_round, total, cfg.max_epsilon))
-    return RoundOutcome("ok", "", metrics, model_arrays(model))
-
-
-def _dp_metrics(site: Site, eps_round: float, eps_total: float, cap: float) -> dict[str, float]:
-    out = {"dp": 1.0, "epsilon-round": float(eps_round), "epsilon-total": float(eps_total)}
-    if "num-examples" not in out:
-        out["num-examples"] = float(len(site.split.train))
-    out["epsilon-cap"] = float(cap) if math.isfinite(cap) else -1.0
-    return out

@@ -22,7 +22,8 @@ from common.data import LoadOptions, PatchSet, load_patches
 from common.dataset import PatchDataset, make_loader
 from common.model import build_model
 from common.partition import Split, split_by_patient
-from common.training import TrainConfig, evaluate, resolve_device, train
+from common.protocol import EvalMetrics, TrainMetrics
+from common.training import TrainConfig, TrainResult, evaluate, resolve_device, train
 
 log = logging.getLogger(__name__)
 SITE_KEY = "site.key"
@@ -83,42 +84,45 @@ def local_train(
     run: RunConfig,
     arrays: Mapping[str, np.ndarray],
     server_round: int,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+) -> tuple[dict[str, np.ndarray], TrainMetrics]:
     """Train the global model on this site's training patients; return weights and metrics."""
     model = build_model(run.norm, seed=run.seed)
     load_arrays(model, arrays)
     seed = run.seed + server_round
     cfg = TrainConfig(epochs=run.local_epochs, lr=run.learning_rate, patience=None)
     result = train(model, site.loader("train", run.batch_size, seed, train=True), cfg)  # type: ignore[arg-type]
+    return model_arrays(model), train_metrics(site, run, model, result, seed)
+
+
+def train_metrics(
+    site: Site, run: RunConfig, model: torch.nn.Module, result: TrainResult, seed: int
+) -> TrainMetrics:
+    """The reply's numbers after local training: last epoch's loss and validation metrics."""
     last = result.history[-1]
     val = evaluate(model, site.loader("val", run.batch_size, seed), resolve_device())  # type: ignore[arg-type]
-    metrics = {
-        "num-examples": float(len(site.split.train)),
-        "uniform-weight": 1.0,
-        "train-loss": float(last["train_loss"]),
-        "train-accuracy": float(last["train_accuracy"]),
-        "val-loss": float(val["loss"]),  # type: ignore[arg-type]
-        "val-accuracy": float(val["accuracy"]),  # type: ignore[arg-type]
-        "val-balanced-accuracy": float(val["balanced_accuracy"]),  # type: ignore[arg-type]
-    }
-    return model_arrays(model), metrics
+    return TrainMetrics(
+        num_examples=float(len(site.split.train)),
+        train_loss=float(last["train_loss"]),
+        train_accuracy=float(last["train_accuracy"]),
+        val_loss=float(val["loss"]),  # type: ignore[arg-type]
+        val_accuracy=float(val["accuracy"]),  # type: ignore[arg-type]
+        val_balanced_accuracy=float(val["balanced_accuracy"]),  # type: ignore[arg-type]
+    )
 
 
-def local_evaluate(
-    site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray]
-) -> dict[str, float]:
+def local_evaluate(site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray]) -> EvalMetrics:
     """Evaluate the global model on this site's held-out test patients."""
     model = build_model(run.norm, seed=run.seed)
     load_arrays(model, arrays)
     res = evaluate(model, site.loader("test", run.batch_size, run.seed), resolve_device())  # type: ignore[arg-type]
-    return {
-        "num-examples": float(res["examples"]),  # type: ignore[arg-type]
-        "loss": float(res["loss"]),  # type: ignore[arg-type]
-        "accuracy": float(res["accuracy"]),  # type: ignore[arg-type]
-        "balanced-accuracy": float(res["balanced_accuracy"]),  # type: ignore[arg-type]
-        "f1": float(res["f1"]),  # type: ignore[arg-type]
-        "auc": float(res["auc"]),  # type: ignore[arg-type]
-    }
+    return EvalMetrics(
+        num_examples=float(res["examples"]),  # type: ignore[arg-type]
+        loss=float(res["loss"]),  # type: ignore[arg-type]
+        accuracy=float(res["accuracy"]),  # type: ignore[arg-type]
+        balanced_accuracy=float(res["balanced_accuracy"]),  # type: ignore[arg-type]
+        f1=float(res["f1"]),  # type: ignore[arg-type]
+        auc=float(res["auc"]),  # type: ignore[arg-type]
+    )
 
 
 def clip_update(

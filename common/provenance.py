@@ -42,6 +42,7 @@ import torch
 from common.audit import LogHead, digest_update
 from common.fileio import atomic_write
 from common.metrics import json_safe
+from common.protocol import EPSILON_TOTAL
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def _site_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             dp = bool(metrics.get("dp", 0.0))
             entry["dp"] = dp
             # Without DP the client reports 0.0; that is "no guarantee", never epsilon 0.
-            entry["epsilon"] = float(metrics["epsilon-total"]) if dp else None
+            entry["epsilon"] = float(metrics[EPSILON_TOTAL]) if dp else None
     return [sites[k] for k in sorted(sites)]
 
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import flowerctl
 from common.config import RunConfig
+from common.protocol import RoundRow
 from server.registry import CoordPaths, load_sites
+from server.rundir import RunDir
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -143,19 +145,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _print_progress(run_dir: Path, shown: int) -> int:
-    rounds = run_dir / "rounds.jsonl"
-    if not rounds.is_file():
-        return shown
-    lines = [json.loads(x) for x in rounds.read_text().splitlines() if x]
-    for row in lines[shown:]:
-        ev = row.get("evaluate", {})
+    rows = RunDir(run_dir).read_rounds()
+    for row in map(RoundRow.from_row, rows[shown:]):
+        bacc = row.evaluate.get("balanced-accuracy", float("nan"))
         print(
-            f"round {row['round']}: {len(row.get('sites', {}))} site(s), "
-            f"eval balanced accuracy {ev.get('balanced-accuracy', float('nan')):.4f}, "
-            f"rejected {len(row.get('rejected', []))}, failed {len(row.get('failures', []))}",
+            f"round {row.round}: {len(row.sites)} site(s), eval balanced accuracy {bacc:.4f}, "
+            f"rejected {len(row.rejected)}, failed {len(row.failures)}",
             flush=True,
         )
-    return len(lines)
+    return len(rows)
 
 
 def _run(args: argparse.Namespace) -> int:

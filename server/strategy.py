@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,9 +20,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from common import keys
+from common import keys, protocol
 from common.audit import UPDATE_RECEIVED, AuditLog, digest_update
 from common.config import RunConfig
+from common.protocol import RoundRow
 from server.rundir import RunDir
 from server.validation import validate_update
 
@@ -47,29 +47,16 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-@dataclass
-class RoundLog:
-    """What one round saw, written as one line of rounds.jsonl."""
-
-    round: int
-    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # accepted updates
-    evaluations: dict[str, dict[str, float]] = field(default_factory=dict)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    train: dict[str, float] = field(default_factory=dict)
-    evaluate: dict[str, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
-
-
 def fedavg(run: RunConfig) -> FedAvg:
     """Flower's FedAvg with the run's site minimums.
 
     Weighted by ``num-examples``; under central DP by ``uniform-weight`` (1 per site), since
     the client-level guarantee of Flower's wrappers assumes every site weighs the same.
     """
-    weight = "num-examples" if run.central_dp_mode == "none" else "uniform-weight"
+    weight = protocol.NUM_EXAMPLES if run.central_dp_mode == "none" else protocol.UNIFORM_WEIGHT
     return FedAvg(
         weighted_by_key=weight,
+        arrayrecord_key=protocol.ARRAYS,
         fraction_train=run.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=run.min_sites,
@@ -97,9 +84,10 @@ class CoordinatorStrategy(Strategy):
         self.site_keys, self.audit = dict(site_keys), audit
         self.node_names: dict[int, str] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
-        self.current: RoundLog | None = None
+        self.current: RoundRow | None = None
         self.state_extra: dict[str, Any] = {"run_id": run_id}
         self.sampled: set[int] = set()
+        self.round_started = time.monotonic()
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
@@ -134,7 +122,8 @@ class CoordinatorStrategy(Strategy):
         # The SuperLink knows which registered key (and name) each node authenticated with.
         self.node_names.update({n.node_id: n.name for n in grid.get_nodes() if n.name})
         self.global_arrays = to_numpy(arrays)
-        self.current = RoundLog(r)
+        self.current = RoundRow(r)
+        self.round_started = time.monotonic()
         messages = list(self.inner.configure_train(r, arrays, config, grid))
         self.sampled = {m.metadata.dst_node_id for m in messages}
         selected = sorted(self.node_names.get(n, f"node {n}") for n in self.sampled)
@@ -205,8 +194,12 @@ class CoordinatorStrategy(Strategy):
             log.warning("round %d: %s failed: %s", r, self._node(msg), reason)
             self._audit("site.failed", self._node(msg), "error", {"round": r, "reason": reason})
             return False
-        meta = msg.content.config_records.get("site")
-        claimed = str(meta["site"]) if meta is not None and "site" in meta else None
+        meta = msg.content.config_records.get(protocol.SITE)
+        claimed = (
+            str(meta[protocol.SITE_NAME])
+            if meta is not None and protocol.SITE_NAME in meta
+            else None
+        )
         name = self.node_names.setdefault(msg.metadata.src_node_id, claimed or self._node(msg))
         if claimed is not None and claimed != name:
             reason = f"reply claims to be {claimed!r} but came from registered node {name!r}"
@@ -225,12 +218,12 @@ class CoordinatorStrategy(Strategy):
                 },
             )
             return False
-        metrics = _floats(msg.content.metric_records.get("metrics"))
+        metrics = _floats(msg.content.metric_records.get(protocol.METRICS))
         eps: dict[str, Any] = {
-            k: metrics[k] for k in ("epsilon-round", "epsilon-total") if k in metrics
+            k: metrics[k] for k in (protocol.EPSILON_ROUND, protocol.EPSILON_TOTAL) if k in metrics
         }
-        if meta is not None and meta.get("status") == "refused":
-            row = {"site": name, "reason": str(meta.get("reason")), **eps}
+        if meta is not None and meta.get(protocol.STATUS) == protocol.REFUSED:
+            row = {"site": name, "reason": str(meta.get(protocol.REASON)), **eps}
             self.current.rejected.append({**row, "kind": "refused"})
             log.warning("round %d: %s refused to train: %s", r, name, row["reason"])
             self._audit(
@@ -252,7 +245,7 @@ class CoordinatorStrategy(Strategy):
                 "signature_valid": sig_ok,
                 "accepted": reason is None,
                 "reason": reason or "",
-                "num_examples": int(metrics.get("num-examples", 0)),
+                "num_examples": int(metrics.get(protocol.NUM_EXAMPLES, 0)),
                 **eps,
             },
         )
@@ -274,8 +267,8 @@ class CoordinatorStrategy(Strategy):
         reason = validate_update(self.global_arrays, arrays)
         sig_ok = False
         key = self.site_keys.get(name)
-        if meta is not None and key is not None and "signature" in meta:
-            sig_ok = keys.verify_update(key, self.run_id, r, digest, str(meta["signature"]))
+        if meta is not None and key is not None and protocol.SIGNATURE in meta:
+            sig_ok = keys.verify_update(key, self.run_id, r, digest, str(meta[protocol.SIGNATURE]))
         if reason is None and key is None:
             reason = f"site {name!r} is not registered with this coordinator"
         elif reason is None and not sig_ok:
@@ -305,7 +298,9 @@ class CoordinatorStrategy(Strategy):
                 continue
             good.append(msg)
             name = self._node(msg)
-            self.current.evaluations[name] = _floats(msg.content.metric_records.get("metrics"))
+            self.current.evaluations[name] = _floats(
+                msg.content.metric_records.get(protocol.METRICS)
+            )
         metrics = self.inner.aggregate_evaluate(r, good) if good else None
         self.current.evaluate = _floats(metrics)
         self._commit(r)
@@ -314,17 +309,8 @@ class CoordinatorStrategy(Strategy):
     def _commit(self, r: int) -> None:
         assert self.current is not None
         cur = self.current
-        row = {
-            "round": r,
-            "train": cur.train,
-            "evaluate": cur.evaluate,
-            "sites": cur.sites,
-            "evaluations": cur.evaluations,
-            "rejected": cur.rejected,
-            "failures": cur.failures,
-            "seconds": round(time.time() - cur.started, 3),
-        }
-        self.run_dir.commit_round(r, row, self.global_arrays, self.state_extra)
+        cur.seconds = round(time.monotonic() - self.round_started, 3)
+        self.run_dir.commit_round(r, cur.to_row(), self.global_arrays, self.state_extra)
         digest = digest_update(self.global_arrays)
         self._audit(
             "checkpoint.written",

@@ -34,6 +34,7 @@ import flowerctl
 from common import keys
 from common.config import RunConfig, SiteConfig, sim_site_dir
 from common.data import LoadOptions, PatchRecord, load_patches, resolve_root
+from common.protocol import RoundRow
 from server.registry import CoordPaths, add_site, save_sites
 from server.rundir import RunDir
 
@@ -254,6 +255,5 @@ def epsilon_by_site(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Each site's total epsilon after the last round it trained in (0 when DP was off)."""
     out: dict[str, float] = {}
     for row in rows:
-        for name, metrics in row.get("sites", {}).items():
-            out[name] = float(metrics.get("epsilon-total", 0.0))
+        out.update(RoundRow.from_row(row).epsilon_by_site())
     return out

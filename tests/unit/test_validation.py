@@ -13,8 +13,9 @@ from flwr.app import (
 from common import keys
 from common.audit import AuditLog, digest_update
 from common.config import RunConfig
+from common.protocol import RoundRow
 from server.rundir import RunDir
-from server.strategy import CoordinatorStrategy, RoundLog, TooFewSites, fedavg
+from server.strategy import CoordinatorStrategy, TooFewSites, fedavg
 from server.validation import validate_update
 
 REF = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
@@ -87,7 +88,7 @@ def test_strategy_rejects_nan_and_wrong_shape_records_them_and_averages_the_rest
         {k: v.public_key() for k, v in site_keys.items()},
         audit,
     )
-    strategy.current, strategy.global_arrays = RoundLog(1), REF
+    strategy.current, strategy.global_arrays = RoundRow(1), REF
     replies = [
         _reply(
             1, {"a": np.full((2, 3), 1.0, np.float32), "b": REF["b"]}, "good1", site_keys["good1"]
@@ -116,6 +117,6 @@ def test_strategy_stops_the_round_below_the_minimum(tmp_path):
     strategy = CoordinatorStrategy(
         fedavg(run), run, RunDir(tmp_path / "run").create(), "7", 0, {"s": key.public_key()}, None
     )
-    strategy.current, strategy.global_arrays = RoundLog(1), REF
+    strategy.current, strategy.global_arrays = RoundRow(1), REF
     with pytest.raises(TooFewSites, match="1 usable update"):
         strategy.aggregate_train(1, [_reply(1, dict(REF), "s", key)])
