@@ -24,6 +24,7 @@ def _check(args: argparse.Namespace) -> int:
         ("unreadable", report.unreadable),
         ("mislabelled", report.mislabelled),
         ("ignored", report.ignored),
+        ("no label", report.no_label),
     ):
         for rel in items[: args.list]:
             print(f"  {title}: {rel}")

@@ -122,8 +122,16 @@ def plot_patient(
     path: Path,
     labels: np.ndarray | None = None,
     cell: int = 10,
+    *,
+    threshold: float = 0.5,
+    caption: str = "",
 ) -> Path:
-    """Tissue mosaic beside the IDC probability map, true IDC outlined when labels are given."""
+    """Tissue mosaic beside the IDC probability map, true IDC outlined when labels are given.
+
+    The title gives the share of patches called IDC at ``threshold`` (marked on the colour
+    bar); ``caption`` (the model and its run) is printed under it, so a figure shown on its
+    own still says what made it.
+    """
     grid, origin = probability_grid(xs, ys, probs)
     truth = probability_grid(xs, ys, labels)[0] if labels is not None else None
     tissue = mosaic(images, xs, ys, cell)
@@ -131,7 +139,7 @@ def plot_patient(
     extent = (0.0, float(cols), float(rows), 0.0)  # one unit per patch, y down like the slide
     scale = min(MAX_PANEL_INCHES / max(cols, rows), 0.25)  # inches per patch
     width, height = max(cols * scale, MIN_PANEL_INCHES), max(rows * scale, MIN_PANEL_INCHES)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * width + 2.0, height + 1.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width + 2.0, height + 1.6), squeeze=False)
     ax_t, ax_p = axes[0]
     ax_t.imshow(tissue, extent=extent, interpolation="nearest")
     ax_t.set_title("tissue")
@@ -144,16 +152,24 @@ def plot_patient(
         vmax=1.0,
         interpolation="nearest",
     )
-    ax_p.set_title("predicted P(IDC)")
-    fig.colorbar(shown, ax=ax_p, fraction=0.046, pad=0.04, label="probability of IDC")
+    ax_p.set_title("predicted P(IDC); grey: no patch")
+    label = f"probability of IDC (green: threshold {threshold:g})"
+    bar = fig.colorbar(shown, ax=ax_p, fraction=0.046, pad=0.04, label=label)
+    bar.ax.axhline(threshold, color="lime", linewidth=2)
     for ax in (ax_t, ax_p):
         _outline(ax, truth)
         ax.set_xlim(0, cols)
         ax.set_ylim(rows, 0)
         ax.set_xlabel(f"x, patches of {PATCH} px from {origin[0]}")
         ax.set_ylabel(f"y, patches from {origin[1]}")
-    note = "; cyan: true IDC regions" if truth is not None else ""
-    fig.suptitle(f"patient {patient}: {len(probs)} patches{note}", fontsize=10)
+    called = int((np.asarray(probs) >= threshold).sum())
+    title = (
+        f"patient {patient}: {called} of {len(probs)} patches predicted IDC "
+        f"({100 * called / len(probs):.1f}%, P(IDC) >= {threshold:g})"
+    )
+    if truth is not None:
+        title += "; cyan outline: true IDC"
+    fig.suptitle(f"{title}\n{caption}".strip(), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,31 +1,42 @@
-"""idc-client predict: run a verified model over a folder of patches; CSVs, metrics, heatmaps.
+"""idc-client predict: run a verified model over new or labelled patches; CSVs, heatmaps.
 
-Input is what the foundation loader reads (:func:`common.data.load_patches`): a folder in the
-Kaggle layout ``<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png``, with its handling
-of odd sizes (padded), non-RGB files (converted) and unreadable files (skipped and listed).
-Names outside that layout are ignored, as everywhere else, so every predicted patch has a
-true label and the metrics are always computed.
+Input is what :func:`common.data.load_patches` reads with labels optional: a folder of
+patients or one patient's folder, patches named with a class (Kaggle layout) or without one
+(new slides), with its handling of odd sizes (padded), non-RGB files (converted) and
+unreadable files (skipped and listed). Metrics are computed on the labelled patches only,
+and only when there are some.
 
-Output folder: ``predictions.csv`` (one row per usable patch), ``patients.csv`` (share of
-each patient's patches predicted IDC), ``metrics.json`` and ``confusion.png`` (the baseline's
-metrics), ``heatmaps/<patient>.png`` and ``summary.json`` (model record, data report).
+Output folder: ``predictions.csv`` (one row per usable patch, with the decision threshold and
+its source), ``patients.csv`` (share of each patient's patches predicted IDC),
+``heatmaps/<patient>.png`` (titled with the share, the model and its run), ``summary.json``
+(model record, threshold, data report) and, with labels, ``metrics.json`` and
+``confusion.png``. The threshold rules are in :mod:`client.predict_report`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from client.predict_report import (
+    Threshold,
+    fmt,
+    label_metrics,
+    model_caption,
+    patient_rows,
+    prediction_rows,
+    resolve_threshold,
+    threshold_arg,
+    write_csv,
+)
 from common import metrics as M
-from common.data import LoadOptions, NoUsableData, PatchSet, load_patches
+from common.data import UNLABELLED, LoadOptions, NoUsableData, PatchSet, load_patches
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +44,6 @@ if TYPE_CHECKING:
 # torch and matplotlib are imported where used: registering this subcommand must not slow
 # every other idc-client command down by seconds.
 log = logging.getLogger(__name__)
-THRESHOLD = 0.5  # the operating point of common.metrics.classification_metrics
 GPU_BATCH = 1024
 CPU_BATCH = 256
 
@@ -70,10 +80,14 @@ def infer(
 
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    from tqdm import tqdm
+
     model.eval().to(device)
     out = []
+    starts = range(0, len(images), batch_size)
+    # disable=None: a bar on a terminal only; logs and captured output stay clean.
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
+        for start in tqdm(starts, desc="predicting", unit="batch", disable=None, leave=False):
             batch = images[start : start + batch_size]
             if not (batch.flags.writeable and batch.flags.c_contiguous):
                 batch = np.array(batch)  # a read-only cache map: torch wants its own buffer
@@ -85,73 +99,19 @@ def infer(
     return torch.cat(out).cpu().numpy()
 
 
-def prediction_rows(patches: PatchSet, probs: np.ndarray) -> list[dict[str, Any]]:
-    """One row per patch: file, patient, x, y, probability, predicted class, true label."""
-    return [
-        {
-            "file": f,
-            "patient": str(p),
-            "x": int(x),
-            "y": int(y),
-            "probability": f"{pr:.6f}",
-            "predicted": int(pr >= THRESHOLD),
-            "label": int(lab),
-        }
-        for f, p, x, y, pr, lab in zip(
-            patches.files,
-            patches.patients,
-            patches.xs,
-            patches.ys,
-            probs,
-            patches.labels,
-            strict=True,
-        )
-    ]
-
-
-def patient_rows(patches: PatchSet, probs: np.ndarray) -> list[dict[str, Any]]:
-    """Per patient: patches, share predicted IDC, mean probability, share truly IDC."""
-    rows = []
-    for patient in sorted(set(patches.patients.tolist()), key=lambda p: (len(p), p)):
-        sel = patches.patients == patient
-        pred = probs[sel] >= THRESHOLD
-        rows.append(
-            {
-                "patient": patient,
-                "patches": int(sel.sum()),
-                "predicted_idc": int(pred.sum()),
-                "predicted_idc_share": float(pred.mean()),
-                "mean_probability": float(probs[sel].mean()),
-                "true_idc": int(patches.labels[sel].sum()),
-                "true_idc_share": float(patches.labels[sel].mean()),
-            }
-        )
-    return rows
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def label_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, object]:
-    """The baseline's metrics: mean cross-entropy, classification metrics, example count."""
-    p_true = np.where(labels == 1, probs, 1.0 - probs).astype(np.float64)
-    loss = float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean())
-    return {M.LOSS: loss, **M.classification_metrics(labels, probs), "examples": len(labels)}
-
-
-def write_heatmaps(out: Path, patches: PatchSet, probs: np.ndarray, cell: int) -> int:
+def write_heatmaps(
+    out: Path, patches: PatchSet, probs: np.ndarray, cell: int, threshold: float, caption: str
+) -> int:
     """One PNG per patient under ``out``; returns how many were written."""
+    from tqdm import tqdm
+
     from client.heatmap import plot_patient
 
     out.mkdir(parents=True, exist_ok=True)
-    patients = patches.patients
-    for patient in sorted(set(patients.tolist())):
-        idx = np.flatnonzero(patients == patient)
+    patients = sorted(set(patches.patients.tolist()))
+    for patient in tqdm(patients, desc="heatmaps", unit="patient", disable=None, leave=False):
+        idx = np.flatnonzero(patches.patients == patient)
+        labels = patches.labels[idx]
         plot_patient(
             patient,
             patches.images[idx],
@@ -159,10 +119,25 @@ def write_heatmaps(out: Path, patches: PatchSet, probs: np.ndarray, cell: int) -
             patches.ys[idx],
             probs[idx],
             out / f"{patient}.png",
-            patches.labels[idx],
+            None if (labels == UNLABELLED).any() else labels,  # outline only a full truth
             cell,
+            threshold=threshold,
+            caption=caption,
         )
-    return len(set(patients.tolist()))
+    return len(patients)
+
+
+def _write_metrics(out: Path, patches: PatchSet, probs: np.ndarray, th: Threshold) -> Any:
+    from common.plots import plot_confusion
+
+    known = patches.labels != UNLABELLED
+    if not known.any():
+        return None
+    metrics = label_metrics(patches.labels[known], probs[known], th.value)
+    (out / "metrics.json").write_text(json.dumps(M.json_safe(metrics), indent=2))
+    title = f"{int(known.sum())} labelled patches, threshold {th.value:g}"
+    plot_confusion(metrics[M.CONFUSION], out / "confusion.png", title)
+    return metrics
 
 
 def run_predict(
@@ -174,36 +149,45 @@ def run_predict(
     batch_size: int | None = None,
     heatmap_cell: int | None = 10,
     device: str = "auto",
+    *,
+    threshold: float | None = None,
+    model_path: Path = Path("model.idc"),
 ) -> dict[str, Any]:
     """Predict every usable patch under ``data`` and write the output files to ``out``.
 
     ``model`` comes from :func:`load_network` and ``metadata`` is its record (``None``:
     unverified). ``heatmap_cell`` is the pixels per patch in the mosaics (a divisor of 50);
-    ``None`` skips the heatmaps. Returns the summary also written to ``summary.json``.
+    ``None`` skips the heatmaps. ``threshold`` overrides the record's (see
+    :func:`client.predict_report.resolve_threshold`). Returns the summary also written to
+    ``summary.json``.
 
     Raises
     ------
     NoUsableData
         If ``data`` holds no usable patch.
+    ValueError
+        If the model record's threshold is not a number between 0 and 1.
     """
-    from common.plots import plot_confusion
     from common.training import resolve_device
 
-    patches = load_patches(data, cache_dir=cache_dir, options=LoadOptions(), workers=2)
+    th = resolve_threshold(threshold, metadata)
+    patches = load_patches(
+        data, cache_dir=cache_dir, options=LoadOptions(), workers=2, require_labels=False
+    )
     dev = resolve_device(device)
     probs = infer(model, patches.images, dev, batch_size or default_batch_size(dev))
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "predictions.csv", prediction_rows(patches, probs))
-    per_patient = patient_rows(patches, probs)
-    _write_csv(out / "patients.csv", per_patient)
-    metrics = label_metrics(patches.labels, probs)
-    (out / "metrics.json").write_text(json.dumps(M.json_safe(metrics), indent=2))
-    plot_confusion(metrics[M.CONFUSION], out / "confusion.png", "predict")  # type: ignore[arg-type]
+    write_csv(out / "predictions.csv", prediction_rows(patches, probs, th))
+    per_patient = patient_rows(patches, probs, th.value)
+    write_csv(out / "patients.csv", per_patient)
+    metrics = _write_metrics(out, patches, probs, th)
+    caption = model_caption(metadata, model_path)
     heatmaps = 0
     if heatmap_cell is not None:
-        heatmaps = write_heatmaps(out / "heatmaps", patches, probs, heatmap_cell)
+        heatmaps = write_heatmaps(out / "heatmaps", patches, probs, heatmap_cell, th.value, caption)
     summary = {
-        "model": {"verified": metadata is not None, "record": metadata},
+        "model": {"file": str(model_path), "verified": metadata is not None, "record": metadata},
+        "threshold": th.as_dict(),
         "data": {
             "root": patches.report.root,
             "fingerprint": patches.fingerprint,
@@ -211,7 +195,8 @@ def run_predict(
         },
         "device": str(dev),
         "patches": len(patches),
-        "patients": len(per_patient),
+        "labelled": int((patches.labels != UNLABELLED).sum()),
+        "patients": per_patient,
         "heatmaps": heatmaps,
         "metrics": metrics,
     }
@@ -219,8 +204,35 @@ def run_predict(
     return summary
 
 
-def _fmt(value: object) -> str:
-    return "n/a" if not isinstance(value, float) or math.isnan(value) else f"{value:.4f}"
+def _print_summary(summary: dict[str, Any], out: Path, shown: int = 20) -> None:
+    report = summary["data"]["report"]
+    print(
+        f"predicted {summary['patches']} patches of {len(summary['patients'])} patient(s) "
+        f"on {summary['device']}; {len(report['unreadable'])} unreadable skipped, "
+        f"{len(report['ignored']) + len(report['mislabelled'])} files not used"
+    )
+    print(f"decision threshold: {summary['threshold']['detail']}")
+    for row in summary["patients"][:shown]:
+        print(
+            f"  patient {row['patient']}: {row['predicted_idc']} of {row['patches']} patches "
+            f"predicted IDC ({100 * row['predicted_idc_share']:.1f}%)"
+        )
+    if len(summary["patients"]) > shown:
+        print(f"  ... and {len(summary['patients']) - shown} more patients in patients.csv")
+    m = summary["metrics"]
+    if m is None:
+        print("no labels in the file names: no metrics (predictions only)")
+    else:
+        print(f"metrics on {m['examples']} labelled patches:")
+        print("  " + "  ".join(f"{k} {fmt(m[k])}" for k in M.SCALAR_METRICS))
+        best = m["best_threshold_on_these_patches"]
+        if best is not None:
+            print(
+                f"  balanced accuracy is highest here at threshold {best['threshold']:.4g} "
+                f"({fmt(best[M.BALANCED_ACCURACY])}); choose a threshold on validation "
+                "patches, never on the test patches it is scored on"
+            )
+    print(f"written to {out}")
 
 
 def _predict_cmd(args: argparse.Namespace) -> int:
@@ -246,18 +258,13 @@ def _predict_cmd(args: argparse.Namespace) -> int:
             args.batch_size,
             None if args.no_heatmaps else args.cell,
             args.device,
+            threshold=args.threshold,
+            model_path=args.model,
         )
     except NoUsableData as exc:
         print(f"idc-client predict: {exc}", file=sys.stderr)
         return 1
-    report = summary["data"]["report"]
-    print(
-        f"predicted {summary['patches']} patches of {summary['patients']} patients "
-        f"on {summary['device']}; {len(report['unreadable'])} unreadable skipped"
-    )
-    m = summary["metrics"]
-    print("  ".join(f"{k} {_fmt(m[k])}" for k in M.SCALAR_METRICS))
-    print(f"written to {args.out}")
+    _print_summary(summary, args.out)
     return 0
 
 
@@ -267,7 +274,12 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", type=Path, required=True, help="model file (the coordinator's final/model.idc)"
     )
-    p.add_argument("--data", type=Path, required=True, help="folder in the Kaggle layout")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="a folder of patients or one patient's folder; patches with or without a label",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
         "--batch-size",
@@ -282,6 +294,13 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
         default=10,
         choices=(1, 2, 5, 10, 25, 50),
         help="heatmap mosaic pixels per patch (50: full resolution)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=threshold_arg,
+        default=None,
+        help="P(IDC) at or above which a patch is called IDC (default: the model record's, "
+        "else 0.5)",
     )
     p.add_argument("--no-heatmaps", action="store_true", help="skip the per-patient PNGs")
     p.add_argument(

@@ -21,10 +21,50 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+PACKAGE = "idc-fl"
+
+
+def package_version() -> str:
+    """The installed idc-fl version, from the package metadata (one source: pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless it has none or its help already says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.default is None
+            or action.default is False  # a flag: its absence needs no "(default: False)"
+            or action.default is argparse.SUPPRESS
+            or action.default in ([], ())  # a repeatable option given no times
+            or action.required
+            or "default" in text
+            or f"({action.default})" in text  # the help already names it
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser showing defaults; subparsers are made of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def new_parser(prog: str, doc: str | None, cache: bool = True) -> tuple[Any, Any]:
-    """The three tools' common top: -v, optionally --cache-dir, and required subcommands."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    """The three tools' common top: --version, -v, optionally --cache-dir, subcommands."""
+    parser = Parser(prog=prog, description=doc)
+    parser.add_argument("--version", action="version", version=f"{prog} {package_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     if cache:
         parser.add_argument(
             "--cache-dir",

@@ -1,51 +1,84 @@
-"""Scan one site's folder of IDC patches in the Kaggle layout, decode it, and cache it.
+"""Scan one site's folder of IDC patches, decode it, and cache it.
 
-Layout: ``<root>/<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png``; ``root`` may also
-be a folder holding ``IDC_regular_ps50_idx5/``. Real data is messy, and each case has one
-behaviour (counted and named in the :class:`LoadReport`):
+Layouts, by where a file sits under ``root`` (``root`` may also be a folder holding
+``IDC_regular_ps50_idx5/``); a patch name is ``<patient>_idx5_x<X>_y<Y>[_class<0|1>].png``:
 
-* a name that does not match the pattern, or a file at another depth: ignored;
+=============================================================  ===================================
+file                                                           accepted
+=============================================================  ===================================
+``<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png``    always (Kaggle: a folder of
+                                                               patients)
+``<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png``              labels optional (one patient's
+                                                               folder)
+``<patient>/<patient>_idx5_x<X>_y<Y>.png``                     labels optional (new slides)
+``<patient>_idx5_x<X>_y<Y>.png``                               labels optional (one new slide)
+=============================================================  ===================================
+
+Labels are required by default (training, ``idc-client check``/``start``): an unlabelled
+patch is never training data. ``require_labels=False`` (``idc-client predict``) scores every
+layout above; such patches carry the label :data:`UNLABELLED`.
+
+Real data is messy, and each case has one behaviour (counted and named in the
+:class:`LoadReport` field in brackets, and logged once as a count with the first few names):
+
+* not a patch name, or a file at a place no layout above accepts: ignored [``ignored``];
+  hidden files are skipped silently;
 * a class folder that disagrees with the class in the name, or a patient folder that
-  disagrees with the patient in the name: reported as mislabelled and not used;
+  disagrees with the patient in the name: not used [``mislabelled``];
+* an unlabelled patch while labels are required: not used, never trained on [``no_label``];
 * a patch smaller than 50x50 (slide borders): padded with the background colour at its
-  top-left (policy ``"pad"``, the default) or dropped (``"skip"``); never stretched;
-* a non-RGB mode (RGBA, palette, grey): converted to RGB;
-* an unreadable or truncated file: skipped;
-* nothing usable at all: :class:`NoUsableData` naming the folder.
+  top-left (policy ``"pad"``, the default) [``small_padded``] or dropped (``"skip"``)
+  [``small_skipped``]; never stretched;
+* a non-RGB mode (RGBA, palette, grey): converted to RGB [``converted``];
+* an unreadable, truncated or larger than 50x50 file: skipped [``unreadable``];
+* nothing usable at all: :class:`NoUsableData` naming the folder (and saying how many
+  patches lacked a label, when that is why).
 
 Decoding PNGs costs far more than a training step on a GPU, and the federated client runs in a
 fresh process each round, so the decoded patches are cached once per folder as a packed uint8
-array (memory-mapped on later loads), keyed by a fingerprint of every file's name, size and
-modification time plus the decode options: any change to the files gives a new key, so a stale
-cache is never served.
+array (memory-mapped on later loads, :mod:`common.patch_cache`), keyed by a fingerprint of
+every used file's name, size and modification time plus the decode options: any change to the
+files gives a new key, so a stale cache is never served. The first decode shows a progress bar
+on a terminal.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from PIL import Image
+
+from common import patch_cache
+from common.patch_decode import PATCH, LoadOptions, decode_all
+
+__all__ = [
+    "PATCH",
+    "UNLABELLED",
+    "LoadOptions",
+    "LoadReport",
+    "NoUsableData",
+    "PatchRecord",
+    "PatchSet",
+    "load_patches",
+    "resolve_root",
+    "scan",
+]
 
 log = logging.getLogger(__name__)
 
-PATCH = 50
-PATTERN = re.compile(r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
+PATTERN = re.compile(
+    r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.png$"
+)
+UNLABELLED = -1  # the label of a patch whose name carries none
 KAGGLE_SUBFOLDER = "IDC_regular_ps50_idx5"
 CACHE_VERSION = 1
-# Below this many files a process pool costs more than it saves.
-PARALLEL_MIN_FILES = 2000
+NAMED_IN_LOG = 5  # a log line names this many files, then "... and N more"
 
 
 class NoUsableData(ValueError):
@@ -54,7 +87,7 @@ class NoUsableData(ValueError):
 
 @dataclass(frozen=True)
 class PatchRecord:
-    """One patch file, with the facts its name carries."""
+    """One patch file, with the facts its name carries (``label`` may be UNLABELLED)."""
 
     path: str  # relative to the scan root, with "/" separators
     patient: str
@@ -63,20 +96,6 @@ class PatchRecord:
     label: int
     size: int
     mtime_ns: int
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to treat patches smaller than 50x50."""
-
-    small: Literal["pad", "skip"] = "pad"
-    background: tuple[int, int, int] = (255, 255, 255)
-
-    def __post_init__(self) -> None:
-        if self.small not in ("pad", "skip"):
-            raise ValueError(f"small-patch policy must be 'pad' or 'skip', got {self.small!r}")
-        if len(self.background) != 3 or any(not 0 <= c <= 255 for c in self.background):
-            raise ValueError(f"background must be three values in 0..255, got {self.background}")
 
 
 @dataclass
@@ -88,8 +107,10 @@ class LoadReport:
     patients: int = 0
     negatives: int = 0
     positives: int = 0
+    unlabelled: int = 0  # usable patches with no label (labels optional only)
     ignored: list[str] = field(default_factory=list)
     mislabelled: list[str] = field(default_factory=list)
+    no_label: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     small_padded: list[str] = field(default_factory=list)
     small_skipped: list[str] = field(default_factory=list)
@@ -97,19 +118,21 @@ class LoadReport:
 
     def summary(self) -> str:
         """Return a few human-readable lines."""
-        return "\n".join(
-            [
-                f"folder: {self.root}",
-                f"usable patches: {self.usable} from {self.patients} patients "
-                f"({self.negatives} negative, {self.positives} positive)",
-                f"smaller than 50x50: {len(self.small_padded)} padded, "
-                f"{len(self.small_skipped)} skipped",
-                f"converted to RGB: {len(self.converted)}",
-                f"unreadable: {len(self.unreadable)}",
-                f"mislabelled (folder and name disagree): {len(self.mislabelled)}",
-                f"ignored (not a patch name or wrong place): {len(self.ignored)}",
-            ]
-        )
+        unlabelled = f", {self.unlabelled} unlabelled" if self.unlabelled else ""
+        lines = [
+            f"folder: {self.root}",
+            f"usable patches: {self.usable} from {self.patients} patients "
+            f"({self.negatives} negative, {self.positives} positive{unlabelled})",
+            f"smaller than 50x50: {len(self.small_padded)} padded, "
+            f"{len(self.small_skipped)} skipped",
+            f"converted to RGB: {len(self.converted)}",
+            f"unreadable: {len(self.unreadable)}",
+            f"mislabelled (folder and name disagree): {len(self.mislabelled)}",
+            f"ignored (not a patch name or wrong place): {len(self.ignored)}",
+        ]
+        if self.no_label:
+            lines.append(f"no label (never used for training): {len(self.no_label)}")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -117,7 +140,7 @@ class PatchSet:
     """Decoded patches of one folder: images (N, 50, 50, 3) uint8 and per-patch facts."""
 
     images: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray  # 0, 1, or UNLABELLED
     patients: np.ndarray
     xs: np.ndarray
     ys: np.ndarray
@@ -130,7 +153,7 @@ class PatchSet:
 
 
 def resolve_root(root: Path) -> Path:
-    """Return the folder that holds the patient folders."""
+    """Return the folder that holds the patient folders (or one patient's patches)."""
     root = Path(root)
     if not root.is_dir():
         raise NoUsableData(f"data folder {root} does not exist or is not a folder")
@@ -138,42 +161,87 @@ def resolve_root(root: Path) -> Path:
     return inner if inner.is_dir() else root
 
 
-def scan(root: Path) -> tuple[list[PatchRecord], LoadReport]:
-    """List the patch files under ``root`` without decoding them."""
+def named(items: Sequence[str], limit: int = NAMED_IN_LOG) -> str:
+    """``a, b, c ... and N more``: a list short enough for one log line."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _classify(parts: tuple[str, ...], name: str, require_labels: bool) -> tuple[str, int]:
+    """Return (kind, label) of one file: kind is patch, ignored, mislabelled or no-label."""
+    match = PATTERN.match(name)
+    if match is None:
+        return "ignored", UNLABELLED
+    patient, cls = match["patient"], match["label"]
+    if cls is not None:
+        if len(parts) == 2 and parts[1] in ("0", "1"):  # <patient>/<class>/
+            ok = parts == (patient, cls)
+        elif len(parts) == 1 and parts[0] in ("0", "1") and not require_labels:  # <class>/
+            ok = parts[0] == cls
+        else:
+            return "ignored", int(cls)
+        return ("patch" if ok else "mislabelled"), int(cls)
+    if len(parts) > 1:
+        return "ignored", UNLABELLED
+    if parts and parts[0] != patient:
+        return "mislabelled", UNLABELLED
+    return ("no-label" if require_labels else "patch"), UNLABELLED
+
+
+def _record(dirpath: str, rel: str, name: str, label: int) -> PatchRecord:
+    match = PATTERN.match(name)
+    if match is None:  # only called for names _classify accepted
+        raise ValueError(f"not a patch name: {name}")
+    st = os.stat(os.path.join(dirpath, name))
+    x, y = int(match["x"]), int(match["y"])
+    return PatchRecord(rel, match["patient"], x, y, label, st.st_size, st.st_mtime_ns)
+
+
+def scan(root: Path, require_labels: bool = True) -> tuple[list[PatchRecord], LoadReport]:
+    """List the patch files under ``root`` without decoding them (layouts: module doc)."""
     root = resolve_root(root)
     report = LoadReport(root=str(root))
     records: list[PatchRecord] = []
+    lists = {
+        "ignored": report.ignored,
+        "mislabelled": report.mislabelled,
+        "no-label": report.no_label,
+    }
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        rel_dir = Path(dirpath).relative_to(root)
+        parts = Path(dirpath).relative_to(root).parts
         for name in sorted(filenames):
-            rel = (rel_dir / name).as_posix()
-            match = PATTERN.match(name)
-            if match is None or len(rel_dir.parts) != 2 or rel_dir.parts[1] not in ("0", "1"):
-                if not name.startswith("."):
-                    report.ignored.append(rel)
+            if name.startswith("."):
                 continue
-            patient_dir, class_dir = rel_dir.parts
-            if class_dir != match["label"] or patient_dir != match["patient"]:
-                report.mislabelled.append(rel)
+            rel = "/".join((*parts, name))
+            kind, label = _classify(parts, name, require_labels)
+            if kind != "patch":
+                lists[kind].append(rel)
                 continue
-            st = os.stat(os.path.join(dirpath, name))
-            records.append(
-                PatchRecord(
-                    rel,
-                    match["patient"],
-                    int(match["x"]),
-                    int(match["y"]),
-                    int(match["label"]),
-                    st.st_size,
-                    st.st_mtime_ns,
-                )
-            )
-    for rel in report.ignored:
-        log.info("ignored %s: not a patch name in <patient>/<0|1>/", rel)
-    for rel in report.mislabelled:
-        log.warning("not used %s: its folder disagrees with its name", rel)
+            records.append(_record(dirpath, rel, name, label))
+    _log_scan(report)
     return records, report
+
+
+def _log_scan(report: LoadReport) -> None:
+    if report.ignored:
+        log.info(
+            "ignored %d files (not a patch name or not in a patch layout): %s",
+            len(report.ignored),
+            named(report.ignored),
+        )
+    if report.mislabelled:
+        log.warning(
+            "not used %d patches whose folder disagrees with their name: %s",
+            len(report.mislabelled),
+            named(report.mislabelled),
+        )
+    if report.no_label:
+        log.info(
+            "not used %d patches with no label (training needs <patient>/<0|1>/): %s",
+            len(report.no_label),
+            named(report.no_label),
+        )
 
 
 def _fingerprint(records: Sequence[PatchRecord], with_times: bool, extra: str = "") -> str:
@@ -183,58 +251,15 @@ def _fingerprint(records: Sequence[PatchRecord], with_times: bool, extra: str = 
     return h.hexdigest()
 
 
-def _decode_file(path: str, options: LoadOptions) -> tuple[np.ndarray | None, str]:
-    """Decode one PNG; the status is ok, padded, converted, small-skipped or unreadable."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            status = "ok" if img.mode == "RGB" else "converted"
-            arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad files
-        log.warning("unreadable patch %s: %s", path, exc)
-        return None, "unreadable"
-    h, w = arr.shape[:2]
-    if (h, w) == (PATCH, PATCH):
-        return arr, status
-    if h > PATCH or w > PATCH:
-        log.warning("unreadable patch %s: %dx%d is larger than 50x50", path, w, h)
-        return None, "unreadable"
-    if options.small == "skip":
-        return None, "small-skipped"
-    out = np.empty((PATCH, PATCH, 3), dtype=np.uint8)
-    out[:] = options.background
-    out[:h, :w] = arr
-    return out, "padded"
-
-
-def _decode_chunk(paths: list[str], options: LoadOptions) -> tuple[np.ndarray, list[str]]:
-    images = np.zeros((len(paths), PATCH, PATCH, 3), dtype=np.uint8)
-    statuses = []
-    for i, p in enumerate(paths):
-        arr, status = _decode_file(p, options)
-        if arr is not None:
-            images[i] = arr
-        statuses.append(status)
-    return images, statuses
-
-
-def _decode_all(
-    root: Path, records: Sequence[PatchRecord], options: LoadOptions, workers: int
-) -> tuple[np.ndarray, list[str]]:
-    paths = [str(root / r.path) for r in records]
-    if workers <= 1 or len(paths) < PARALLEL_MIN_FILES:
-        return _decode_chunk(paths, options)
-    size = -(-len(paths) // (workers * 4))
-    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        parts = list(pool.map(_decode_chunk, chunks, [options] * len(chunks)))
-    return np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]]
-
-
 def _build(
-    root: Path, records: list[PatchRecord], report: LoadReport, options: LoadOptions, workers: int
+    root: Path,
+    records: list[PatchRecord],
+    report: LoadReport,
+    options: LoadOptions,
+    workers: int,
+    progress: bool | None,
 ) -> tuple[np.ndarray, list[PatchRecord]]:
-    images, statuses = _decode_all(root, records, options, workers)
+    images, statuses = decode_all(root, records, options, workers, progress)
     keep = []
     lists = {
         "unreadable": report.unreadable,
@@ -247,14 +272,35 @@ def _build(
             lists[status].append(rec.path)
         if status not in ("unreadable", "small-skipped"):
             keep.append(i)
+    if report.unreadable:
+        log.warning(
+            "skipped %d unreadable patches: %s", len(report.unreadable), named(report.unreadable)
+        )
     return images[keep], [records[i] for i in keep]
 
 
 def _fill_counts(report: LoadReport, kept: Sequence[PatchRecord]) -> None:
     report.usable = len(kept)
     report.patients = len({r.patient for r in kept})
-    report.positives = sum(r.label for r in kept)
-    report.negatives = report.usable - report.positives
+    report.positives = sum(r.label == 1 for r in kept)
+    report.negatives = sum(r.label == 0 for r in kept)
+    report.unlabelled = sum(r.label == UNLABELLED for r in kept)
+
+
+def _nothing_found(root: Path, report: LoadReport, require_labels: bool) -> NoUsableData:
+    if report.no_label:
+        return NoUsableData(
+            f"no labelled patch in {root}: {len(report.no_label)} patches have no label "
+            "(<patient>/<patient>_idx5_x<X>_y<Y>.png); training needs "
+            "<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png; "
+            "to score unlabelled patches use `idc-client predict`"
+        )
+    expected = (
+        "<patient>/<0|1>/*_class<0|1>.png"
+        if require_labels
+        else "<patient>/*.png, <patient>/<0|1>/*.png, or one patient's folder"
+    )
+    return NoUsableData(f"no patch files in {root} (expected {expected})")
 
 
 def load_patches(
@@ -262,8 +308,13 @@ def load_patches(
     cache_dir: Path | None = None,
     options: LoadOptions | None = None,
     workers: int = 1,
+    require_labels: bool = True,
+    progress: bool | None = None,
 ) -> PatchSet:
     """Load every usable patch under ``root``, through the cache when ``cache_dir`` is given.
+
+    ``require_labels=False`` also loads unlabelled patches and one patient's folder (module
+    doc). ``progress``: a bar on the first decode; ``None`` shows it on a terminal only.
 
     Raises
     ------
@@ -272,15 +323,15 @@ def load_patches(
     """
     options = options or LoadOptions()
     root = resolve_root(root)
-    records, report = scan(root)
+    records, report = scan(root, require_labels)
     key = _fingerprint(records, True, f"v{CACHE_VERSION}{asdict(options)}{root.resolve()}")
     entry = Path(cache_dir) / key if cache_dir is not None else None
-    if entry is not None and (entry / "meta.json").is_file():
+    if entry is not None and patch_cache.has_entry(entry):
         log.debug("patch cache hit %s", entry)
-        return _read_cache(entry)
+        return patch_cache.read_entry(entry)
     if not records:
-        raise NoUsableData(f"no patch files in {root} (expected <patient>/<0|1>/*.png)")
-    images, kept = _build(root, records, report, options, workers)
+        raise _nothing_found(root, report, require_labels)
+    images, kept = _build(root, records, report, options, workers, progress)
     _fill_counts(report, kept)
     if not kept:
         raise NoUsableData(f"no usable patch in {root}: {len(report.unreadable)} unreadable")
@@ -295,60 +346,6 @@ def load_patches(
         fingerprint=_fingerprint(records, False),
     )
     if entry is not None:
-        _write_cache(entry, patches)
-        return _read_cache(entry)
+        patch_cache.write_entry(entry, patches)
+        return patch_cache.read_entry(entry)
     return patches
-
-
-def _write_cache(entry: Path, patches: PatchSet) -> None:
-    """Write atomically: a crash leaves either no entry or a whole one."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-    try:
-        np.save(tmp / "images.npy", patches.images)
-        np.savez(
-            tmp / "facts.npz",
-            labels=patches.labels,
-            patients=patches.patients,
-            xs=patches.xs,
-            ys=patches.ys,
-        )
-        meta = {
-            "files": patches.files,
-            "report": asdict(patches.report),
-            "fingerprint": patches.fingerprint,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        os.replace(tmp, entry)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (entry / "meta.json").is_file():  # another process may have won the race
-            raise
-    _prune_siblings(entry, patches.report.root)
-
-
-def _prune_siblings(entry: Path, root: str) -> None:
-    """Drop older cache entries of the same folder so changed data does not pile up."""
-    for other in entry.parent.iterdir():
-        if other == entry or other.name.startswith(".") or not (other / "meta.json").is_file():
-            continue
-        try:
-            if json.loads((other / "meta.json").read_text())["report"]["root"] == root:
-                shutil.rmtree(other, ignore_errors=True)
-        except (OSError, ValueError, KeyError):
-            continue
-
-
-def _read_cache(entry: Path) -> PatchSet:
-    meta = json.loads((entry / "meta.json").read_text())
-    facts = np.load(entry / "facts.npz")
-    return PatchSet(
-        images=np.load(entry / "images.npy", mmap_mode="r"),
-        labels=facts["labels"],
-        patients=facts["patients"],
-        xs=facts["xs"],
-        ys=facts["ys"],
-        files=meta["files"],
-        report=LoadReport(**meta["report"]),
-        fingerprint=meta["fingerprint"],
-    )

@@ -22,7 +22,7 @@ from common import keys
 from common.audit import AuditLog, digest_update
 from common.config import RunConfig
 from common.model import build_model
-from common.plots import plot_curves
+from common.plots import plot_round_curves
 from common.provenance import MODEL_FILE, run_metadata, save_model
 from server.registry import CoordPaths, site_public_keys
 from server.rundir import RunDir
@@ -153,23 +153,7 @@ class Coordinator:
         summary["central_dp"] = self.client_level_privacy(last)
         self.dir.write_json("summary.json", summary)
         if rows:
-            curve = [
-                {
-                    "round": r["round"],
-                    **{f"train_{k}": v for k, v in r["train"].items()},
-                    **{f"eval_{k}": v for k, v in r["evaluate"].items()},
-                }
-                for r in rows
-            ]
-            plot_curves(
-                curve,
-                self.dir.root / "curves.png",
-                x="round",
-                pairs=(
-                    ("train_train-accuracy", "eval_balanced-accuracy"),
-                    ("train_train-loss", "eval_loss"),
-                ),
-            )
+            plot_round_curves(rows, self.dir.root / "curves.png", f"run {self.run_id}")
         self._audit("run.finished", "ok", {"rounds": last, "final_digest": digest_update(arrays)})
         # Written after run.finished so the record can name that entry as the run's end.
         head = self.audit.head if self.audit is not None else None
