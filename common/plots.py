@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 CLASS_NAMES = ("IDC(-)", "IDC(+)")
@@ -130,14 +131,13 @@ def _draw(ax: Any, rows: Sequence[Mapping[str, Any]], x: str, panel: Panel) -> N
         ax.legend(fontsize=8, loc="best")
 
 
-def plot_curves(
+def curves_figure(
     rows: Sequence[Mapping[str, Any]],
-    path: Path,
     x: str = "epoch",
     panels: Sequence[Sequence[Panel]] = EPOCH_PANELS,
     title: str = "",
-) -> Path:
-    """Plot a grid of panels (one row of the grid per sequence) of series against ``x``."""
+) -> Figure:
+    """A grid of panels (one grid row per inner sequence), each series plotted against ``x``."""
     n_rows, n_cols = len(panels), max(len(row) for row in panels)
     fig, axes = plt.subplots(
         n_rows, n_cols, figsize=(6 * n_cols, 3.8 * n_rows + 0.6), squeeze=False
@@ -151,14 +151,26 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    x: str = "epoch",
+    panels: Sequence[Sequence[Panel]] = EPOCH_PANELS,
+    title: str = "",
+) -> Path:
+    """Write :func:`curves_figure` to ``path`` as PNG."""
+    fig = curves_figure(rows, x, panels, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def plot_round_curves(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
-    """A federated run's curves from its rounds.jsonl rows: training and evaluation apart."""
-    flat = [
+def round_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """rounds.jsonl rows flattened for :data:`ROUND_PANELS`: ``train/<key>``, ``evaluate/<key>``."""
+    return [
         {
             "round": int(r["round"]),
             **{f"train/{k}": v for k, v in (r.get("train") or {}).items()},
@@ -166,7 +178,11 @@ def plot_round_curves(rows: Sequence[Mapping[str, Any]], path: Path, title: str 
         }
         for r in rows
     ]
-    return plot_curves(flat, path, x="round", panels=ROUND_PANELS, title=title)
+
+
+def plot_round_curves(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+    """A federated run's curves from its rounds.jsonl rows: training and evaluation apart."""
+    return plot_curves(round_rows(rows), path, x="round", panels=ROUND_PANELS, title=title)
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], path: Path, title: str = "") -> Path:

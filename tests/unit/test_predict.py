@@ -1,18 +1,23 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from client.cli import main
-from client.heatmap import grid_cells, mosaic, probability_grid, region_edges
+from client.heatmap import grid_cells, mosaic, plot_patient, probability_grid, region_edges
 from client.predict import infer, load_network, run_predict
+from client.predict_report import best_threshold, model_caption
 from client.site import model_arrays
+from common.metrics import classification_metrics
 from common.model import build_model
 from common.provenance import save_model
 from tests.conftest import write_patch
@@ -165,3 +170,187 @@ def test_cli_prints_provenance_and_unverified_needs_the_flag(tmp_path, folder, c
     captured = capsys.readouterr()
     assert "NONE (unverified" in captured.out and "WARNING" in captured.err
     assert len(_csv(tmp_path / "out" / "predictions.csv")) == 6
+
+
+def _unlabelled(root: Path, patient: str, x: int, y: int, here: bool = False) -> None:
+    d = root if here else root / patient
+    d.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(x + 7 * y).integers(0, 255, (50, 50, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(d / f"{patient}_idx5_x{x}_y{y}.png")
+
+
+@pytest.fixture
+def new_slides(tmp_path: Path) -> Path:
+    root = tmp_path / "new"
+    for x, y in ((1001, 2001), (1051, 2001), (1001, 2051)):
+        _unlabelled(root, "20", x, y)
+    _unlabelled(root, "21", 0, 0)
+    return root
+
+
+def _predict(tmp_path: Path, model: Path, data: Path, *extra: str) -> int:
+    return main(
+        [
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "predict",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
+
+
+def test_unlabelled_patches_are_scored_without_metrics(tmp_path, new_slides, model_file, capsys):
+    assert _predict(tmp_path, model_file, new_slides) == 0
+    out = tmp_path / "out"
+    rows = _csv(out / "predictions.csv")
+    assert sorted(r["file"] for r in rows) == [
+        "20/20_idx5_x1001_y2001.png",
+        "20/20_idx5_x1001_y2051.png",
+        "20/20_idx5_x1051_y2001.png",
+        "21/21_idx5_x0_y0.png",
+    ]
+    assert all(r["label"] == "" for r in rows)
+    assert not (out / "metrics.json").exists() and not (out / "confusion.png").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"] is None and summary["labelled"] == 0
+    patients = {r["patient"]: r for r in _csv(out / "patients.csv")}
+    assert patients["20"]["patches"] == "3" and patients["20"]["true_idc_share"] == ""
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["20.png", "21.png"]
+    printed = capsys.readouterr()
+    assert "no labels in the file names: no metrics" in printed.out
+    assert "patient 20: " in printed.out and "not a patch name" not in printed.err
+
+
+def test_one_patients_folder_is_accepted(tmp_path, new_slides, model_file) -> None:
+    assert _predict(tmp_path, model_file, new_slides / "20", "--no-heatmaps") == 0
+    rows = _csv(tmp_path / "out" / "predictions.csv")
+    assert {r["patient"] for r in rows} == {"20"} and len(rows) == 3
+    assert {r["file"] for r in rows} >= {"20_idx5_x1001_y2001.png"}
+
+
+def test_labelled_patient_folder_gives_metrics(tmp_path, folder, model_file) -> None:
+    assert _predict(tmp_path, model_file, folder / "10", "--no-heatmaps") == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["examples"] == 4 and sum(map(sum, metrics["confusion"])) == 4
+
+
+def test_metrics_cover_only_the_labelled_patches(tmp_path, folder, model_file) -> None:
+    _unlabelled(folder, "12", 0, 0)
+    model, meta = load_network(model_file)
+    summary = run_predict(model, folder, tmp_path / "out", meta, device="cpu", heatmap_cell=None)
+    assert summary["patches"] == 7 and summary["labelled"] == 6
+    assert summary["metrics"]["examples"] == 6
+
+
+def _model_with(tmp_path: Path, **record) -> Path:
+    arrays = model_arrays(build_model("group", seed=0))
+    return save_model(tmp_path / "rec.idc", arrays, {"run_id": "r1", "rounds": 3, **record})
+
+
+def test_threshold_comes_from_the_flag_then_the_record_then_the_default(
+    tmp_path, new_slides, model_file, capsys
+) -> None:
+    out = tmp_path / "out"
+    assert _predict(tmp_path, model_file, new_slides, "--no-heatmaps") == 0
+    rows = _csv(out / "predictions.csv")
+    assert {(r["threshold"], r["threshold_source"]) for r in rows} == {("0.5", "default")}
+    probs = [float(r["probability"]) for r in rows]
+    cut = sorted(probs)[1]  # a threshold that calls exactly three of the four patches IDC
+    assert _predict(tmp_path, model_file, new_slides, "--no-heatmaps", "--threshold", str(cut)) == 0
+    rows = _csv(out / "predictions.csv")
+    assert {r["threshold_source"] for r in rows} == {"command-line"}
+    assert sum(int(r["predicted"]) for r in rows) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"]["origin"] == "command-line"
+    assert summary["threshold"]["value"] == pytest.approx(cut)
+    recorded = _model_with(tmp_path, threshold=0.42, threshold_source="validation, 3 sites")
+    assert _predict(tmp_path, recorded, new_slides, "--no-heatmaps") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"]["value"] == 0.42
+    assert summary["threshold"]["origin"] == "model-record"
+    assert "validation, 3 sites" in summary["threshold"]["detail"]
+    assert "decision threshold: 0.42 (model record: validation, 3 sites)" in capsys.readouterr().out
+
+
+def test_bad_thresholds_are_one_line_errors(tmp_path, new_slides, model_file, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _predict(tmp_path, model_file, new_slides, "--threshold", "1.5")
+    assert exit_.value.code == 2 and "between 0 and 1" in capsys.readouterr().err
+    broken = _model_with(tmp_path, threshold="high")
+    assert _predict(tmp_path, broken, new_slides) != 0
+    err = capsys.readouterr().err
+    assert "threshold 'high' is not a number" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_best_threshold_known_answer_and_brute_force() -> None:
+    labels = np.array([0, 0, 1, 1])
+    best = best_threshold(labels, np.array([0.1, 0.4, 0.35, 0.8]))
+    # 0.35 and 0.8 both give balanced accuracy 0.75; the tie goes to the one nearer 0.5
+    assert best == {"threshold": 0.35, "balanced_accuracy": 0.75}
+    assert best_threshold(np.array([1, 1]), np.array([0.2, 0.9])) is None
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 30)
+        labels[:2] = (0, 1)
+        probs = np.round(rng.random(30), 2)  # ties on purpose
+        got = best_threshold(labels, probs)
+        brute = max(
+            classification_metrics(labels, probs, t)["balanced_accuracy"] for t in np.unique(probs)
+        )
+        assert got is not None and got["balanced_accuracy"] == pytest.approx(brute)
+        at = classification_metrics(labels, probs, got["threshold"])["balanced_accuracy"]
+        assert at == pytest.approx(got["balanced_accuracy"])
+
+
+def test_heatmap_names_the_model_share_and_threshold(tmp_path, monkeypatch) -> None:
+    titles: list[str] = []
+    original = Figure.suptitle
+
+    def spy(self, text, **kwargs):
+        titles.append(text)
+        return original(self, text, **kwargs)
+
+    monkeypatch.setattr(Figure, "suptitle", spy)
+    images = np.zeros((4, 50, 50, 3), np.uint8)
+    plot_patient(
+        "20",
+        images,
+        np.array([0, 50, 100, 150]),
+        np.zeros(4, int),
+        np.array([0.1, 0.6, 0.7, 0.2]),
+        tmp_path / "h.png",
+        threshold=0.65,
+        caption=model_caption(
+            {"run_id": "r9", "rounds": 5, "weights_digest": "ab" * 32}, Path("m.idc")
+        ),
+    )
+    (title,) = titles
+    assert "patient 20: 1 of 4 patches predicted IDC (25.0%, P(IDC) >= 0.65)" in title
+    assert "run r9, 5 rounds, weights abababababab" in title
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_inference_shows_progress_on_a_terminal_only(monkeypatch) -> None:
+    model = build_model("group", seed=0)
+    images = np.zeros((6, 50, 50, 3), np.uint8)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    infer(model, images, torch.device("cpu"), batch_size=2)
+    assert "predicting" in terminal.getvalue() and "/3 [" in terminal.getvalue()
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", piped)
+    infer(model, images, torch.device("cpu"), batch_size=2)
+    assert piped.getvalue() == ""
