@@ -86,7 +86,7 @@ def _progress(total: int, progress: bool | None) -> tqdm:
     # None: a bar only on a terminal (tqdm's rule), so logs and captured output stay clean.
     return tqdm(
         total=total,
-        desc="decoding patches (first load of this folder; cached afterwards)",
+        desc="decoding patches (first load only, then cached)",
         unit="patch",
         disable=None if progress is None else not progress,
         delay=PROGRESS_DELAY_S,

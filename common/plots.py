@@ -42,10 +42,15 @@ EPOCH_PANELS = (
     (
         Panel("loss", "cross-entropy", (("train_loss", "training"), ("val_loss", "validation"))),
         Panel(
-            "accuracy",
-            "accuracy",
-            (("train_accuracy", "training"), ("val_accuracy", "validation")),
+            "scores",
+            "score",
+            (
+                ("train_accuracy", "accuracy, training"),
+                ("val_accuracy", "accuracy, validation"),
+                ("val_balanced_accuracy", "balanced accuracy, validation"),
+            ),
             scores=True,
+            chance=True,
         ),
     ),
 )

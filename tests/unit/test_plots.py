@@ -88,15 +88,31 @@ def test_a_single_round_still_gets_its_integer_tick() -> None:
         plt.close(fig)
 
 
-def test_epoch_curves_have_no_chance_line_on_plain_accuracy() -> None:
+def test_epoch_curves_show_validation_balanced_accuracy_against_chance() -> None:
     rows = [
-        {"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5}
+        {
+            "epoch": float(e),  # common.training writes epochs as floats
+            "train_loss": 1.0,
+            "val_loss": 1.0,
+            "train_accuracy": 0.7,
+            "val_accuracy": 0.7,
+            "val_balanced_accuracy": 0.5,
+        }
         for e in (1, 2)
     ]
     fig = curves_figure(rows, "epoch", EPOCH_PANELS)
     try:
-        assert all(CHANCE_LABEL not in [ln.get_label() for ln in ax.get_lines()] for ax in fig.axes)
+        loss, scores = fig.axes
         assert [ax.get_xlabel() for ax in fig.axes] == ["epoch", "epoch"]
+        assert list(scores.get_xticks()) == [1, 2]
+        labels = [ln.get_label() for ln in scores.get_lines()]
+        assert labels == [
+            "accuracy, training",
+            "accuracy, validation",
+            "balanced accuracy, validation",
+            CHANCE_LABEL,
+        ]
+        assert [ln.get_label() for ln in loss.get_lines()] == ["training", "validation"]
     finally:
         plt.close(fig)
 
