@@ -18,8 +18,9 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from common.data import PATCH  # noqa: E402
+from common.data import PATCH, UNLABELLED, PatchSet  # noqa: E402
 
 BACKGROUND = 255  # white: no tissue patch at this place
 MAX_PANEL_INCHES = 8.0  # big slides shrink to this; small ones grow to the minimum
@@ -174,3 +175,27 @@ def plot_patient(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def write_heatmaps(
+    out: Path, patches: PatchSet, probs: np.ndarray, cell: int, threshold: float, caption: str
+) -> int:
+    """One PNG per patient under ``out``; returns how many were written."""
+    out.mkdir(parents=True, exist_ok=True)
+    patients = sorted(set(patches.patients.tolist()))
+    for patient in tqdm(patients, desc="heatmaps", unit="patient", disable=None, leave=False):
+        idx = np.flatnonzero(patches.patients == patient)
+        labels = patches.labels[idx]
+        plot_patient(
+            patient,
+            patches.images[idx],
+            patches.xs[idx],
+            patches.ys[idx],
+            probs[idx],
+            out / f"{patient}.png",
+            None if (labels == UNLABELLED).any() else labels,  # outline only a full truth
+            cell,
+            threshold=threshold,
+            caption=caption,
+        )
+    return len(patients)

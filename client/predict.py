@@ -99,34 +99,6 @@ def infer(
     return torch.cat(out).cpu().numpy()
 
 
-def write_heatmaps(
-    out: Path, patches: PatchSet, probs: np.ndarray, cell: int, threshold: float, caption: str
-) -> int:
-    """One PNG per patient under ``out``; returns how many were written."""
-    from tqdm import tqdm
-
-    from client.heatmap import plot_patient
-
-    out.mkdir(parents=True, exist_ok=True)
-    patients = sorted(set(patches.patients.tolist()))
-    for patient in tqdm(patients, desc="heatmaps", unit="patient", disable=None, leave=False):
-        idx = np.flatnonzero(patches.patients == patient)
-        labels = patches.labels[idx]
-        plot_patient(
-            patient,
-            patches.images[idx],
-            patches.xs[idx],
-            patches.ys[idx],
-            probs[idx],
-            out / f"{patient}.png",
-            None if (labels == UNLABELLED).any() else labels,  # outline only a full truth
-            cell,
-            threshold=threshold,
-            caption=caption,
-        )
-    return len(patients)
-
-
 def _write_metrics(out: Path, patches: PatchSet, probs: np.ndarray, th: Threshold) -> Any:
     from common.plots import plot_confusion
 
@@ -168,6 +140,7 @@ def run_predict(
     ValueError
         If the model record's threshold is not a number between 0 and 1.
     """
+    from client.heatmap import write_heatmaps
     from common.training import resolve_device
 
     th = resolve_threshold(threshold, metadata)
