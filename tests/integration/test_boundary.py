@@ -116,7 +116,8 @@ def foreign_app(root: Path) -> Path:
             from flwr.clientapp import ClientApp
             from flwr.serverapp import Grid, ServerApp
 
-            server, client = ServerApp(), ClientApp()
+            server = ServerApp()
+            client = ClientApp()
 
             @server.main()
             def main(grid: Grid, context: Context) -> None:
