@@ -36,6 +36,17 @@ def connection(paths: CoordPaths) -> flowerctl.Connection:
     return flowerctl.write_cli_config(paths.root / "flwr-cli", info["local_address"], ca)
 
 
+def _require_superlink(paths: CoordPaths, run_dir: Path) -> None:
+    """Fail when the SuperLink this run was submitted to is gone (follow_run would wait on)."""
+    live = paths.root / LIVE_FILE
+    pid = json.loads(live.read_text())["pid"] if live.is_file() else None
+    if pid is None or not flowerctl.alive(int(pid)):
+        raise RuntimeError(
+            f"the SuperLink of {paths.root} stopped during the run; start it again "
+            f"(`idc-server start`), then continue with `idc-server run --resume {run_dir}`"
+        )
+
+
 def _fingerprint(public_key: bytes) -> str:
     from cryptography.hazmat.primitives import serialization
 
@@ -138,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     def progress() -> None:
         nonlocal shown
         shown = _print_progress(run_dir, shown)
+        _require_superlink(paths, run_dir)
 
     status = flowerctl.follow_run(conn, run_id, args.timeout, on_poll=progress)
     _print_progress(run_dir, shown)
