@@ -3,7 +3,9 @@
 One module per concern: :mod:`~flowerctl.tls` (certificates), :mod:`~flowerctl.processes`
 (start, wait for and stop SuperLink/SuperNode process trees), :mod:`~flowerctl.cli` (the
 ``flwr`` command line: connections, node registration, runs), :mod:`~flowerctl.control`
-(read-only Control API calls and :func:`follow_run`). The names below are the public surface.
+(read-only Control API calls and :func:`follow_run`), :mod:`~flowerctl.gateway` (the
+coordinator's public front: the Fleet API only; imported on its own, it pulls in uvicorn).
+The names below are the public surface.
 """
 
 from flowerctl.cli import (

@@ -52,7 +52,8 @@ def _add_site(args: argparse.Namespace) -> int:
 
 def _sync_live(paths: object) -> None:
     """Apply the registry to a running SuperLink now; else it applies at the next start."""
-    from server.runner import LIVE_FILE, connection, sync_sites
+    from server.runner import LIVE_FILE, connection
+    from server.serve import print_sync, sync_sites
 
     if not (paths.root / LIVE_FILE).is_file():  # type: ignore[attr-defined]
         print("no SuperLink running: the registry applies when `idc-server start` runs")
@@ -60,7 +61,7 @@ def _sync_live(paths: object) -> None:
     from flowerctl import FlowerProcError
 
     try:
-        sync_sites(paths, connection(paths))  # type: ignore[arg-type]
+        report = sync_sites(paths, connection(paths))  # type: ignore[arg-type]
     except (FlowerProcError, OSError) as exc:
         print(
             f"warning: could not update the running SuperLink ({exc}); the registry applies "
@@ -68,7 +69,8 @@ def _sync_live(paths: object) -> None:
             file=sys.stderr,
         )
         return
-    print("the running SuperLink now admits exactly the registered sites")
+    print_sync(report)
+    print("the running SuperLink now admits exactly the registered sites with valid keys")
 
 
 def _remove_site(args: argparse.Namespace) -> int:

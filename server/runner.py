@@ -1,4 +1,4 @@
-"""idc-server start and run: the SuperLink process, site registration, and run submission."""
+"""idc-server run, and how the coordinator's commands reach its SuperLink (the loopback one)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import hashlib
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import flowerctl
 from common.config import RunConfig
 from common.protocol import RoundRow
-from server.registry import CoordPaths, load_sites
+from server.registry import CoordPaths
 from server.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,17 @@ def connection(paths: CoordPaths) -> flowerctl.Connection:
     return flowerctl.write_cli_config(paths.root / "flwr-cli", info["local_address"], ca)
 
 
+def _require_superlink(paths: CoordPaths, run_dir: Path) -> None:
+    """Fail when the SuperLink this run was submitted to is gone (follow_run would wait on)."""
+    live = paths.root / LIVE_FILE
+    pid = json.loads(live.read_text())["pid"] if live.is_file() else None
+    if pid is None or not flowerctl.alive(int(pid)):
+        raise RuntimeError(
+            f"the SuperLink of {paths.root} stopped during the run; start it again "
+            f"(`idc-server start`), then continue with `idc-server run --resume {run_dir}`"
+        )
+
+
 def _fingerprint(public_key: bytes) -> str:
     from cryptography.hazmat.primitives import serialization
 
@@ -50,71 +60,6 @@ def _fingerprint(public_key: bytes) -> str:
         else serialization.load_pem_public_key(public_key)
     )
     return keys.public_key_fingerprint(key)  # type: ignore[arg-type]
-
-
-def sync_sites(paths: CoordPaths, conn: flowerctl.Connection) -> dict[str, int]:
-    """Make the SuperLink's registered nodes match the registry, keys included.
-
-    A site removed from the registry, or whose key was rotated (remove-site, add-site), has
-    its old node unregistered; every registry key not yet registered is registered.
-    """
-    sites = load_sites(paths)
-    known: dict[str, int] = {}
-    for node in flowerctl.list_nodes(conn):
-        if node.status == "unregistered":
-            continue
-        info = sites.get(node.name)
-        if info is None or _fingerprint(bytes(node.public_key)) != info["fingerprint"]:
-            flowerctl.unregister_supernode(conn, node.node_id)
-            log.info("unregistered %s (node %d): removed or key rotated", node.name, node.node_id)
-        else:
-            known[node.name] = node.node_id
-    out = {}
-    for name in sites:
-        out[name] = known.get(name) or flowerctl.register_supernode(
-            conn, paths.site_keys / f"{name}.pub", name
-        )
-    return out
-
-
-def _start(args: argparse.Namespace) -> int:
-    paths = CoordPaths(args.dir).require()
-    host, _, port = args.address.rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"--address must be HOST:PORT, got {args.address!r}")
-    tls = None if args.insecure else _tls(paths)
-    if tls is None:
-        print(
-            "WARNING: --insecure: plain HTTP and no SuperNode authentication; "
-            "never use this with patient data",
-            file=sys.stderr,
-        )
-    log_path = paths.root / "logs" / "superlink.log"
-    proc = flowerctl.start_superlink(
-        paths.superlink, int(port), tls, log_path, host=host or "127.0.0.1"
-    )
-    live = paths.root / LIVE_FILE
-    try:
-        local = f"127.0.0.1:{port}" if host in ("", "0.0.0.0") else args.address
-        flowerctl.wait_superlink_ready(local, tls.ca_cert if tls else None, args.timeout, proc)
-        info = {
-            "address": args.address,
-            "local_address": local,
-            "pid": proc.pid,
-            "ca": str(tls.ca_cert) if tls else None,
-        }
-        live.write_text(json.dumps(info))
-        if tls is not None:
-            nodes = sync_sites(paths, connection(paths))
-            print(f"registered sites: {', '.join(sorted(nodes)) or '(none)'}")
-        print(f"SuperLink ready at {args.address} (log: {log_path}); Ctrl-C stops it", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        live.unlink(missing_ok=True)
-        flowerctl.stop_process(proc)
 
 
 def app_hash(root: Path = PROJECT_ROOT) -> str:
@@ -202,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     def progress() -> None:
         nonlocal shown
         shown = _print_progress(run_dir, shown)
+        _require_superlink(paths, run_dir)
 
     status = flowerctl.follow_run(conn, run_id, args.timeout, on_poll=progress)
     _print_progress(run_dir, shown)
@@ -219,12 +165,22 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``idc-server start`` and ``idc-server run``."""
-    p = sub.add_parser("start", help="run the SuperLink with TLS and site authentication")
+    from server.serve import start
+
+    p = sub.add_parser("start", help="run the SuperLink (loopback) and its public Fleet-only front")
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
-    p.add_argument("--address", default="127.0.0.1:8000", help="HOST:PORT to serve on")
+    p.add_argument(
+        "--address", default="127.0.0.1:8000", help="HOST:PORT the sites dial (Fleet API only)"
+    )
+    p.add_argument(
+        "--local-port",
+        type=int,
+        default=0,
+        help="the SuperLink's port on 127.0.0.1, for this host's commands (default: any free)",
+    )
     p.add_argument("--insecure", action="store_true", help="plain HTTP, no auth (testing only)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
-    p.set_defaults(func=_start)
+    p.set_defaults(func=start)
     p = sub.add_parser("run", help="submit a training run and follow it to the end")
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument("--out", type=Path, default=None, help="new run folder")

@@ -1,8 +1,9 @@
 """A coordinator and hospitals on separate network hosts (Linux namespaces), over real TLS.
 
-The coordinator's SuperLink binds 10.77.0.1 inside its own namespace; each hospital's
-SuperNode runs in another namespace and reaches it only across the lab's bridge, by the
-address the server certificate names. Needs root and iproute2: skipped with the reason
+The coordinator's public front (its Fleet-only gateway) binds 10.77.0.1 inside its own
+namespace and its SuperLink that namespace's loopback; each hospital's SuperNode runs in
+another namespace and reaches it only across the lab's bridge, by the address the server
+certificate names. Needs root and iproute2: skipped with the reason
 otherwise, but under CI (``$CI`` set) a missing capability fails, so CI never skips silently.
 """
 
@@ -157,7 +158,8 @@ class Hosts:
             pids |= {int(p) for p in re.findall(r"\(pid (\d+)", self.output(name))}
         live = self.root / "coord" / "superlink.json"
         if live.is_file():
-            pids.add(int(json.loads(live.read_text())["pid"]))
+            info = json.loads(live.read_text())
+            pids |= {int(info["pid"]), int(info["gateway_pid"])}
         return pids
 
     def stop(self) -> None:
@@ -177,10 +179,11 @@ class Hosts:
 
 
 def _kill_flower_group(pid: int) -> None:
-    """SIGKILL group ``pid`` if it is still a Flower process that leads its group."""
+    """SIGKILL group ``pid`` if it is still a Flower process (or the gateway) leading its group."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if os.getpgid(pid) == pid and b"flower-" in cmdline:
+        ours = b"flower-" in cmdline or b"flowerctl.gateway" in cmdline
+        if os.getpgid(pid) == pid and ours:
             os.killpg(pid, signal.SIGKILL)
     except (OSError, ProcessLookupError):
         pass
@@ -312,7 +315,8 @@ def test_coordinator_and_three_hospitals_on_separate_hosts(hosts, lab, site_data
 
     start_coordinator(hosts, coord_ns, coord)
     live = json.loads((coord / "superlink.json").read_text())
-    assert live["local_address"] == SERVER  # its own CLI, too, goes by the address
+    assert live["address"] == SERVER  # the sites' address is the gateway's
+    assert live["local_address"].startswith("127.0.0.1:")  # its own CLI goes by loopback
 
     start_sites(hosts, site_ns, coord, other, site_data)
     bad = [WRONG_CA[0], INTRUDER[0]]
@@ -366,14 +370,6 @@ def test_coordinator_and_three_hospitals_on_separate_hosts(hosts, lab, site_data
     check_audit(hosts, coord)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "Flower 1.42's SuperLink serves its unauthenticated Control API on the Fleet API's port: "
-        "anyone who reaches the port can register a SuperNode key (deploy/README.md, Ports)"
-    ),
-)
 def test_a_stranger_who_reaches_the_port_cannot_register_a_node(hosts, lab, tmp_path):
     coord = tmp_path / "coord"
     coord_ns, coord_ip = lab.add_host("coord", COORD_HOST)
@@ -398,4 +394,7 @@ def test_a_stranger_who_reaches_the_port_cannot_register_a_node(hosts, lab, tmp_
         text=True,
         timeout=60,
     )
+    assert res.returncode != 0, res.stdout + res.stderr  # refused, not merely ignored
     assert "stranger" not in hosts.nodes(coord_ns, coord), res.stdout + res.stderr
+    refused = (coord / "logs" / "gateway-refused.log").read_text()
+    assert f"POST '/v1/control/register-node' from {SUBNET}.99:" in refused, refused

@@ -122,7 +122,8 @@ class Federation:
             lambda: "SuperLink ready" in self.output(name) or self._dead(name), 90, "the SuperLink"
         )
         assert proc.poll() is None, self.output(name)
-        self.flower_pids.add(self.superlink_pid())
+        live = json.loads((self.coord / "superlink.json").read_text())
+        self.flower_pids |= {live["pid"], live["gateway_pid"]}
         return proc
 
     def superlink_pid(self) -> int:
