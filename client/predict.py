@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from common import metrics as M
-from common.data import LoadOptions, NoUsableData, PatchSet, load_patches
+from common.cli_util import add_command
+from common.data import LoadOptions, PatchSet, load_patches
+from common.metrics import SCALAR_METRICS, Evaluation, json_safe, score
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 # torch and matplotlib are imported where used: registering this subcommand must not slow
 # every other idc-client command down by seconds.
 log = logging.getLogger(__name__)
-THRESHOLD = 0.5  # the operating point of common.metrics.classification_metrics
+THRESHOLD = 0.5  # the operating point of common.metrics.score
 GPU_BATCH = 1024
 CPU_BATCH = 256
 
@@ -47,13 +48,15 @@ def load_network(
     path: Path, allow_unverified: bool = False
 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """Read a model file (:func:`common.provenance.load_model`) into the right network."""
-    from client.site import load_arrays
     from common.model import build_model
-    from common.provenance import detect_norm, load_model
+    from common.provenance import ModelIntegrityError, detect_norm, load_model
+    from common.site_data import set_weights
 
     arrays, metadata = load_model(path, allow_unverified)
-    model = build_model(detect_norm(arrays), seed=0)  # type: ignore[arg-type]
-    load_arrays(model, arrays)
+    try:
+        model = set_weights(build_model(detect_norm(arrays), seed=0), arrays)
+    except ValueError as exc:
+        raise ModelIntegrityError(f"{path} does not hold this project's model: {exc}") from exc
     return model.eval(), metadata
 
 
@@ -137,11 +140,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def label_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, object]:
+def label_metrics(labels: np.ndarray, probs: np.ndarray) -> Evaluation:
     """The baseline's metrics: mean cross-entropy, classification metrics, example count."""
     p_true = np.where(labels == 1, probs, 1.0 - probs).astype(np.float64)
     loss = float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean())
-    return {M.LOSS: loss, **M.classification_metrics(labels, probs), "examples": len(labels)}
+    return score(labels, probs, loss, THRESHOLD)
 
 
 def write_heatmaps(out: Path, patches: PatchSet, probs: np.ndarray, cell: int) -> int:
@@ -196,9 +199,10 @@ def run_predict(
     _write_csv(out / "predictions.csv", prediction_rows(patches, probs))
     per_patient = patient_rows(patches, probs)
     _write_csv(out / "patients.csv", per_patient)
-    metrics = label_metrics(patches.labels, probs)
-    (out / "metrics.json").write_text(json.dumps(M.json_safe(metrics), indent=2))
-    plot_confusion(metrics[M.CONFUSION], out / "confusion.png", "predict")  # type: ignore[arg-type]
+    evaluation = label_metrics(patches.labels, probs)
+    metrics = evaluation.as_dict()
+    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+    plot_confusion(evaluation.confusion, out / "confusion.png", "predict")
     heatmaps = 0
     if heatmap_cell is not None:
         heatmaps = write_heatmaps(out / "heatmaps", patches, probs, heatmap_cell)
@@ -215,7 +219,7 @@ def run_predict(
         "heatmaps": heatmaps,
         "metrics": metrics,
     }
-    (out / "summary.json").write_text(json.dumps(M.json_safe(summary), indent=2))
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
     return summary
 
 
@@ -224,46 +228,40 @@ def _fmt(value: object) -> str:
 
 
 def _predict_cmd(args: argparse.Namespace) -> int:
-    from common.provenance import ModelIntegrityError, describe
+    from common.provenance import describe
 
-    try:
-        model, metadata = load_network(args.model, args.allow_unverified)
-    except ModelIntegrityError as exc:
-        print(f"idc-client predict: refused: {exc}", file=sys.stderr)
-        return 3
+    model, metadata = load_network(args.model, args.allow_unverified)
     print(describe(metadata))
     if metadata is None:
         print(
             "WARNING: this model has no provenance record; its origin is unchecked", file=sys.stderr
         )
-    try:
-        summary = run_predict(
-            model,
-            args.data,
-            args.out,
-            metadata,
-            args.cache_dir,
-            args.batch_size,
-            None if args.no_heatmaps else args.cell,
-            args.device,
-        )
-    except NoUsableData as exc:
-        print(f"idc-client predict: {exc}", file=sys.stderr)
-        return 1
+    summary = run_predict(
+        model,
+        args.data,
+        args.out,
+        metadata,
+        args.cache_dir,
+        args.batch_size,
+        None if args.no_heatmaps else args.cell,
+        args.device,
+    )
     report = summary["data"]["report"]
     print(
         f"predicted {summary['patches']} patches of {summary['patients']} patients "
         f"on {summary['device']}; {len(report['unreadable'])} unreadable skipped"
     )
     m = summary["metrics"]
-    print("  ".join(f"{k} {_fmt(m[k])}" for k in M.SCALAR_METRICS))
+    print("  ".join(f"{k} {_fmt(m[k])}" for k in SCALAR_METRICS))
     print(f"written to {args.out}")
     return 0
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``idc-client predict``."""
-    p = sub.add_parser("predict", help="run a model over a folder: predictions, heatmaps")
+    p = add_command(
+        sub, "predict", _predict_cmd, "run a model over a folder: predictions, heatmaps"
+    )
     p.add_argument(
         "--model", type=Path, required=True, help="model file (the coordinator's final/model.idc)"
     )
@@ -289,4 +287,3 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="accept plain weights (.pt/.npz) with no provenance (warns)",
     )
-    p.set_defaults(func=_predict_cmd)

@@ -38,6 +38,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from common.errors import IdcError
+
 log = logging.getLogger(__name__)
 
 PATCH = 50
@@ -48,7 +50,7 @@ CACHE_VERSION = 1
 PARALLEL_MIN_FILES = 2000
 
 
-class NoUsableData(ValueError):
+class NoUsableData(IdcError, ValueError):
     """A folder holds no usable patch; callers exit non-zero on it."""
 
 

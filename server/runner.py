@@ -9,13 +9,16 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import flowerctl
-from common.config import RunConfig
+from common.cli_util import add_command
+from common.config import RunConfig, Scalar
+from common.errors import EXIT_FEDERATION, EXIT_OK
+from common.fileio import read_json
+from common.paths import CoordPaths
 from common.protocol import RoundRow
-from server.registry import CoordPaths, load_sites
-from server.rundir import RunDir
+from common.registry import load_sites
+from common.rundir import RunDir
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +34,7 @@ def connection(paths: CoordPaths) -> flowerctl.Connection:
     """How this coordinator's own CLI reaches its running SuperLink."""
     live = paths.root / LIVE_FILE
     if not live.is_file():
-        raise RuntimeError(
+        raise flowerctl.SuperLinkUnreachable(
             f"no SuperLink is running for {paths.root} (start one with `idc-server start`)"
         )
     info = json.loads(live.read_text())
@@ -72,7 +75,7 @@ def sync_sites(paths: CoordPaths, conn: flowerctl.Connection) -> dict[str, int]:
     out = {}
     for name in sites:
         out[name] = known.get(name) or flowerctl.register_supernode(
-            conn, paths.site_keys / f"{name}.pub", name
+            conn, paths.site_key(name), name
         )
     return out
 
@@ -89,7 +92,7 @@ def _start(args: argparse.Namespace) -> int:
             "never use this with patient data",
             file=sys.stderr,
         )
-    log_path = paths.root / "logs" / "superlink.log"
+    log_path = paths.logs / "superlink.log"
     proc = flowerctl.start_superlink(
         paths.superlink, int(port), tls, log_path, host=host or "127.0.0.1"
     )
@@ -128,11 +131,14 @@ def app_hash(root: Path = PROJECT_ROOT) -> str:
     return h.hexdigest()
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parse as TOML scalars (numbers, booleans, quoted strings)."""
+def parse_overrides(items: list[str]) -> dict[str, Scalar]:
+    """``key=value`` pairs, checked against :class:`RunConfig` (unknown keys and bad values named).
+
+    Values parse as TOML scalars (numbers, booleans, quoted strings); anything else is a string.
+    """
     import tomli
 
-    out: dict[str, Any] = {}
+    out: dict[str, Scalar] = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
@@ -141,7 +147,34 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             out[key.strip()] = tomli.loads(f"v = {value.strip()}")["v"]
         except tomli.TOMLDecodeError:
             out[key.strip()] = value.strip()
+    RunConfig.from_run_config(out)
     return out
+
+
+def previous_config(run_dir: Path) -> RunConfig:
+    """The full config of the run in ``run_dir``, as it started (what ``--resume`` continues)."""
+    record = run_dir / "run.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no run to resume (no run.json)")
+    saved = read_json(record)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{record} has no 'config' object; it was not written by idc-server run")
+    try:
+        return RunConfig.from_run_config(saved["config"])
+    except ValueError as exc:
+        raise ValueError(f"{record}: {exc}") from exc
+
+
+def run_config(args: argparse.Namespace, paths: CoordPaths, run_dir: Path) -> RunConfig:
+    """What ``idc-server run`` submits: the resumed run's config, then the overrides."""
+    config = previous_config(run_dir).to_run_config() if args.resume else {}
+    config.update(parse_overrides(args.run_config))
+    if args.rounds is not None:
+        config["num-server-rounds"] = args.rounds
+    config.update(
+        {"run-dir": str(run_dir), "coord-dir": str(paths.root), "resume": bool(args.resume)}
+    )
+    return RunConfig.from_run_config(config)
 
 
 def _print_progress(run_dir: Path, shown: int) -> int:
@@ -165,21 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     if run_dir is None:
         raise ValueError("give --out RUN_DIR for a new run or --resume RUN_DIR")
     run_dir = run_dir.resolve()
-    config = parse_overrides(args.run_config)
-    if args.resume:
-        if not (run_dir / "run.json").is_file():
-            raise FileNotFoundError(f"{run_dir} holds no run to resume (no run.json)")
-        previous = RunConfig(**json.loads((run_dir / "run.json").read_text())["config"])
-        config = {**previous.to_run_config(), **config}
-    if args.rounds is not None:
-        config["num-server-rounds"] = args.rounds
-    config.update(
-        {
-            "run-dir": str(run_dir),
-            "coord-dir": str(paths.root.resolve()),
-            "resume": bool(args.resume),
-        }
-    )
+    run = run_config(args, paths, run_dir)
     conn = connection(paths)
     digest = app_hash()
     with AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator") as audit:
@@ -190,12 +209,10 @@ def _run(args: argparse.Namespace) -> int:
             {
                 "app_hash": digest,
                 "resume": bool(args.resume),
-                "config_hash": hashlib.sha256(
-                    json.dumps(config, sort_keys=True).encode()
-                ).hexdigest(),
+                "config_hash": run.digest(),
             },
         )
-    run_id = flowerctl.submit_run(conn, PROJECT_ROOT, config)
+    run_id = flowerctl.submit_run(conn, PROJECT_ROOT, run.to_run_config())
     print(f"run {run_id} submitted; results in {run_dir}", flush=True)
     shown = 0
 
@@ -209,23 +226,22 @@ def _run(args: argparse.Namespace) -> int:
     if status.sub_status != "completed":
         failure = run_dir / "status.json"
         if failure.is_file():
-            print(f"error: {json.loads(failure.read_text())['error']}", file=sys.stderr)
+            print(f"error: {read_json(failure)['error']}", file=sys.stderr)
         else:
             print(flowerctl.run_logs(conn, run_id)[-3000:], file=sys.stderr)
-        return 1
-    print(f"final model: {run_dir / 'final' / 'model.pt'}")
-    return 0
+        return EXIT_FEDERATION
+    print(f"final model: {RunDir(run_dir).final_model}")
+    return EXIT_OK
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``idc-server start`` and ``idc-server run``."""
-    p = sub.add_parser("start", help="run the SuperLink with TLS and site authentication")
+    p = add_command(sub, "start", _start, "run the SuperLink with TLS and site authentication")
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument("--address", default="127.0.0.1:8000", help="HOST:PORT to serve on")
     p.add_argument("--insecure", action="store_true", help="plain HTTP, no auth (testing only)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
-    p.set_defaults(func=_start)
-    p = sub.add_parser("run", help="submit a training run and follow it to the end")
+    p = add_command(sub, "run", _run, "submit a training run and follow it to the end")
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument("--out", type=Path, default=None, help="new run folder")
     p.add_argument("--resume", type=Path, default=None, help="continue this run folder")
@@ -238,4 +254,3 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="overrides of [tool.flwr.app.config], e.g. local-epochs=2",
     )
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after seconds")
-    p.set_defaults(func=_run)

@@ -165,8 +165,9 @@ class Federation:
 
     def wait_sites_online(self, n: int, timeout: float = 90) -> None:
         """Poll the SuperLink until ``n`` nodes are online."""
-        from flowerctl import node_statuses
         from server.registry import CoordPaths
+
+        from flowerctl import node_statuses
         from server.runner import connection
 
         conn = connection(CoordPaths(self.coord))

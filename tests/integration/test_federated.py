@@ -52,7 +52,7 @@ def balanced_accuracy(arrays, heldout):
     model = build_model("group")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
     loader = make_loader(PatchDataset(patches.images, patches.labels), 256, False)
-    return evaluate(model, loader, torch.device("cpu"))["balanced_accuracy"]
+    return evaluate(model, loader, torch.device("cpu")).balanced_accuracy
 
 
 def rounds(run_dir):
@@ -198,8 +198,9 @@ def test_coordinator_killed_after_round_one_then_resumed(fed, site_data):
 
 
 def test_rotating_a_site_key_applies_to_the_running_superlink(fed):
-    from flowerctl import list_nodes
     from server.registry import CoordPaths
+
+    from flowerctl import list_nodes
     from server.runner import _fingerprint, connection
 
     fed.init()

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from client.private import LEDGER_FILE
 from common.data import load_patches
 from common.ledger import PrivacyLedger
+from common.paths import SitePaths
 from simulation.synth import SynthSpec, synthesize
 from tests.integration.federation import Federation, split_synth_by_site
 
@@ -50,7 +50,7 @@ def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp
     rows = [json.loads(x) for x in (fed.root / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for name in ("hosp0", "hosp1"):
-        ledger = PrivacyLedger(fed.root / name / LEDGER_FILE)
+        ledger = PrivacyLedger(SitePaths(fed.root / name).ledger)
         fp = load_patches(folders[int(name[-1])]).fingerprint
         history = ledger.history(fp)
         assert [e.round for e in history] == [1, 2]
@@ -63,7 +63,7 @@ def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp
         assert "hosp2" not in row["sites"]
         refused = [r for r in row["rejected"] if r["site"] == "hosp2"]
         assert refused and refused[0]["kind"] == "refused" and "cap" in refused[0]["reason"]
-    ledger2 = PrivacyLedger(fed.root / "hosp2" / LEDGER_FILE)
+    ledger2 = PrivacyLedger(SitePaths(fed.root / "hosp2").ledger)
     fp2 = load_patches(folders[2]).fingerprint
     assert ledger2.history(fp2) == [] and len(ledger2.refusals(fp2)) == 2
     site_log = (fed.root / "hosp2" / "audit" / "site-audit.jsonl").read_text()

@@ -12,9 +12,9 @@ from PIL import Image
 from client.cli import main
 from client.heatmap import grid_cells, mosaic, probability_grid, region_edges
 from client.predict import infer, load_network, run_predict
-from client.site import model_arrays
 from common.model import build_model
 from common.provenance import save_model
+from common.site_data import model_arrays
 from tests.conftest import write_patch
 
 # Patient 10 sits at real-style offsets (1001, 1051, ...): cells (row, col) = (0,0), (0,2),
