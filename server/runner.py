@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import flowerctl
@@ -131,8 +132,10 @@ def app_hash(root: Path = PROJECT_ROOT) -> str:
     return h.hexdigest()
 
 
-def parse_overrides(items: list[str]) -> dict[str, Scalar]:
-    """``key=value`` pairs, checked against :class:`RunConfig` (unknown keys and bad values named).
+def parse_overrides(
+    items: list[str], base: Mapping[str, Scalar] | None = None
+) -> dict[str, Scalar]:
+    """``key=value`` pairs over ``base``, checked by :class:`RunConfig` (bad keys and values named).
 
     Values parse as TOML scalars (numbers, booleans, quoted strings); anything else is a string.
     """
@@ -147,7 +150,7 @@ def parse_overrides(items: list[str]) -> dict[str, Scalar]:
             out[key.strip()] = tomli.loads(f"v = {value.strip()}")["v"]
         except tomli.TOMLDecodeError:
             out[key.strip()] = value.strip()
-    RunConfig.from_run_config(out)
+    RunConfig.from_run_config({**(base or {}), **out})
     return out
 
 
@@ -168,7 +171,7 @@ def previous_config(run_dir: Path) -> RunConfig:
 def run_config(args: argparse.Namespace, paths: CoordPaths, run_dir: Path) -> RunConfig:
     """What ``idc-server run`` submits: the resumed run's config, then the overrides."""
     config = previous_config(run_dir).to_run_config() if args.resume else {}
-    config.update(parse_overrides(args.run_config))
+    config.update(parse_overrides(args.run_config, config))
     if args.rounds is not None:
         config["num-server-rounds"] = args.rounds
     config.update(
