@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ def write_patch(
     d = root / patient / (folder if folder is not None else str(label))
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{patient}_idx5_x{x}_y{y}_class{label}.png"
-    rng = np.random.default_rng(hash((patient, x, y)) % 2**32)
+    # crc32, not hash(): str hashes are salted per process, and the pixels must not change
+    rng = np.random.default_rng(zlib.crc32(f"{patient}/{x}/{y}".encode()))
     arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     if value is not None:
         arr[:] = value

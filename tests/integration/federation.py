@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from flowerctl import FLWR_ENV as FLOWER_ENV
 from flowerctl import alive, descendants, free_port, signal_tree
 
@@ -30,13 +28,22 @@ def split_synth_by_site(src: Path, dst: Path) -> dict[int, Path]:
     return folders
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):  # noqa: ANN001
-    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``."""
+def wait_for(predicate, timeout: float, what: str, watch=(), poll: float = 0.5):  # noqa: ANN001
+    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``.
+
+    ``watch`` holds the processes without which ``what`` can no longer happen: the wait
+    stops as soon as one of them has exited, instead of running to the deadline.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
+        for proc in watch:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"gave up waiting for {what}: {proc.args!r} exited with {proc.returncode}"
+                )
         time.sleep(poll)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -118,22 +125,16 @@ class Federation:
         proc = self.spawn(
             name, "idc-server", "start", "--dir", str(self.coord), "--address", self.address
         )
-        wait_for(
-            lambda: "SuperLink ready" in self.output(name) or self._dead(name), 90, "the SuperLink"
-        )
-        assert proc.poll() is None, self.output(name)
+        try:
+            wait_for(lambda: "SuperLink ready" in self.output(name), 90, "the SuperLink", [proc])
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.output(name)}") from None
         self.flower_pids.add(self.superlink_pid())
         return proc
 
     def superlink_pid(self) -> int:
         """The flower-superlink process of the running ``idc-server start``."""
         return int(json.loads((self.coord / "superlink.json").read_text())["pid"])
-
-    def _dead(self, name: str) -> bool:
-        proc = self.procs[name]
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.output(name)}")
-        return False
 
     def start_site(self, name: str, data: Path, *extra: str) -> None:
         """``idc-client start`` for a site made with :meth:`add_site`."""
@@ -158,6 +159,7 @@ class Federation:
             lambda: "SuperNode started" in self.output(name) and self.output(name),
             60,
             f"{name}'s SuperNode",
+            [self.procs[name]],
         )
         pid = int(text.split("(pid ")[1].split(",")[0])
         self.flower_pids.add(pid)
@@ -191,7 +193,7 @@ class Federation:
         except ProcessLookupError:
             pass
         signal_tree(tree, signal.SIGKILL)
-        wait_for(lambda: not any(alive(p) for p in [pid, *tree]), 20, f"process tree {pid}")
+        wait_for(lambda: not any(alive(p) for p in [pid, *tree]), 60, f"process tree {pid}")
 
     def stop(self) -> None:
         """Stop every command we started: SIGTERM (they stop their children), then SIGKILL."""
@@ -211,9 +213,3 @@ class Federation:
     def leftovers(self) -> list[int]:
         """Processes of ours still alive (should be none after :meth:`stop`)."""
         return [p for p in self.flower_pids if alive(p)]
-
-
-def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
-    """Arrays of a run checkpoint."""
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}

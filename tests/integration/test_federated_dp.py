@@ -10,7 +10,7 @@ from common.data import load_patches
 from common.ledger import PrivacyLedger
 from common.paths import SitePaths
 from simulation.synth import SynthSpec, synthesize
-from tests.integration.federation import Federation, split_synth_by_site
+from tests.integration.federation import split_synth_by_site
 
 pytestmark = pytest.mark.slow
 DP = [
@@ -19,19 +19,12 @@ DP = [
     "learning-rate=0.001",
     "batch-size=32",
     'norm="group"',
-    "round-timeout=120",
+    "round-timeout=180",
     "dp.enabled=true",
     "dp.noise-multiplier=1.0",
     "dp.max-grad-norm=1.0",
     "dp.delta=1e-4",
 ]
-
-
-@pytest.fixture
-def fed(tmp_path):
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
 
 
 def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp_path):
