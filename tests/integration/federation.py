@@ -185,6 +185,10 @@ class Federation:
             "idc-server", "run", "--dir", str(self.coord), *args, timeout=timeout, check=False
         )
 
+    def spawn_run(self, *args: str) -> subprocess.Popen[bytes]:
+        """``idc-server run`` in the background, output to ``run.out``."""
+        return self.spawn("run", "idc-server", "run", "--dir", str(self.coord), *args)
+
     def kill_group(self, pid: int) -> None:
         """SIGKILL a process we started, its group and every process below it (a crash)."""
         tree = descendants(pid)

@@ -126,20 +126,8 @@ def test_site_killed_mid_round_does_not_stop_the_run(fed, site_data):
         fed.start_site(f"hosp{i}", folders[i])
     fed.wait_sites_online(3)
     victim = fed.supernode_pid("hosp2")
-    proc = fed.spawn(
-        "run",
-        "idc-server",
-        "run",
-        "--dir",
-        str(fed.coord),
-        "--out",
-        str(fed.root / "run"),
-        "--rounds",
-        "2",
-        "--run-config",
-        "min-sites=2",
-        *FAST,
-    )
+    run = ["--out", str(fed.root / "run"), "--rounds", "2", "--run-config", "min-sites=2"]
+    proc = fed.spawn_run(*run, *FAST)
     site_log = fed.root / "hosp2" / "audit" / "site-audit.jsonl"
     wait_for(
         lambda: site_log.is_file() and '"round":2' in site_log.read_text(),
@@ -165,19 +153,8 @@ def test_coordinator_killed_after_round_one_then_resumed(fed, site_data):
         fed.start_site(f"hosp{i}", folders[i])
     fed.wait_sites_online(2)
     run_dir = fed.root / "run"
-    proc = fed.spawn(
-        "run",
-        "idc-server",
-        "run",
-        "--dir",
-        str(fed.coord),
-        "--out",
-        str(run_dir),
-        "--rounds",
-        "3",
-        "--run-config",
-        "min-sites=2",
-        *FAST,
+    proc = fed.spawn_run(
+        "--out", str(run_dir), "--rounds", "3", "--run-config", "min-sites=2", *FAST
     )
     state = run_dir / "state.json"
     wait_for(

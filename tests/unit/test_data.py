@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-import common.data as D
+from common import data as data_module
 from common.data import LoadOptions, NoUsableData, load_patches, scan
 from tests.conftest import write_patch
 
@@ -103,7 +103,9 @@ def test_folder_without_usable_patch_names_the_folder(tmp_path):
 def test_cache_second_load_reads_no_png(messy, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = load_patches(messy, cache_dir=cache)
-    monkeypatch.setattr(D, "_decode_file", lambda *a: pytest.fail("decoded a PNG on a cache hit"))
+    monkeypatch.setattr(
+        data_module, "_decode_file", lambda *a: pytest.fail("decoded a PNG on a cache hit")
+    )
     second = load_patches(messy, cache_dir=cache)
     assert isinstance(second.images, np.memmap)
     assert np.array_equal(first.images, second.images)
@@ -129,6 +131,6 @@ def test_parallel_decode_matches_serial(tmp_path, monkeypatch):
     root = tmp_path / "d"
     for i in range(40):
         write_patch(root, str(i % 4), i * 50, 0, i % 2)
-    monkeypatch.setattr(D, "PARALLEL_MIN_FILES", 10)
+    monkeypatch.setattr(data_module, "PARALLEL_MIN_FILES", 10)
     a, b = load_patches(root, workers=1), load_patches(root, workers=2)
     assert np.array_equal(a.images, b.images) and a.files == b.files
