@@ -167,17 +167,23 @@ class Federation:
 
     def wait_sites_online(self, n: int, timeout: float = 90) -> None:
         """Poll the SuperLink until ``n`` nodes are online."""
-        from server.registry import CoordPaths
-
         from flowerctl import node_statuses
-        from server.runner import connection
 
-        conn = connection(CoordPaths(self.coord))
+        conn = self.connection()
+        servers = [p for name, p in self.procs.items() if name.startswith("server")]
         wait_for(
             lambda: sum(s == "online" for s, _ in node_statuses(conn).values()) >= n,
             timeout,
             f"{n} sites online",
+            servers[-1:],
         )
+
+    def connection(self):  # noqa: ANN201
+        """The coordinator's own connection to its running SuperLink."""
+        from common.paths import CoordPaths
+        from server.runner import connection
+
+        return connection(CoordPaths(self.coord))
 
     def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         """``idc-server run`` to completion."""
