@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ def eval_loader(patches: PatchSet, idx: np.ndarray) -> Loader:
 
 def run_centralized(
     data: Path, out: Path, config: BaselineConfig, cache_dir: Path | None = None
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Train, evaluate on the held-out part, write metrics, weights and figures to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     patches = load_patches(data, cache_dir=cache_dir, workers=2)
@@ -108,7 +108,7 @@ def run_centralized(
     loader = eval_loader(patches, split.test)
     test = evaluate(model, loader, device)
     labels, probs, _ = predict(model, loader, device)
-    summary: dict[str, object] = {
+    summary: dict[str, Any] = {
         "config": asdict(config),
         "data": {
             "root": patches.report.root,

@@ -6,9 +6,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cli_util import add_command, dispatch, new_parser
 from common.errors import EXIT_OK
+
+if TYPE_CHECKING:
+    from simulation.plan import SimPlan
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def _centralized(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     summary = run_centralized(args.data, args.out, config, args.cache_dir)
-    print(results_table({f"centralized ({args.split} split)": summary["test"]}))  # type: ignore[dict-item]
+    print(results_table({f"centralized ({args.split} split)": summary["test"]}))
     print(f"results in {args.out}")
     return EXIT_OK
 
@@ -79,7 +83,7 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _plan(args: argparse.Namespace, seed: int | None = None) -> object:
+def _plan(args: argparse.Namespace, seed: int | None = None) -> SimPlan:
     from simulation.plan import SimPlan
     from simulation.sim_runtime import Resources
 
@@ -114,7 +118,7 @@ def _federated(args: argparse.Namespace) -> int:
             max_grad_norm=args.dp_clip,
             delta=args.dp_delta,
         )
-    results = run_compare(_plan(args), args.out, {"fedavg": dp}, say=_say)  # type: ignore[arg-type]
+    results = run_compare(_plan(args), args.out, {"fedavg": dp}, say=_say)
     print(
         f"\nheld-out: every site's own test patients ({results['union_test']['patients']} "
         f"patients, {results['union_test']['patches']} patches)"
@@ -198,7 +202,7 @@ def _sweep(args: argparse.Namespace) -> int:
     epsilons, seeds = parse_epsilons(args.epsilons), parse_seeds(args.seeds)
     spec = DPSpec(epsilon=1.0, max_grad_norm=args.dp_clip, delta=args.dp_delta)
     plan = _plan(args, seed=seeds[0])
-    results = run_sweep(plan, epsilons, seeds, args.out, spec, say=_say)  # type: ignore[arg-type]
+    results = run_sweep(plan, epsilons, seeds, args.out, spec, say=_say)
     print()
     print(sweep_table(results))
     print(f"report: {args.out / 'sweep.md'} (plot sweep.png, numbers sweep.json)")
