@@ -29,14 +29,16 @@ def _round(msg: Message) -> int:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on this site's own patients and reply with signed weights and metrics."""
-    from client import site as S
+    from client.private import train_round
+    from client.site import clip_update, open_audit, sign_and_record
+    from common.site_data import Site
 
     run = RunConfig.from_run_config(context.run_config)
     site_cfg = SiteConfig.from_context(context.node_config, run)
     run_id, server_round = str(msg.metadata.run_id), _round(msg)
-    with S.open_audit(site_cfg) as audit:
+    with open_audit(site_cfg) as audit:
         audit.append("message.received", run_id, "ok", {"round": server_round, "action": "train"})
-        site = S.Site.open(site_cfg, run.seed)
+        site = Site.open(site_cfg, run.seed)
         audit.append(
             "data.read",
             run_id,
@@ -48,8 +50,6 @@ def train(msg: Message, context: Context) -> Message:
                 "train_patches": int(len(site.split.train)),
             },
         )
-        from client.private import train_round
-
         try:
             outcome = train_round(site, run, _arrays(msg), run_id, server_round, audit)
         except Exception as exc:  # recorded, then the coordinator sees the error reply
@@ -70,8 +70,8 @@ def train(msg: Message, context: Context) -> Message:
             )
         clip = msg.content.config_records[protocol.CONFIG].get(KEY_CLIPPING_NORM)
         if clip is not None:  # central DP, client-side clipping: clip before signing
-            S.clip_update(outcome.arrays, _arrays(msg), float(clip))  # type: ignore[arg-type]
-        digest, signature = S.sign_and_record(audit, site_cfg, run_id, server_round, outcome.arrays)
+            clip_update(outcome.arrays, _arrays(msg), float(clip))  # type: ignore[arg-type]
+        digest, signature = sign_and_record(audit, site_cfg, run_id, server_round, outcome.arrays)
         meta[protocol.DIGEST], meta[protocol.SIGNATURE] = digest, signature
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in outcome.arrays.items()})
         content = RecordDict(
@@ -83,17 +83,18 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's held-out test patients."""
-    from client import site as S
+    from client.site import local_evaluate, open_audit
+    from common.site_data import Site
 
     run = RunConfig.from_run_config(context.run_config)
     site_cfg = SiteConfig.from_context(context.node_config, run)
     run_id, server_round = str(msg.metadata.run_id), _round(msg)
-    with S.open_audit(site_cfg) as audit:
+    with open_audit(site_cfg) as audit:
         audit.append(
             "message.received", run_id, "ok", {"round": server_round, "action": "evaluate"}
         )
-        site = S.Site.open(site_cfg, run.seed)
-        metrics = S.local_evaluate(site, run, _arrays(msg)).to_record()
+        site = Site.open(site_cfg, run.seed)
+        metrics = local_evaluate(site, run, _arrays(msg)).to_record()
         audit.append("metrics.sent", run_id, "ok", json_safe({"round": server_round, **metrics}))  # type: ignore[arg-type]
     content = RecordDict(
         {

@@ -7,17 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from common.cli_util import dispatch, new_parser
-from common.data import LoadOptions, NoUsableData, load_patches
+from common.cli_util import add_command, dispatch, new_parser
+from common.data import LoadOptions, load_patches
+from common.errors import EXIT_CHECK_FAILED, EXIT_OK
+from common.paths import SitePaths, check_name
 
 
 def _check(args: argparse.Namespace) -> int:
     options = LoadOptions(small=args.small)
-    try:
-        patches = load_patches(args.data, cache_dir=args.cache_dir, options=options, workers=2)
-    except NoUsableData as exc:
-        print(f"idc-client check: {exc}", file=sys.stderr)
-        return 1
+    patches = load_patches(args.data, cache_dir=args.cache_dir, options=options, workers=2)
     report = patches.report
     print(report.summary())
     for title, items in (
@@ -31,72 +29,74 @@ def _check(args: argparse.Namespace) -> int:
         if len(items) > args.list:
             print(f"  ... and {len(items) - args.list} more {title}")
     print(f"data set fingerprint: {patches.fingerprint}")
-    return 0
+    return EXIT_OK
 
 
 def _init(args: argparse.Namespace) -> int:
-    from client.site import site_paths
     from common import keys
-    from server.registry import check_name
+    from common.fileio import atomic_write
 
     check_name(args.name)
+    paths = SitePaths(args.dir)
+    if paths.info.exists() or paths.key.exists():
+        raise FileExistsError(
+            f"{args.dir} is already a site folder; keep it, or give a new --dir for a new site"
+        )
     args.dir.mkdir(parents=True, exist_ok=True)
-    private, public = site_paths(args.dir)
-    keys.generate_key_pair(private, public)
-    (args.dir / "site.json").write_text(json.dumps({"site-name": args.name}) + "\n")
+    keys.generate_key_pair(paths.key, paths.pub)
+    atomic_write(paths.info, (json.dumps({"site-name": args.name}) + "\n").encode())
     print(f"site {args.name!r} initialised in {args.dir}")
-    print(f"send this public key to the coordinator: {public}")
-    print(f"keep this private key secret, never send it: {private}")
-    return 0
+    print(f"send this public key to the coordinator: {paths.pub}")
+    print(f"keep this private key secret, never send it: {paths.key}")
+    return EXIT_OK
 
 
 def _privacy(args: argparse.Namespace) -> int:
-    from client.private import LEDGER_FILE
     from common.ledger import PrivacyLedger
     from common.privacy import PRIVACY_UNIT
 
-    path = args.dir / LEDGER_FILE
+    path = SitePaths(args.dir).ledger
     if not path.is_file():
         print(f"no privacy ledger at {path}: this site has not trained with DP yet")
-        return 0
+        return EXIT_OK
     print(PrivacyLedger(path).format(delta=args.delta))
     print()
     print(PRIVACY_UNIT)
-    return 0
+    return EXIT_OK
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from client.site import SITE_PUB
     from common import keys
     from common.audit_verify import format_verify_report, verify_log
 
-    key = args.key or (args.log.parents[1] / SITE_PUB)
+    key = args.key or SitePaths.of_log(args.log).pub
     report = verify_log(args.log, keys.load_public_key(key))
     print(format_verify_report(report))
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
 def _add_management(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("init", help="make this site's key pair (send the .pub to the coordinator)")
+    p = add_command(
+        sub, "init", _init, "make this site's key pair (send the .pub to the coordinator)"
+    )
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--name", required=True, help="the site's name, as the coordinator knows it")
-    p.set_defaults(func=_init)
-    p = sub.add_parser("privacy", help="print the privacy ledger: epsilon spent per data set")
+    p = add_command(
+        sub, "privacy", _privacy, "print the privacy ledger: epsilon spent per data set"
+    )
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--delta", type=float, default=None, help="delta for the totals")
-    p.set_defaults(func=_privacy)
     audit = sub.add_parser("audit", help="check the site's audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True)
-    p = asub.add_parser("verify", help="check the hash chain and every signature")
+    p = add_command(asub, "verify", _audit_verify, "check the hash chain and every signature")
     p.add_argument("log", type=Path, help="the audit log (SITE_DIR/audit/site-audit.jsonl)")
     p.add_argument("--key", type=Path, default=None, help="public key (default SITE_DIR/site.pub)")
-    p.set_defaults(func=_audit_verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The idc-client argument parser."""
     parser, sub = new_parser("idc-client", __doc__)
-    p = sub.add_parser("check", help="preflight: what is usable in a data folder")
+    p = add_command(sub, "check", _check, "preflight: what is usable in a data folder")
     p.add_argument("--data", type=Path, required=True, help="folder in the Kaggle layout")
     p.add_argument(
         "--small",
@@ -105,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="patches under 50x50: pad with background (default) or skip",
     )
     p.add_argument("--list", type=int, default=10, help="how many problem files to name")
-    p.set_defaults(func=_check)
     _add_management(sub)
     from client import predict, runner
 
@@ -117,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``idc-client``."""
     args = build_parser().parse_args(argv)
-    return dispatch(args, "idc-client", (ValueError, FileNotFoundError))
+    return dispatch(args, "idc-client")
 
 
 if __name__ == "__main__":

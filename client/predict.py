@@ -35,8 +35,9 @@ from client.predict_report import (
     threshold_arg,
     write_csv,
 )
-from common import metrics as M
-from common.data import UNLABELLED, LoadOptions, NoUsableData, PatchSet, load_patches
+from common.cli_util import add_command
+from common.data import UNLABELLED, LoadOptions, PatchSet, load_patches
+from common.metrics import BALANCED_ACCURACY, CONFUSION, SCALAR_METRICS, json_safe
 
 if TYPE_CHECKING:
     import torch
@@ -57,13 +58,15 @@ def load_network(
     path: Path, allow_unverified: bool = False
 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """Read a model file (:func:`common.provenance.load_model`) into the right network."""
-    from client.site import load_arrays
     from common.model import build_model
-    from common.provenance import detect_norm, load_model
+    from common.provenance import ModelIntegrityError, detect_norm, load_model
+    from common.site_data import set_weights
 
     arrays, metadata = load_model(path, allow_unverified)
-    model = build_model(detect_norm(arrays), seed=0)  # type: ignore[arg-type]
-    load_arrays(model, arrays)
+    try:
+        model = set_weights(build_model(detect_norm(arrays), seed=0), arrays)
+    except ValueError as exc:
+        raise ModelIntegrityError(f"{path} does not hold this project's model: {exc}") from exc
     return model.eval(), metadata
 
 
@@ -106,9 +109,9 @@ def _write_metrics(out: Path, patches: PatchSet, probs: np.ndarray, th: Threshol
     if not known.any():
         return None
     metrics = label_metrics(patches.labels[known], probs[known], th.value)
-    (out / "metrics.json").write_text(json.dumps(M.json_safe(metrics), indent=2))
+    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
     title = f"{int(known.sum())} labelled patches, threshold {th.value:g}"
-    plot_confusion(metrics[M.CONFUSION], out / "confusion.png", title)
+    plot_confusion(metrics[CONFUSION], out / "confusion.png", title)
     return metrics
 
 
@@ -173,7 +176,7 @@ def run_predict(
         "heatmaps": heatmaps,
         "metrics": metrics,
     }
-    (out / "summary.json").write_text(json.dumps(M.json_safe(summary), indent=2))
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
     return summary
 
 
@@ -197,53 +200,47 @@ def _print_summary(summary: dict[str, Any], out: Path, shown: int = 20) -> None:
         print("no labels in the file names: no metrics (predictions only)")
     else:
         print(f"metrics on {m['examples']} labelled patches:")
-        print("  " + "  ".join(f"{k} {fmt(m[k])}" for k in M.SCALAR_METRICS))
+        print("  " + "  ".join(f"{k} {fmt(m[k])}" for k in SCALAR_METRICS))
         best = m["best_threshold_on_these_patches"]
         if best is not None:
             print(
                 f"  balanced accuracy is highest here at threshold {best['threshold']:.4g} "
-                f"({fmt(best[M.BALANCED_ACCURACY])}); choose a threshold on validation "
+                f"({fmt(best[BALANCED_ACCURACY])}); choose a threshold on validation "
                 "patches, never on the test patches it is scored on"
             )
     print(f"written to {out}")
 
 
 def _predict_cmd(args: argparse.Namespace) -> int:
-    from common.provenance import ModelIntegrityError, describe
+    from common.provenance import describe
 
-    try:
-        model, metadata = load_network(args.model, args.allow_unverified)
-    except ModelIntegrityError as exc:
-        print(f"idc-client predict: refused: {exc}", file=sys.stderr)
-        return 3
+    model, metadata = load_network(args.model, args.allow_unverified)
     print(describe(metadata))
     if metadata is None:
         print(
             "WARNING: this model has no provenance record; its origin is unchecked", file=sys.stderr
         )
-    try:
-        summary = run_predict(
-            model,
-            args.data,
-            args.out,
-            metadata,
-            args.cache_dir,
-            args.batch_size,
-            None if args.no_heatmaps else args.cell,
-            args.device,
-            threshold=args.threshold,
-            model_path=args.model,
-        )
-    except NoUsableData as exc:
-        print(f"idc-client predict: {exc}", file=sys.stderr)
-        return 1
+    summary = run_predict(
+        model,
+        args.data,
+        args.out,
+        metadata,
+        args.cache_dir,
+        args.batch_size,
+        None if args.no_heatmaps else args.cell,
+        args.device,
+        threshold=args.threshold,
+        model_path=args.model,
+    )
     _print_summary(summary, args.out)
     return 0
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``idc-client predict``."""
-    p = sub.add_parser("predict", help="run a model over a folder: predictions, heatmaps")
+    p = add_command(
+        sub, "predict", _predict_cmd, "run a model over a folder: predictions, heatmaps"
+    )
     p.add_argument(
         "--model", type=Path, required=True, help="model file (the coordinator's final/model.idc)"
     )
@@ -281,4 +278,3 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="accept plain weights (.pt/.npz) with no provenance (warns)",
     )
-    p.set_defaults(func=_predict_cmd)

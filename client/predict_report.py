@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from common import metrics as M
 from common.data import UNLABELLED, PatchSet
+from common.metrics import BALANCED_ACCURACY, score
 
-DEFAULT_THRESHOLD = 0.5  # the operating point of common.metrics.classification_metrics
+DEFAULT_THRESHOLD = 0.5  # the default operating point of common.score
 RECORD_KEY = "threshold"
 RECORD_SOURCE_KEY = "threshold_source"
 
@@ -92,10 +92,10 @@ def best_threshold(labels: np.ndarray, probs: np.ndarray) -> dict[str, float] | 
     cand = np.unique(probs)
     recall = (len(pos) - np.searchsorted(pos, cand, "left")) / len(pos)
     specificity = np.searchsorted(neg, cand, "left") / len(neg)
-    score = (recall + specificity) / 2
-    best = np.flatnonzero(np.isclose(score, score.max(), rtol=0, atol=1e-12))
+    bacc = (recall + specificity) / 2
+    best = np.flatnonzero(np.isclose(bacc, bacc.max(), rtol=0, atol=1e-12))
     k = best[np.argmin(np.abs(cand[best] - DEFAULT_THRESHOLD))]
-    return {"threshold": float(cand[k]), M.BALANCED_ACCURACY: float(score[k])}
+    return {"threshold": float(cand[k]), BALANCED_ACCURACY: float(bacc[k])}
 
 
 def _label_text(label: int) -> str:
@@ -165,9 +165,7 @@ def label_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> di
     p_true = np.where(labels == 1, probs, 1.0 - probs).astype(np.float64)
     loss = float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean())
     return {
-        M.LOSS: loss,
-        **M.classification_metrics(labels, probs, threshold),
-        "examples": len(labels),
+        **score(labels, probs, loss, threshold).as_dict(),
         "threshold": threshold,
         "best_threshold_on_these_patches": best_threshold(labels, probs),
     }

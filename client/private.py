@@ -15,11 +15,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from client.site import Site, load_arrays, local_train, model_arrays, train_metrics
+from client.site import local_train, train_metrics
 from common.audit import AuditLog
 from common.config import RunConfig
 from common.ledger import LedgerEntry, PrivacyLedger, epsilon_from_history
 from common.model import build_model
+from common.paths import SitePaths
 from common.privacy import (
     BudgetExceeded,
     DPConfig,
@@ -31,10 +32,10 @@ from common.privacy import (
     steps_taken,
 )
 from common.protocol import NO_CAP, OK, REFUSED, TrainMetrics
+from common.site_data import Site, model_arrays, set_weights
 from common.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
-LEDGER_FILE = "privacy-ledger.json"
 
 
 @dataclass
@@ -79,11 +80,11 @@ def _private_round(
 ) -> RoundOutcome:
     cfg = site.config
     delta = site_delta(site, run)
-    ledger = PrivacyLedger(cfg.state_dir / LEDGER_FILE)
+    ledger = PrivacyLedger(SitePaths(cfg.state_dir).ledger)
     fp = site.patches.fingerprint
     seed = run.seed + server_round
     model = build_model("group", seed=run.seed)
-    load_arrays(model, arrays)
+    set_weights(model, arrays)
     loader = site.loader("train", run.batch_size, seed, train=True)
     dp = DPConfig(
         noise_multiplier=run.dp_noise_multiplier or None,
@@ -92,7 +93,7 @@ def _private_round(
         delta=delta,
         accountant=run.dp_accountant,
     )
-    plan = plan_round(dp, loader, run.local_epochs)  # type: ignore[arg-type]
+    plan = plan_round(dp, loader, run.local_epochs)
     spent = ledger.epsilon(fp, delta, dp.accountant)
     try:
         if math.isfinite(cfg.max_epsilon):
@@ -118,7 +119,7 @@ def _private_round(
         refusal = TrainMetrics(len(site.split.train), **_dp_fields(0.0, spent, cfg.max_epsilon))
         return RoundOutcome(REFUSED, str(exc), refusal, None)
     optimizer = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
-    private = make_private(model, optimizer, loader, dp, run.local_epochs, seed=None)  # type: ignore[arg-type]
+    private = make_private(model, optimizer, loader, dp, run.local_epochs, seed=None)
     try:
         cfg_train = TrainConfig(epochs=run.local_epochs, lr=run.learning_rate, patience=None)
         result = train(private.model, private.loader, cfg_train, optimizer=private.optimizer)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import signal
 import sys
 from pathlib import Path
 
+from common.cli_util import add_command
 from common.data import LoadOptions, load_patches
+from common.fileio import read_json
+from common.paths import SitePaths
 
 
 def node_config(args: argparse.Namespace, name: str, cache_dir: Path) -> dict[str, str | float]:
@@ -43,12 +45,9 @@ def check_privacy_flags(args: argparse.Namespace, n_patches: int) -> None:
 
 def _start(args: argparse.Namespace) -> int:
     import flowerctl
-    from client.site import SITE_KEY
 
-    site_file = args.dir / "site.json"
-    if not site_file.is_file():
-        raise FileNotFoundError(f"{args.dir} is not a site folder (run `idc-client init` first)")
-    name = json.loads(site_file.read_text())["site-name"]
+    paths = SitePaths(args.dir).require()
+    name = read_json(paths.info)["site-name"]
     if not args.insecure and (args.ca is None or not args.ca.is_file()):
         raise FileNotFoundError(f"--ca {args.ca}: the coordinator's CA certificate is needed")
     patches = load_patches(
@@ -56,13 +55,13 @@ def _start(args: argparse.Namespace) -> int:
     )
     print(patches.report.summary(), flush=True)
     check_privacy_flags(args, len(patches))
-    flwr_home = args.dir / "flwr-home"
+    flwr_home = paths.flwr_home
     flwr_home.mkdir(parents=True, exist_ok=True)
     key = None
     if not args.insecure:
-        key = flowerctl.to_openssh_private_key(args.dir / SITE_KEY, flwr_home / "supernode.key")
+        key = flowerctl.to_openssh_private_key(paths.key, flwr_home / "supernode.key")
     port = args.port or flowerctl.free_port()
-    log_path = args.dir / "logs" / "supernode.log"
+    log_path = paths.logs / "supernode.log"
     proc = flowerctl.start_supernode(
         args.server,
         None if args.insecure else args.ca,
@@ -91,7 +90,7 @@ def _start(args: argparse.Namespace) -> int:
 
 def add_start_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``idc-client start``."""
-    p = sub.add_parser("start", help="join the federation: run this site's SuperNode")
+    p = add_command(sub, "start", _start, "join the federation: run this site's SuperNode")
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--server", required=True, help="the coordinator's HOST:PORT")
     p.add_argument("--ca", type=Path, help="the coordinator's CA certificate (ca.pem)")
@@ -103,4 +102,3 @@ def add_start_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, default=None, help="the site's DP delta (< 1/patches)")
     p.add_argument("--small", choices=("pad", "skip"), default="pad")
     p.add_argument("--insecure", action="store_true", help="plain HTTP, no key (testing only)")
-    p.set_defaults(func=_start)

@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from common import keys
+from common.errors import RefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ _FIELDS = frozenset({"seq", "details", *_TEXT_FIELDS})
 _ARRAYS_TAG = b"idc-arrays-v1\n"
 
 
-class AuditError(RuntimeError):
+class AuditError(RefusedError, RuntimeError):
     """The audit log cannot be opened, continued or written; the run must stop."""
 
 

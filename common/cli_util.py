@@ -1,4 +1,9 @@
-"""Small pieces shared by the three command-line tools: logging, parser top, cache folder."""
+"""The three command-line tools' shared edge: parser top, subcommand registration, dispatch.
+
+:func:`dispatch` is the one place where an exception becomes one line on stderr and an exit
+code from the table in :mod:`common.errors`; no traceback reaches a user (``-v`` shows one
+for an internal error).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,20 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from common.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_REFUSED,
+    IdcError,
+)
+
+Command = Callable[[argparse.Namespace], int]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -75,17 +92,63 @@ def new_parser(prog: str, doc: str | None, cache: bool = True) -> tuple[Any, Any
     return parser, parser.add_subparsers(dest="command", required=True)
 
 
-def dispatch(args: argparse.Namespace, prog: str, errors: tuple[type[Exception], ...]) -> int:
-    """Run the chosen subcommand; an expected error is one line on stderr and exit code 2."""
+def add_command(
+    sub: argparse._SubParsersAction, name: str, func: Command, help: str
+) -> argparse.ArgumentParser:
+    """Register subcommand ``name`` run by ``func``; every subcommand of every tool comes here."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def dispatch(
+    args: argparse.Namespace, prog: str, prepare: Callable[[argparse.Namespace], None] | None = None
+) -> int:
+    """Run the chosen subcommand; every failure is one line on stderr and its exit code.
+
+    The project's named errors carry their code (:class:`common.errors.IdcError`); the
+    standard library's errors about values and files are bad input (2); anything else is a
+    bug (70), whose traceback ``-v`` shows.
+    """
     setup_logging(args.verbose)
     absolute_paths(args)
     if getattr(args, "cache_dir", "unset") is None:
         args.cache_dir = default_cache_dir()
+    where = " ".join(
+        str(v) for v in (prog, args.command, getattr(args, "audit_command", None)) if v
+    )
     try:
+        if prepare is not None:
+            prepare(args)
         return int(args.func(args))
-    except errors as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except IdcError as exc:
+        kind = "refused" if exc.exit_code == EXIT_REFUSED else "error"
+        print(f"{where}: {kind}: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except (ValueError, OSError) as exc:
+        print(f"{where}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug: still one line, and the way to see more
+        if args.verbose:
+            traceback.print_exc()
+        print(
+            f"{where}: internal error: {type(exc).__name__}: {one_line(exc)} "
+            "(rerun with -v for the traceback, and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line; a file error names its file."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:

@@ -7,17 +7,24 @@ from the site's own node config, never from the coordinator.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from common.paths import SitePaths
+
 Norm = Literal["batch", "group"]
 Accountant = Literal["rdp", "prv"]
 CentralDPMode = Literal["none", "client-fixed", "server-fixed"]
 SmallPolicy = Literal["pad", "skip"]
 CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDPMode)
+Scalar = str | int | float | bool  # what a Flower run-config value may be
+# Where this run's results go and whether it continues one: not part of what the run is.
+_NOT_DIGESTED = ("run-dir", "resume")
 
 
 def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
@@ -77,13 +84,33 @@ class RunConfig:
             return "central-dp." + key[len("central-dp-") :]
         return key
 
-    def to_run_config(self) -> dict[str, Any]:
-        """Return the run-config overrides of this config (what a resumed run submits)."""
+    def to_run_config(self) -> dict[str, Scalar]:
+        """THE serialiser: every field under its run-config key (the inverse of the parser)."""
         return {self.key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def digest(self) -> str:
+        """SHA-256 of the settings that define the run (not where it writes, nor resume).
+
+        ``run.submitted`` and ``run.started`` log it as ``config_hash``; a resume checks it.
+        """
+        settings = {k: v for k, v in self.to_run_config().items() if k not in _NOT_DIGESTED}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
-        """Parse Flower's run config (kebab-case, dotted groups) and check every value."""
+        """Parse Flower's run config (kebab-case, dotted groups) and check every value.
+
+        Raises
+        ------
+        ValueError
+            Naming the first unknown key, or the key whose value has the wrong type or range.
+        """
+        known = {cls.key(f.name) for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown run-config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
+            )
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = cls.key(f.name)
@@ -156,7 +183,7 @@ class SiteConfig:
             site_name=folder.name,
             data_dir=folder / "data",
             state_dir=folder / "state",
-            cache_dir=folder / "state" / "cache",
+            cache_dir=SitePaths(folder / "state").cache,
         )
 
     @classmethod
@@ -171,12 +198,12 @@ class SiteConfig:
         _check(0 <= delta < 1, "delta", delta, "in [0, 1)")
         small = _get(cfg, "small-policy", str, "pad") if "small-policy" in cfg else "pad"
         _check(small in get_args(SmallPolicy), "small-policy", small, "'pad' or 'skip'")
-        cache = _get(cfg, "cache-dir", str, str(state / "cache")) if "cache-dir" in cfg else None
+        cache = _get(cfg, "cache-dir", str) if "cache-dir" in cfg else None
         return cls(
             site_name=name,
             data_dir=Path(_get(cfg, "data-dir", str)),
             state_dir=state,
-            cache_dir=Path(cache) if cache else state / "cache",
+            cache_dir=Path(cache) if cache else SitePaths(state).cache,
             max_epsilon=max_eps,
             delta=delta,
             small_policy=small,  # type: ignore[arg-type]  # checked just above

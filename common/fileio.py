@@ -4,14 +4,16 @@
 target and fsyncs the folder, so after a crash the target holds the old bytes or the new
 ones, never a mix, and the rename itself survives a power cut. ``write_private`` creates or
 truncates a file readable by its owner only (keys, certificates' private halves).
+``read_json`` reads a JSON file the project wrote, naming the file when it is missing or bad.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def fsync_dir(folder: Path) -> None:
@@ -58,3 +60,20 @@ def write_private(path: Path, data: bytes) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        Naming ``path`` when it is not valid JSON (a damaged or hand-edited file).
+    """
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); restore it or start afresh") from exc

@@ -23,6 +23,7 @@ from typing import Any
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.config import Accountant
+from common.errors import RefusedError
 from common.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ LEDGER_FORMAT = "idc-fl privacy ledger"
 LEDGER_VERSION = 1
 
 
-class LedgerError(RuntimeError):
+class LedgerError(RefusedError, RuntimeError):
     """The ledger file cannot be read, parsed or written; privacy must then fail closed."""
 
 

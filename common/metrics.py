@@ -8,6 +8,7 @@ undefined (NaN, written as null in JSON).
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -19,6 +20,7 @@ RECALL = "recall"
 F1 = "f1"
 AUC = "auc"
 CONFUSION = "confusion"  # [[tn, fp], [fn, tp]]: rows true class, columns predicted class
+EXAMPLES = "examples"
 SCALAR_METRICS = (LOSS, ACCURACY, BALANCED_ACCURACY, PRECISION, RECALL, F1, AUC)
 
 
@@ -53,10 +55,29 @@ def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[y_true == 1].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
-def classification_metrics(
-    y_true: np.ndarray, prob_pos: np.ndarray, threshold: float = 0.5
-) -> dict[str, float | list[list[int]]]:
-    """Accuracy, balanced accuracy, precision, recall, F1, AUC and the confusion matrix."""
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's numbers on one set of labelled patches; :meth:`as_dict` keys: the names above."""
+
+    loss: float  # mean cross-entropy per example
+    examples: int
+    accuracy: float
+    balanced_accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    auc: float  # NaN when only one class is present
+    confusion: list[list[int]]  # [[tn, fp], [fn, tp]]
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON form: metric names as keys."""
+        return asdict(self)
+
+
+def score(
+    y_true: np.ndarray, prob_pos: np.ndarray, loss: float, threshold: float = 0.5
+) -> Evaluation:
+    """Score P(IDC) against true labels at ``threshold``; ``loss`` is the mean loss."""
     y_true = np.asarray(y_true, dtype=np.int64)
     prob_pos = np.asarray(prob_pos, dtype=np.float64)
     if len(y_true) == 0:
@@ -67,15 +88,17 @@ def classification_metrics(
     recalls += [_ratio(tp, tp + fn)] if tp + fn else []
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
-    return {
-        ACCURACY: _ratio(tn + tp, len(y_true)),
-        BALANCED_ACCURACY: float(np.mean(recalls)),
-        PRECISION: precision,
-        RECALL: recall,
-        F1: _ratio(2 * precision * recall, precision + recall),
-        AUC: roc_auc(y_true, prob_pos),
-        CONFUSION: [[int(tn), int(fp)], [int(fn), int(tp)]],
-    }
+    return Evaluation(
+        loss=float(loss),
+        examples=len(y_true),
+        accuracy=_ratio(tn + tp, len(y_true)),
+        balanced_accuracy=float(np.mean(recalls)),
+        precision=precision,
+        recall=recall,
+        f1=_ratio(2 * precision * recall, precision + recall),
+        auc=roc_auc(y_true, prob_pos),
+        confusion=[[int(tn), int(fp)], [int(fn), int(tp)]],
+    )
 
 
 def json_safe(value: object) -> object:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from common.data import PatchSet
+    from common.patch_types import PatchSet
 
 
 def has_entry(entry: Path) -> bool:
@@ -67,7 +67,7 @@ def _prune_siblings(entry: Path, root: str) -> None:
 
 def read_entry(entry: Path) -> PatchSet:
     """Read an entry; the images stay on disk, memory-mapped."""
-    from common.data import LoadReport, PatchSet
+    from common.patch_types import LoadReport, PatchSet
 
     meta = json.loads((entry / "meta.json").read_text())
     facts = np.load(entry / "facts.npz")

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from common.data import PatchRecord
+    from common.patch_types import PatchRecord
 
 log = logging.getLogger(__name__)
 

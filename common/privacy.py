@@ -28,6 +28,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common.errors import RefusedError
 from common.ledger import ACCOUNTANTS, Accountant, PrivacyLedger
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew")
 FUNCTORCH_MIN_BATCH = 32
 
 
-class BudgetExceeded(Exception):
+class BudgetExceeded(RefusedError):
     """Training this round would take the data set's total epsilon past its cap."""
 
     def __init__(self, spent: float, projected: float, cap: float, delta: float) -> None:

@@ -20,8 +20,8 @@ rewrite the digest. Authenticity comes from the coordinator's audit log: the rec
 equals ``weights_digest``) can be checked with ``common.audit_verify.verify_log(...,
 expect_head=...)`` against the signed log.
 
-A plain state dict (the centralized baseline's ``model.pt``, the coordinator's
-``final/model.pt``) or ``.npz`` of arrays has no record to check; :func:`load_model` reads one
+A plain state dict (the centralized baseline's ``model.pt``) or ``.npz`` of arrays (a
+run's checkpoints) has no record to check; :func:`load_model` reads one
 only when asked with ``allow_unverified=True``.
 """
 
@@ -40,6 +40,8 @@ import numpy as np
 import torch
 
 from common.audit import LogHead, digest_update
+from common.config import Norm
+from common.errors import RefusedError
 from common.fileio import atomic_write
 from common.metrics import json_safe
 from common.protocol import EPSILON_TOTAL
@@ -58,11 +60,11 @@ EPSILON_NOTE = (
 )
 
 
-class ModelIntegrityError(ValueError):
+class ModelIntegrityError(RefusedError, ValueError):
     """A model file is not a verifiable model, or its weights do not match its record."""
 
 
-def detect_norm(arrays: Mapping[str, Any]) -> str:
+def detect_norm(arrays: Mapping[str, Any]) -> Norm:
     """Return ``"batch"`` when the weights hold batch-norm running statistics, else ``"group"``."""
     return "batch" if any(k.endswith("running_mean") for k in arrays) else "group"
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import metrics as M
+from common.metrics import Evaluation, score
 
 log = logging.getLogger(__name__)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -131,13 +131,10 @@ def predict(model: nn.Module, loader: Batches, device: torch.device) -> tuple[np
     return np.concatenate(labels), np.concatenate(probs), np.array(loss)
 
 
-def evaluate(model: nn.Module, loader: Batches, device: torch.device) -> dict[str, object]:
+def evaluate(model: nn.Module, loader: Batches, device: torch.device) -> Evaluation:
     """Loss, accuracy, balanced accuracy, precision, recall, F1, ROC AUC, confusion matrix."""
     labels, probs, loss = predict(model, loader, device)
-    result: dict[str, object] = {M.LOSS: float(loss) / max(len(labels), 1)}
-    result.update(M.classification_metrics(labels, probs))
-    result["examples"] = int(len(labels))
-    return result
+    return score(labels, probs, float(loss) / max(len(labels), 1))
 
 
 def train(
@@ -172,13 +169,9 @@ def train(
         }
         if val_loader is not None:
             val = evaluate(model, val_loader, device)
-            row.update(
-                {
-                    f"val_{k}": float(v)  # type: ignore[arg-type]
-                    for k, v in val.items()
-                    if k in (M.LOSS, M.ACCURACY, M.BALANCED_ACCURACY)
-                }
-            )
+            row["val_loss"] = val.loss
+            row["val_accuracy"] = val.accuracy
+            row["val_balanced_accuracy"] = val.balanced_accuracy
         result.history.append(row)
         log.info("%s %s", desc, {k: round(v, 4) for k, v in row.items()})
         if on_epoch is not None:

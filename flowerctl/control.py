@@ -75,16 +75,20 @@ def follow_run(
     timeout: float,
     on_poll: Callable[[], None] | None = None,
     poll: float = 1.0,
+    unreachable_for: float = 60.0,
 ) -> RunStatus:
     """Wait until run ``run_id`` has finished (in any way) and return its status.
 
     ``on_poll`` runs before every status check (show progress, note processes). A SuperLink
-    that is briefly unreachable or busy is retried until the deadline; at the deadline the
-    run is stopped and :class:`FlowerTimeout` names the last status seen.
+    that is briefly unreachable or busy is retried; one unreachable for ``unreachable_for``
+    seconds in a row is gone, and :class:`SuperLinkUnreachable` says so (the run cannot
+    finish without it). At the deadline the run is stopped and :class:`FlowerTimeout` names
+    the last status seen.
     """
     from flowerctl.cli import stop_run
 
     deadline, last = time.monotonic() + timeout, "no answer yet"
+    unreachable_since: float | None = None
     while True:
         if on_poll is not None:
             on_poll()
@@ -92,9 +96,15 @@ def follow_run(
             status = run_status(conn, run_id)
             if status.finished:
                 return status
-            last = status.text
+            last, unreachable_since = status.text, None
         except SuperLinkUnreachable as err:
             last = str(err)
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since >= unreachable_for:
+                raise SuperLinkUnreachable(
+                    f"run {run_id}: the SuperLink has been unreachable for "
+                    f"{unreachable_for:.0f} s ({err}); resume the run once it is back"
+                ) from err
         if time.monotonic() >= deadline:
             try:
                 stop_run(conn, run_id)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from common.errors import FederationError
 
-class FlowerProcError(RuntimeError):
+
+class FlowerProcError(FederationError, RuntimeError):
     """A Flower process or CLI call failed; the message says which and why."""
 
 

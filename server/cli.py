@@ -5,63 +5,69 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.cli_util import dispatch, new_parser
+from common.cli_util import add_command, dispatch, new_parser
+from common.errors import EXIT_CHECK_FAILED, EXIT_OK
+from common.paths import CoordPaths, SitePaths
+
+if TYPE_CHECKING:
+    from common.audit import AuditLog
 
 
-def _open_audit(paths: object) -> object:
+def _open_audit(paths: CoordPaths) -> AuditLog:
     from common import keys
     from common.audit import AuditLog
 
-    return AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator")  # type: ignore[attr-defined]
+    return AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator")
 
 
 def _init(args: argparse.Namespace) -> int:
-    from common import keys
+    from common.registry import new_registry
     from flowerctl import make_tls
-    from server.registry import CoordPaths, save_sites
 
     paths = CoordPaths(args.dir)
-    if paths.sites.exists():
-        raise ValueError(f"{args.dir} is already a coordinator folder")
+    if paths.sites.exists() or paths.key.exists():
+        raise FileExistsError(
+            f"{args.dir} is already a coordinator folder; keep it, or give a new --dir"
+        )
     args.dir.mkdir(parents=True, exist_ok=True)
     # Loopback always: the coordinator's own CLI talks to its SuperLink there.
     hosts = list(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))
     tls = make_tls(paths.tls, hosts)
-    keys.generate_key_pair(paths.key, paths.pub)
-    save_sites(paths, {})
-    with _open_audit(paths) as audit:  # type: ignore[attr-defined]
+    new_registry(paths)
+    with _open_audit(paths) as audit:
         audit.append("coordinator.initialised", "coordinator", "ok", {"hosts": hosts})
     print(f"coordinator initialised in {args.dir}")
     print(f"give every site this CA certificate: {tls.ca_cert}")
     print(f"server certificate names: {', '.join(hosts)}")
-    return 0
+    return EXIT_OK
 
 
 def _add_site(args: argparse.Namespace) -> int:
-    from server.registry import CoordPaths, add_site
+    from common.registry import add_site
 
     paths = CoordPaths(args.dir).require()
     info = add_site(paths, args.name, args.key)
-    with _open_audit(paths) as audit:  # type: ignore[attr-defined]
+    with _open_audit(paths) as audit:
         audit.append("site.registered", args.name, "ok", {"fingerprint": info["fingerprint"]})
     print(f"site {args.name!r} registered (key fingerprint {info['fingerprint'][:16]}...)")
     _sync_live(paths)
-    return 0
+    return EXIT_OK
 
 
-def _sync_live(paths: object) -> None:
+def _sync_live(paths: CoordPaths) -> None:
     """Apply the registry to a running SuperLink now; else it applies at the next start."""
-    from server.runner import LIVE_FILE, connection
+    from server.link import LIVE_FILE, connection
     from server.serve import print_sync, sync_sites
 
-    if not (paths.root / LIVE_FILE).is_file():  # type: ignore[attr-defined]
+    if not (paths.root / LIVE_FILE).is_file():
         print("no SuperLink running: the registry applies when `idc-server start` runs")
         return
     from flowerctl import FlowerProcError
 
     try:
-        report = sync_sites(paths, connection(paths))  # type: ignore[arg-type]
+        report = sync_sites(paths, connection(paths))
     except (FlowerProcError, OSError) as exc:
         print(
             f"warning: could not update the running SuperLink ({exc}); the registry applies "
@@ -74,33 +80,33 @@ def _sync_live(paths: object) -> None:
 
 
 def _remove_site(args: argparse.Namespace) -> int:
-    from server.registry import CoordPaths, remove_site
+    from common.registry import remove_site
 
     paths = CoordPaths(args.dir).require()
     info = remove_site(paths, args.name)
-    with _open_audit(paths) as audit:  # type: ignore[attr-defined]
+    with _open_audit(paths) as audit:
         audit.append("site.removed", args.name, "ok", {"fingerprint": info["fingerprint"]})
     print(f"site {args.name!r} removed")
     _sync_live(paths)
-    return 0
+    return EXIT_OK
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
     from common import keys
     from common.audit_verify import format_verify_report, verify_log
 
-    key = args.key or (args.log.parents[1] / "coordinator.pub")
+    key = args.key or CoordPaths.of_log(args.log).pub
     report = verify_log(args.log, keys.load_public_key(key))
     print(format_verify_report(report))
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
 def _cross_check(args: argparse.Namespace) -> int:
     from common import keys
     from common.audit_verify import cross_check, format_cross_check
 
-    server_key = args.server_key or (args.server_log.parents[1] / "coordinator.pub")
-    site_key = args.site_key or (args.site_log.parents[1] / "site.pub")
+    server_key = args.server_key or CoordPaths.of_log(args.server_log).pub
+    site_key = args.site_key or SitePaths.of_log(args.site_log).pub
     report = cross_check(
         args.server_log,
         keys.load_public_key(server_key),
@@ -109,13 +115,13 @@ def _cross_check(args: argparse.Namespace) -> int:
         args.site,
     )
     print(format_cross_check(report))
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="check audit logs")
     asub = audit.add_subparsers(dest="audit_command", required=True)
-    p = asub.add_parser("verify", help="check the hash chain and every signature")
+    p = add_command(asub, "verify", _audit_verify, "check the hash chain and every signature")
     p.add_argument("log", type=Path)
     p.add_argument(
         "--key",
@@ -123,20 +129,20 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="public key (default COORD_DIR/coordinator.pub beside audit/)",
     )
-    p.set_defaults(func=_audit_verify)
-    p = asub.add_parser("cross-check", help="match a site's sent updates with those received")
+    p = add_command(
+        asub, "cross-check", _cross_check, "match a site's sent updates with those received"
+    )
     p.add_argument("server_log", type=Path)
     p.add_argument("site_log", type=Path)
     p.add_argument("--site", required=True, help="the site's registered name")
     p.add_argument("--server-key", type=Path, default=None)
     p.add_argument("--site-key", type=Path, default=None)
-    p.set_defaults(func=_cross_check)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The idc-server argument parser."""
     parser, sub = new_parser("idc-server", __doc__, cache=False)
-    p = sub.add_parser("init", help="create the CA, server certificate and coordinator state")
+    p = add_command(sub, "init", _init, "create the CA, server certificate and coordinator state")
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument(
         "--host",
@@ -144,16 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="name or address the certificate names (repeatable)",
     )
-    p.set_defaults(func=_init)
-    p = sub.add_parser("add-site", help="register a hospital's public key")
+    p = add_command(sub, "add-site", _add_site, "register a hospital's public key")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--key", type=Path, required=True, help="the site's site.pub")
-    p.set_defaults(func=_add_site)
-    p = sub.add_parser("remove-site", help="remove a hospital")
+    p = add_command(sub, "remove-site", _remove_site, "remove a hospital")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--name", required=True)
-    p.set_defaults(func=_remove_site)
     _add_audit(sub)
     from server import runner
 
@@ -164,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``idc-server``."""
     args = build_parser().parse_args(argv)
-    errors = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
-    return dispatch(args, "idc-server", errors)
+    return dispatch(args, "idc-server")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -22,10 +21,11 @@ from common import keys
 from common.audit import AuditLog, digest_update
 from common.config import RunConfig
 from common.model import build_model
+from common.paths import CoordPaths
 from common.plots import plot_round_curves
-from common.provenance import MODEL_FILE, run_metadata, save_model
-from server.registry import CoordPaths, site_public_keys
-from server.rundir import RunDir
+from common.provenance import run_metadata, save_model
+from common.registry import site_public_keys
+from common.rundir import RunDir
 from server.strategy import CoordinatorStrategy, fedavg
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,6 @@ class Coordinator:
     """Everything the ServerApp does around Flower's FedAvg loop."""
 
     def __init__(self, run: RunConfig, run_dir: Path, run_id: str) -> None:
-        from server.app import config_hash
-
         self.cfg, self.run_id = run, run_id
         self.dir = RunDir(run_dir).create()
         self.audit: AuditLog | None = None
@@ -79,7 +77,7 @@ class Coordinator:
                 f"{run_dir} already holds {self.completed} completed round(s); "
                 "use --resume to continue it or choose a new --out"
             )
-        self.hash = config_hash(run)
+        self.hash = run.digest()
         if self.completed and state.get("config_hash") not in (None, self.hash):
             raise ValueError(f"cannot resume {run_dir}: the run settings changed")
         inner = central_dp(run, fedavg(run), len(site_keys))
@@ -106,19 +104,17 @@ class Coordinator:
 
     def run_loop(self, grid: Grid) -> None:
         """Run the remaining rounds with FedAvg's own loop."""
-        from server.app import start_strategy
-
         if self.completed:
-            arrays = RunDir.load_arrays(self.dir.checkpoint(self.completed))
+            arrays = self.dir.read_checkpoint(self.completed)
         else:
             arrays = initial_arrays(self.cfg)
-            self.dir.save_arrays(self.dir.checkpoint(0), arrays)
+            self.dir.write_checkpoint(0, arrays)
         remaining = self.cfg.num_server_rounds - self.completed
         self.dir.write_json(
             "run.json",
             {
                 "run_id": self.run_id,
-                "config": vars(self.cfg),
+                "config": self.cfg.to_run_config(),
                 "config_hash": self.hash,
                 "status": "running",
                 "resumed_from": self.completed,
@@ -126,7 +122,16 @@ class Coordinator:
         )
         if remaining > 0:
             record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-            start_strategy(self, grid, record, remaining, self.cfg.round_timeout)
+            t0 = time.time()
+            self.strategy.start(
+                grid=grid,
+                initial_arrays=record,
+                num_rounds=remaining,
+                timeout=self.cfg.round_timeout,
+                train_config=ConfigRecord(),
+                evaluate_config=ConfigRecord(),
+            )
+            log.info("strategy finished in %.1f s", time.time() - t0)
 
     def run(self, grid: Grid) -> None:  # noqa: D102
         self.run_loop(grid)
@@ -135,11 +140,7 @@ class Coordinator:
     def finish(self) -> None:
         """Final model, summary and curves from what the rounds committed."""
         last = int(self.dir.read_state().get("completed_round", 0))
-        arrays = RunDir.load_arrays(self.dir.checkpoint(last))
-        final = self.dir.root / "final"
-        final.mkdir(exist_ok=True)
-        self.dir.save_arrays(final / "model.npz", arrays)
-        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, final / "model.pt")
+        arrays = self.dir.read_checkpoint(last)
         rows = self.dir.read_rounds()
         summary = {
             "run_id": self.run_id,
@@ -157,8 +158,9 @@ class Coordinator:
         self._audit("run.finished", "ok", {"rounds": last, "final_digest": digest_update(arrays)})
         # Written after run.finished so the record can name that entry as the run's end.
         head = self.audit.head if self.audit is not None else None
+        self.dir.final_model.parent.mkdir(exist_ok=True)
         save_model(
-            final / MODEL_FILE,
+            self.dir.final_model,
             arrays,
             run_metadata(
                 self.run_id,

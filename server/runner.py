@@ -4,62 +4,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import flowerctl
-from common.config import RunConfig
+from common.cli_util import add_command
+from common.config import RunConfig, Scalar
+from common.errors import EXIT_FEDERATION, EXIT_OK
+from common.fileio import read_json
+from common.paths import CoordPaths
 from common.protocol import RoundRow
-from server.registry import CoordPaths
-from server.rundir import RunDir
+from common.rundir import RunDir
+from server.link import connection, require_superlink
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-LIVE_FILE = "superlink.json"
-
-
-def _tls(paths: CoordPaths) -> flowerctl.TlsPaths:
-    t = paths.tls
-    return flowerctl.TlsPaths(t / "ca.pem", t / "ca.key", t / "server.pem", t / "server.key")
-
-
-def connection(paths: CoordPaths) -> flowerctl.Connection:
-    """How this coordinator's own CLI reaches its running SuperLink."""
-    live = paths.root / LIVE_FILE
-    if not live.is_file():
-        raise RuntimeError(
-            f"no SuperLink is running for {paths.root} (start one with `idc-server start`)"
-        )
-    info = json.loads(live.read_text())
-    ca = Path(info["ca"]) if info.get("ca") else None
-    return flowerctl.write_cli_config(paths.root / "flwr-cli", info["local_address"], ca)
-
-
-def _require_superlink(paths: CoordPaths, run_dir: Path) -> None:
-    """Fail when the SuperLink this run was submitted to is gone (follow_run would wait on)."""
-    live = paths.root / LIVE_FILE
-    pid = json.loads(live.read_text())["pid"] if live.is_file() else None
-    if pid is None or not flowerctl.alive(int(pid)):
-        raise RuntimeError(
-            f"the SuperLink of {paths.root} stopped during the run; start it again "
-            f"(`idc-server start`), then continue with `idc-server run --resume {run_dir}`"
-        )
-
-
-def _fingerprint(public_key: bytes) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    from common import keys
-
-    key = (
-        serialization.load_ssh_public_key(public_key)
-        if public_key.startswith(b"ecdsa-")
-        else serialization.load_pem_public_key(public_key)
-    )
-    return keys.public_key_fingerprint(key)  # type: ignore[arg-type]
 
 
 def app_hash(root: Path = PROJECT_ROOT) -> str:
@@ -73,11 +34,16 @@ def app_hash(root: Path = PROJECT_ROOT) -> str:
     return h.hexdigest()
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parse as TOML scalars (numbers, booleans, quoted strings)."""
+def parse_overrides(
+    items: list[str], base: Mapping[str, Scalar] | None = None
+) -> dict[str, Scalar]:
+    """``key=value`` pairs over ``base``, checked by :class:`RunConfig` (bad keys and values named).
+
+    Values parse as TOML scalars (numbers, booleans, quoted strings); anything else is a string.
+    """
     import tomli
 
-    out: dict[str, Any] = {}
+    out: dict[str, Scalar] = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
@@ -86,7 +52,34 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             out[key.strip()] = tomli.loads(f"v = {value.strip()}")["v"]
         except tomli.TOMLDecodeError:
             out[key.strip()] = value.strip()
+    RunConfig.from_run_config({**(base or {}), **out})
     return out
+
+
+def previous_config(run_dir: Path) -> RunConfig:
+    """The full config of the run in ``run_dir``, as it started (what ``--resume`` continues)."""
+    record = run_dir / "run.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no run to resume (no run.json)")
+    saved = read_json(record)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{record} has no 'config' object; it was not written by idc-server run")
+    try:
+        return RunConfig.from_run_config(saved["config"])
+    except ValueError as exc:
+        raise ValueError(f"{record}: {exc}") from exc
+
+
+def run_config(args: argparse.Namespace, paths: CoordPaths, run_dir: Path) -> RunConfig:
+    """What ``idc-server run`` submits: the resumed run's config, then the overrides."""
+    config = previous_config(run_dir).to_run_config() if args.resume else {}
+    config.update(parse_overrides(args.run_config, config))
+    if args.rounds is not None:
+        config["num-server-rounds"] = args.rounds
+    config.update(
+        {"run-dir": str(run_dir), "coord-dir": str(paths.root), "resume": bool(args.resume)}
+    )
+    return RunConfig.from_run_config(config)
 
 
 def _print_progress(run_dir: Path, shown: int) -> int:
@@ -110,21 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     if run_dir is None:
         raise ValueError("give --out RUN_DIR for a new run or --resume RUN_DIR")
     run_dir = run_dir.resolve()
-    config = parse_overrides(args.run_config)
-    if args.resume:
-        if not (run_dir / "run.json").is_file():
-            raise FileNotFoundError(f"{run_dir} holds no run to resume (no run.json)")
-        previous = RunConfig(**json.loads((run_dir / "run.json").read_text())["config"])
-        config = {**previous.to_run_config(), **config}
-    if args.rounds is not None:
-        config["num-server-rounds"] = args.rounds
-    config.update(
-        {
-            "run-dir": str(run_dir),
-            "coord-dir": str(paths.root.resolve()),
-            "resume": bool(args.resume),
-        }
-    )
+    run = run_config(args, paths, run_dir)
     conn = connection(paths)
     digest = app_hash()
     with AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator") as audit:
@@ -135,19 +114,17 @@ def _run(args: argparse.Namespace) -> int:
             {
                 "app_hash": digest,
                 "resume": bool(args.resume),
-                "config_hash": hashlib.sha256(
-                    json.dumps(config, sort_keys=True).encode()
-                ).hexdigest(),
+                "config_hash": run.digest(),
             },
         )
-    run_id = flowerctl.submit_run(conn, PROJECT_ROOT, config)
+    run_id = flowerctl.submit_run(conn, PROJECT_ROOT, run.to_run_config())
     print(f"run {run_id} submitted; results in {run_dir}", flush=True)
     shown = 0
 
     def progress() -> None:
         nonlocal shown
         shown = _print_progress(run_dir, shown)
-        _require_superlink(paths, run_dir)
+        require_superlink(paths, run_dir)
 
     status = flowerctl.follow_run(conn, run_id, args.timeout, on_poll=progress)
     _print_progress(run_dir, shown)
@@ -155,19 +132,21 @@ def _run(args: argparse.Namespace) -> int:
     if status.sub_status != "completed":
         failure = run_dir / "status.json"
         if failure.is_file():
-            print(f"error: {json.loads(failure.read_text())['error']}", file=sys.stderr)
+            print(f"error: {read_json(failure)['error']}", file=sys.stderr)
         else:
             print(flowerctl.run_logs(conn, run_id)[-3000:], file=sys.stderr)
-        return 1
-    print(f"final model: {run_dir / 'final' / 'model.pt'}")
-    return 0
+        return EXIT_FEDERATION
+    print(f"final model: {RunDir(run_dir).final_model}")
+    return EXIT_OK
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``idc-server start`` and ``idc-server run``."""
     from server.serve import start
 
-    p = sub.add_parser("start", help="run the SuperLink (loopback) and its public Fleet-only front")
+    p = add_command(
+        sub, "start", start, "run the SuperLink (loopback) and its public Fleet-only front"
+    )
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument(
         "--address", default="127.0.0.1:8000", help="HOST:PORT the sites dial (Fleet API only)"
@@ -180,8 +159,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--insecure", action="store_true", help="plain HTTP, no auth (testing only)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
-    p.set_defaults(func=start)
-    p = sub.add_parser("run", help="submit a training run and follow it to the end")
+    p = add_command(sub, "run", _run, "submit a training run and follow it to the end")
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument("--out", type=Path, default=None, help="new run folder")
     p.add_argument("--resume", type=Path, default=None, help="continue this run folder")
@@ -194,4 +172,3 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="overrides of [tool.flwr.app.config], e.g. local-epochs=2",
     )
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after seconds")
-    p.set_defaults(func=_run)

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 
 import flowerctl
+from common.paths import CoordPaths
+from common.registry import load_sites
 from flowerctl.gateway import start_gateway
-from server.registry import CoordPaths, load_sites
-from server.runner import LIVE_FILE, _fingerprint, _tls, connection
+from server.link import LIVE_FILE, connection, node_key_fingerprint, tls_paths
 
 log = logging.getLogger(__name__)
 REFUSED_LOG = "gateway-refused.log"  # under COORD/logs: one line per refused request
@@ -47,7 +48,7 @@ def sync_sites(paths: CoordPaths, conn: flowerctl.Connection) -> SyncReport:
     known: dict[str, int] = {}
     revoked: set[str] = set()
     for node in flowerctl.list_nodes(conn):
-        name = by_key.get(_fingerprint(bytes(node.public_key)))
+        name = by_key.get(node_key_fingerprint(bytes(node.public_key)))
         if node.status == "unregistered":
             if name is not None:
                 revoked.add(name)
@@ -63,7 +64,7 @@ def sync_sites(paths: CoordPaths, conn: flowerctl.Connection) -> SyncReport:
     nodes = dict(known)
     for name in sites:
         if name not in known and name not in revoked:
-            key = paths.site_keys / f"{name}.pub"
+            key = paths.site_key(name)
             nodes[name] = flowerctl.register_supernode(conn, key, name)
     return SyncReport(nodes, sorted(revoked - known.keys()))
 
@@ -95,7 +96,7 @@ def start(args: argparse.Namespace) -> int:
     """``idc-server start``: serve until Ctrl-C, SIGTERM, or either process exits."""
     paths = CoordPaths(args.dir).require()
     host, port = _split(args.address)
-    tls = None if args.insecure else _tls(paths)
+    tls = None if args.insecure else tls_paths(paths)
     if tls is None:
         print(
             "WARNING: --insecure: plain HTTP and no SuperNode authentication; "
@@ -107,7 +108,7 @@ def start(args: argparse.Namespace) -> int:
     local_port = args.local_port
     while not local_port or local_port == port:
         local_port = flowerctl.free_port()
-    local, logs = f"127.0.0.1:{local_port}", paths.root / "logs"
+    local, logs = f"127.0.0.1:{local_port}", paths.logs
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     ca = tls.ca_cert if tls else None
     procs = {

@@ -23,15 +23,16 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from common import keys, protocol
 from common.audit import UPDATE_RECEIVED, AuditLog, digest_update
 from common.config import RunConfig
+from common.errors import FederationError
 from common.protocol import RoundRow
-from server.rundir import RunDir
+from common.rundir import RunDir
 from server.validation import validate_update
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
 
 
-class TooFewSites(RuntimeError):
+class TooFewSites(FederationError, RuntimeError):
     """Fewer sites than the minimum connected or replied in time; the run stops."""
 
 

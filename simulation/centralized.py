@@ -6,21 +6,21 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from common import metrics as M
 from common.data import PatchSet, load_patches
 from common.dataset import PatchDataset, make_loader
+from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1, json_safe
 from common.model import Norm, build_model
 from common.partition import Split, balance, split_by_patient, split_random
 from common.plots import plot_confusion, plot_curves, plot_examples
+from common.site_data import EVAL_BATCH, Loader
 from common.training import TrainConfig, evaluate, predict, resolve_device, train
 
 log = logging.getLogger(__name__)
-EVAL_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,14 @@ def fit(
     return model, result.history
 
 
-def eval_loader(patches: PatchSet, idx: np.ndarray) -> object:
+def eval_loader(patches: PatchSet, idx: np.ndarray) -> Loader:
     """A plain, unshuffled loader over ``idx``."""
     return make_loader(PatchDataset(patches.images, patches.labels, idx), EVAL_BATCH, False)
 
 
 def run_centralized(
     data: Path, out: Path, config: BaselineConfig, cache_dir: Path | None = None
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Train, evaluate on the held-out part, write metrics, weights and figures to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     patches = load_patches(data, cache_dir=cache_dir, workers=2)
@@ -106,9 +106,9 @@ def run_centralized(
     model, history = fit(patches, split.train, split.val, config)
     device = resolve_device()
     loader = eval_loader(patches, split.test)
-    test = evaluate(model, loader, device)  # type: ignore[arg-type]
-    labels, probs, _ = predict(model, loader, device)  # type: ignore[arg-type]
-    summary: dict[str, object] = {
+    test = evaluate(model, loader, device)
+    labels, probs, _ = predict(model, loader, device)
+    summary: dict[str, Any] = {
         "config": asdict(config),
         "data": {
             "root": patches.report.root,
@@ -118,19 +118,19 @@ def run_centralized(
         },
         "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "history": history,
-        "test": test,
+        "test": test.as_dict(),
     }
-    (out / "metrics.json").write_text(json.dumps(M.json_safe(summary), indent=2))
+    (out / "metrics.json").write_text(json.dumps(json_safe(summary), indent=2))
     torch.save(model.state_dict(), out / "model.pt")
     plot_curves(history, out / "curves.png")
-    plot_confusion(test[M.CONFUSION], out / "confusion.png", "test")  # type: ignore[arg-type]
+    plot_confusion(test.confusion, out / "confusion.png", "test")
     plot_examples(patches.images[split.test], labels, probs, out / "examples.png")
     return summary
 
 
 def results_table(rows: dict[str, dict[str, object]]) -> str:
     """A short fixed-width table of the headline metrics, one row per named result."""
-    cols = (M.ACCURACY, M.BALANCED_ACCURACY, M.F1, M.AUC)
+    cols = (ACCURACY, BALANCED_ACCURACY, F1, AUC)
     lines = [f"{'':<24}" + "".join(f"{c:>19}" for c in cols)]
     for name, res in rows.items():
         cells = []

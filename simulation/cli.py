@@ -6,9 +6,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.cli_util import dispatch, new_parser
-from common.data import NoUsableData
+from common.cli_util import add_command, dispatch, new_parser
+from common.errors import EXIT_OK
+
+if TYPE_CHECKING:
+    from simulation.plan import SimPlan
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ def _synth(args: argparse.Namespace) -> int:
         f"wrote {summary.patches} patches ({summary.positives} IDC-positive) from "
         f"{len(summary.patients)} patients to {args.out} in {summary.seconds:.1f} s"
     )
-    return 0
+    return EXIT_OK
 
 
 def _centralized(args: argparse.Namespace) -> int:
@@ -45,13 +49,13 @@ def _centralized(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     summary = run_centralized(args.data, args.out, config, args.cache_dir)
-    print(results_table({f"centralized ({args.split} split)": summary["test"]}))  # type: ignore[dict-item]
+    print(results_table({f"centralized ({args.split} split)": summary["test"]}))
     print(f"results in {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="write synthetic H&E-like patches in the Kaggle layout")
+    p = add_command(sub, "synth", _synth, "write synthetic H&E-like patches in the Kaggle layout")
     p.add_argument("--out", type=Path, required=True, help="output folder (new or a synth output)")
     p.add_argument("--patients", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
@@ -60,11 +64,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-patches", type=int, default=40, help="fewest patches per patient")
     p.add_argument("--max-patches", type=int, default=80, help="most patches per patient")
     p.add_argument("--workers", type=int, default=2)
-    p.set_defaults(func=_synth)
 
 
 def _add_centralized(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("centralized", help="train the paper's model on pooled patches")
+    p = add_command(sub, "centralized", _centralized, "train the paper's model on pooled patches")
     p.add_argument("--data", type=Path, required=True, help="folder in the Kaggle layout")
     p.add_argument("--out", type=Path, required=True, help="run folder for metrics and figures")
     p.add_argument("--split", choices=("patient", "random"), default="patient")
@@ -74,14 +77,13 @@ def _add_centralized(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=5, help="early stopping; 0 turns it off")
     p.add_argument("--balance", action="store_true", help="undersample the majority class")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_centralized)
 
 
 def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _plan(args: argparse.Namespace, seed: int | None = None) -> object:
+def _plan(args: argparse.Namespace, seed: int | None = None) -> SimPlan:
     from simulation.plan import SimPlan
     from simulation.sim_runtime import Resources
 
@@ -116,14 +118,14 @@ def _federated(args: argparse.Namespace) -> int:
             max_grad_norm=args.dp_clip,
             delta=args.dp_delta,
         )
-    results = run_compare(_plan(args), args.out, {"fedavg": dp}, say=_say)  # type: ignore[arg-type]
+    results = run_compare(_plan(args), args.out, {"fedavg": dp}, say=_say)
     print(
         f"\nheld-out: every site's own test patients ({results['union_test']['patients']} "
         f"patients, {results['union_test']['patches']} patches)"
     )
     print(compare_table(results))
     print(f"report: {args.out / 'report.md'}")
-    return 0
+    return EXIT_OK
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
@@ -169,7 +171,9 @@ def _add_site_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_federated(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("federated", help="centralized vs FedAvg vs local-only on the same patients")
+    p = add_command(
+        sub, "federated", _federated, "centralized vs FedAvg vs local-only on the same patients"
+    )
     _add_site_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="model init, site splits, shuffling")
     p.add_argument(
@@ -188,7 +192,6 @@ def _add_federated(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dp-noise", type=float, default=None, help="or a fixed noise multiplier")
     p.add_argument("--dp-clip", type=float, default=1.0, help="per-sample clipping norm")
     p.add_argument("--dp-delta", type=float, default=1e-5)
-    p.set_defaults(func=_federated)
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -199,15 +202,15 @@ def _sweep(args: argparse.Namespace) -> int:
     epsilons, seeds = parse_epsilons(args.epsilons), parse_seeds(args.seeds)
     spec = DPSpec(epsilon=1.0, max_grad_norm=args.dp_clip, delta=args.dp_delta)
     plan = _plan(args, seed=seeds[0])
-    results = run_sweep(plan, epsilons, seeds, args.out, spec, say=_say)  # type: ignore[arg-type]
+    results = run_sweep(plan, epsilons, seeds, args.out, spec, say=_say)
     print()
     print(sweep_table(results))
     print(f"report: {args.out / 'sweep.md'} (plot sweep.png, numbers sweep.json)")
-    return 0
+    return EXIT_OK
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("privacy-sweep", help="FedAvg accuracy against the total DP budget")
+    p = add_command(sub, "privacy-sweep", _sweep, "FedAvg accuracy against the total DP budget")
     _add_site_arguments(p)
     p.add_argument(
         "--epsilons",
@@ -217,11 +220,14 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1 (mean and spread)")
     p.add_argument("--dp-clip", type=float, default=1.0, help="per-sample clipping norm")
     p.add_argument("--dp-delta", type=float, default=1e-5)
-    p.set_defaults(func=_sweep)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="three synthetic hospitals: centralized vs FedAvg vs FedAvg+DP")
+    from simulation.demo import run_demo
+
+    p = add_command(
+        sub, "demo", run_demo, "three synthetic hospitals: centralized vs FedAvg vs FedAvg+DP"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where results go")
     p.add_argument("--patients", type=int, default=15, help="synthetic patients (3 sites)")
     p.add_argument("--rounds", type=int, default=4, help="FedAvg rounds")
@@ -233,9 +239,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="total DP budget of each site over the run (sample-level)",
     )
     add_threads_argument(p)
-    from simulation.demo import run_demo
-
-    p.set_defaults(func=run_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,27 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     from simulation.budget import add_budget_arguments, run_budget
 
-    p = sub.add_parser("budget", help="offline privacy maths: epsilon of a plan, or its noise")
+    p = add_command(
+        sub, "budget", run_budget, "offline privacy maths: epsilon of a plan, or its noise"
+    )
     add_budget_arguments(p)
-    p.set_defaults(func=run_budget)
     _add_demo(sub)
     return parser
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None) is None:
+        return
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``idc-sim``."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            print(
-                f"idc-sim {args.command}: error: --threads must be >= 1, got {args.threads}",
-                file=sys.stderr,
-            )
-            return 2
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return dispatch(args, "idc-sim", (ValueError, NoUsableData, FileNotFoundError, RuntimeError))
+    return dispatch(args, "idc-sim", prepare=_set_threads)
 
 
 if __name__ == "__main__":

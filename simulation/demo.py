@@ -42,12 +42,12 @@ def _data(folder: Path, spec: SynthSpec) -> Path:
 
 def summary_table(results: dict[str, Any]) -> str:
     """Centralized, federated and federated + DP on the held-out patients, and epsilon spent."""
-    from common import metrics as M
+    from common.metrics import AUC, BALANCED_ACCURACY, F1
     from simulation.report import fmt, md_table
 
     fed, dp = results["fedavg"]["fedavg"], results["fedavg"]["fedavg-dp"]
     spent = ", ".join(f"{k} {v:.2f}" for k, v in sorted(dp["epsilon"].items()))
-    keys = (M.BALANCED_ACCURACY, M.F1, M.AUC)
+    keys = (BALANCED_ACCURACY, F1, AUC)
     named = (
         ("centralized (pooled data)", results["centralized"], "-"),
         ("federated (FedAvg)", fed, "-"),

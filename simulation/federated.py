@@ -17,21 +17,23 @@ from typing import Any
 
 import numpy as np
 
-from client.site import Site, load_arrays
-from common import metrics as M
+from common.config import Norm
 from common.data import PatchSet, scan
+from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, CONFUSION, EXAMPLES, F1
 from common.model import build_model
 from common.partition import Split
+from common.provenance import load_model
+from common.rundir import RunDir
+from common.site_data import Site, set_weights
 from common.training import evaluate, resolve_device
-from server.rundir import RunDir
-from simulation import sim_runtime as rt
+from simulation import sim_runtime
 from simulation.centralized import eval_loader, fit
 from simulation.partitioners import PatientTable, partition, site_positive_shares
 from simulation.plan import DPSpec, SimPlan, noise_for_plan, plan_facts
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
-HEADLINE = (M.ACCURACY, M.BALANCED_ACCURACY, M.F1, M.AUC)
+HEADLINE = (ACCURACY, BALANCED_ACCURACY, F1, AUC)
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Prepared:
 
 def open_sites(sites_dir: Path, count: int, seed: int) -> list[Site]:
     """Open virtual sites ``0..count-1`` with the ClientApp's own ``Site.open``."""
-    return [Site.open(rt.site_config(sites_dir, k), seed) for k in range(count)]
+    return [Site.open(sim_runtime.site_config(sites_dir, k), seed) for k in range(count)]
 
 
 def _pool(sets: Sequence[PatchSet]) -> tuple[PatchSet, np.ndarray]:
@@ -100,7 +102,7 @@ def prepare(plan: SimPlan, out: Path, say: Say = log.info) -> Prepared:
         exponent=plan.exponent,
         site_of=site_of,
     )
-    sites_dir = rt.build_sites(plan.data, records, parts, out / "sites")
+    sites_dir = sim_runtime.build_sites(plan.data, records, parts, out / "sites")
     (out / "partition.json").write_text(
         json.dumps(
             {
@@ -117,34 +119,32 @@ def prepare(plan: SimPlan, out: Path, say: Say = log.info) -> Prepared:
         f"{len(table.ids)} patients, {len(records)} patches -> {plan.sites} sites "
         f"({plan.partition}); decoding each site once ..."
     )
-    rt.decode_sites(sites_dir, plan.sites)
+    sim_runtime.decode_sites(sites_dir, plan.sites)
     pooled, offsets = _pool([s.patches for s in open_sites(sites_dir, plan.sites, plan.seed)])
     return Prepared(sites_dir, table, parts, pooled, offsets)
 
 
 def score(
-    arrays: dict[str, np.ndarray], norm: str, patches: PatchSet, idx: np.ndarray
+    arrays: dict[str, np.ndarray], norm: Norm, patches: PatchSet, idx: np.ndarray
 ) -> dict[str, Any]:
     """Headline metrics of a model given as exchanged arrays on ``patches[idx]``."""
-    model = build_model(norm, seed=0)  # type: ignore[arg-type]
-    load_arrays(model, arrays)
-    return _metrics(model, patches, idx)
+    return _metrics(set_weights(build_model(norm, seed=0), arrays), patches, idx)
 
 
 def _metrics(model: Any, patches: PatchSet, idx: np.ndarray) -> dict[str, Any]:
-    res = evaluate(model, eval_loader(patches, idx), resolve_device())  # type: ignore[arg-type]
-    return {k: res[k] for k in (*HEADLINE, M.CONFUSION, "examples")}
+    res = evaluate(model, eval_loader(patches, idx), resolve_device()).as_dict()
+    return {k: res[k] for k in (*HEADLINE, CONFUSION, EXAMPLES)}
 
 
 def run_fedavg(
     plan: SimPlan, prep: Prepared, root: Path, dp: tuple[DPSpec, float] | None, say: Say = log.info
 ) -> list[dict[str, Any]]:
     """FedAvg on the prepared sites through Flower's simulation engine; returns rounds.jsonl."""
-    sites_dir, coord = rt.make_run_sites(prep.sites_dir, plan.sites, root)
+    sites_dir, coord = sim_runtime.make_run_sites(prep.sites_dir, plan.sites, root)
     run = plan.run_config(root / "run", coord, sites_dir, dp)
 
     def progress(row: dict[str, Any]) -> None:
-        ev, eps = row.get("evaluate", {}), rt.epsilon_by_site([row])
+        ev, eps = row.get("evaluate", {}), sim_runtime.epsilon_by_site([row])
         dp_text = f", epsilon so far <= {max(eps.values()):.2f}" if dp and eps else ""
         say(
             f"  round {row['round']}/{plan.rounds}: {len(row.get('sites', {}))} sites trained, "
@@ -152,20 +152,20 @@ def run_fedavg(
             f"{dp_text} ({row.get('seconds', 0):.0f} s)"
         )
 
-    with rt.SimEngine(root / "engine", plan.resources) as engine:
+    with sim_runtime.SimEngine(root / "engine", plan.resources) as engine:
         return engine.run(run, plan.sites, plan.timeout, progress)
 
 
 def fedavg_scores(
-    plan: SimPlan, prep: Prepared, sites: Sequence[Site], root: Path, norm: str
+    plan: SimPlan, prep: Prepared, sites: Sequence[Site], root: Path, norm: Norm
 ) -> dict[str, Any]:
     """The FedAvg global model after every round, on the union test and each site's test."""
     run_dir, test = RunDir(root / "run"), prep.pooled_split(sites).test
     curve = []
     for r in range(plan.rounds + 1):
-        m = score(RunDir.load_arrays(run_dir.checkpoint(r)), norm, prep.pooled, test)
+        m = score(run_dir.read_checkpoint(r), norm, prep.pooled, test)
         curve.append({"epoch": r * plan.local_epochs, **m})
-    final = RunDir.load_arrays(run_dir.root / "final" / "model.npz")
+    final, _ = load_model(run_dir.final_model)
     per_site = {
         s.config.site_name: score(final, norm, prep.pooled, s.split.test + o)
         for s, o in zip(sites, prep.offsets, strict=True)
@@ -199,7 +199,7 @@ def local_only(plan: SimPlan, prep: Prepared, sites: Sequence[Site], say: Say) -
         out["curves"][name] = history
         say(
             f"  local-only {name}: balanced accuracy on its own test "
-            f"{out['sites'][name][M.BALANCED_ACCURACY]:.3f}"
+            f"{out['sites'][name][BALANCED_ACCURACY]:.3f}"
         )
     out["union"] = mean_spread([out["union_by_site"][n] for n in out["union_by_site"]])
     return out
@@ -246,7 +246,7 @@ def fedavg_result(
     rows = run_fedavg(plan, prep, root, None if spec is None else (spec, noise), say)
     res = fedavg_scores(plan, prep, sites, root, plan.norm)
     res.update(
-        epsilon=rt.epsilon_by_site(rows),
+        epsilon=sim_runtime.epsilon_by_site(rows),
         run=str(root / "run"),
         reported=rows[-1].get("evaluations", {}) if rows else {},
         dp=None if spec is None else {**asdict(spec), "noise_multiplier": noise},
@@ -266,12 +266,12 @@ def run_compare(
     ``fedavg_runs`` maps a folder name under ``out`` to the DP-SGD spec of one FedAvg run
     (None: no DP); by default one plain FedAvg run in ``out/fedavg``.
     """
-    from simulation import report
-
     runs = dict(fedavg_runs or {"fedavg": None})
     if any(runs.values()):  # DP-SGD needs group norm; every model uses it then, like for like
         plan = replace(plan, norm="group")
-    out = rt.fresh_output(out)
+    from simulation import report
+
+    out = sim_runtime.fresh_output(out)
     prep = prepare(plan, out, say)
     sites = prep.open(plan.seed)
     fed = {

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from client.site import Site
 from common.config import Accountant, Norm, RunConfig
+from common.site_data import Site
 from simulation.centralized import BaselineConfig
 from simulation.partitioners import PARTITIONS
 from simulation.sim_runtime import Resources

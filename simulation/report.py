@@ -13,14 +13,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import metrics as M  # noqa: E402
+from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1, json_safe  # noqa: E402
 from common.privacy import PRIVACY_UNIT  # noqa: E402
 
 COLUMNS = (
-    (M.ACCURACY, "accuracy"),
-    (M.BALANCED_ACCURACY, "balanced accuracy"),
-    (M.F1, "F1"),
-    (M.AUC, "AUC"),
+    (ACCURACY, "accuracy"),
+    (BALANCED_ACCURACY, "balanced accuracy"),
+    (F1, "F1"),
+    (AUC, "AUC"),
 )
 
 
@@ -42,7 +42,7 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def write_json(path: Path, value: Any) -> Path:
     """JSON with NaN and infinity written as null."""
-    path.write_text(json.dumps(M.json_safe(value), indent=2))
+    path.write_text(json.dumps(json_safe(value), indent=2))
     return path
 
 
@@ -82,7 +82,7 @@ def _verdict(fed: float, loc: float) -> str:
 
 def site_table(results: Mapping[str, Any]) -> tuple[str, list[str]]:
     """Per-site balanced accuracy on each site's own test patients; sites where local wins."""
-    bacc, runs, loc = M.BALANCED_ACCURACY, list(results["fedavg"].values()), results["local_only"]
+    bacc, runs, loc = BALANCED_ACCURACY, list(results["fedavg"].values()), results["local_only"]
     header = ["site", "patients", "train / test patches", "IDC share", "centralized"]
     header += [fedavg_label(r) for r in runs]
     header += [f"epsilon spent, {fedavg_label(r)}" for r in runs if r.get("dp")]
@@ -108,7 +108,7 @@ def site_table(results: Mapping[str, Any]) -> tuple[str, list[str]]:
 
 def plot_compare(results: Mapping[str, Any], path: Path) -> Path:
     """Balanced accuracy against epochs of training (left) and per site (right)."""
-    bacc = M.BALANCED_ACCURACY
+    bacc = BALANCED_ACCURACY
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     cen = results["centralized"]["curve"]
     ax.plot(
@@ -243,9 +243,9 @@ def sweep_table(results: Mapping[str, Any]) -> str:
                 _eps_text(r["epsilon"]),
                 f"{r['noise_multiplier']:.4f}",
                 f"{r['epsilon_spent_max']:.3f}" if math.isfinite(r["epsilon"]) else "-",
-                fmt(r[M.BALANCED_ACCURACY], r[f"{M.BALANCED_ACCURACY}_std"]),
-                fmt(r[M.AUC], r[f"{M.AUC}_std"]),
-                fmt(r[M.F1], r[f"{M.F1}_std"]),
+                fmt(r[BALANCED_ACCURACY], r[f"{BALANCED_ACCURACY}_std"]),
+                fmt(r[AUC], r[f"{AUC}_std"]),
+                fmt(r[F1], r[f"{F1}_std"]),
                 str(len(r["seeds"])),
             ]
         )
@@ -271,7 +271,7 @@ def plot_sweep(results: Mapping[str, Any], path: Path) -> Path:
     xs = [r["epsilon"] if math.isfinite(r["epsilon"]) else right for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, (key, label) in zip(
-        axes, ((M.BALANCED_ACCURACY, "balanced accuracy"), (M.AUC, "ROC AUC")), strict=True
+        axes, ((BALANCED_ACCURACY, "balanced accuracy"), (AUC, "ROC AUC")), strict=True
     ):
         ys = [r[key] for r in rows]
         errs = [0.0 if not math.isfinite(r[f"{key}_std"]) else r[f"{key}_std"] for r in rows]

@@ -17,7 +17,6 @@ folder's resolved path, the same through either link.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -34,9 +33,11 @@ import flowerctl
 from common import keys
 from common.config import RunConfig, SiteConfig, sim_site_dir
 from common.data import LoadOptions, PatchRecord, load_patches, resolve_root
+from common.errors import FederationError
+from common.paths import CoordPaths, SitePaths
 from common.protocol import RoundRow
-from server.registry import CoordPaths, add_site, save_sites
-from server.rundir import RunDir
+from common.registry import add_site, new_registry
+from common.rundir import RunDir
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -113,32 +114,16 @@ def decode_sites(sites: Path, count: int, workers: int = 2) -> None:
 def make_run_sites(sites: Path, count: int, run_root: Path) -> tuple[Path, Path]:
     """Per-run virtual site folders and a coordinator folder with their keys registered."""
     virtual = run_root / "sites"
-    coord = CoordPaths(run_root / "coord")
-    coord.root.mkdir(parents=True)
-    keys.generate_key_pair(coord.key, coord.pub)
-    save_sites(coord, {})
+    coord = new_registry(CoordPaths(run_root / "coord"))
     for k in range(count):
         shared, folder = sim_site_dir(sites, k), sim_site_dir(virtual, k)
-        state = folder / "state"
-        state.mkdir(parents=True)
+        state = SitePaths(folder / "state")
+        state.root.mkdir(parents=True)
         (folder / "data").symlink_to((shared / "data").resolve(), target_is_directory=True)
-        (state / "cache").symlink_to((shared / "cache").resolve(), target_is_directory=True)
-        keys.generate_key_pair(state / "site.key", state / "site.pub")
-        add_site(coord, folder.name, state / "site.pub")  # names as SiteConfig gives them
+        state.cache.symlink_to((shared / "cache").resolve(), target_is_directory=True)
+        keys.generate_key_pair(state.key, state.pub)
+        add_site(coord, folder.name, state.pub)  # names as SiteConfig gives them
     return virtual, coord.root
-
-
-def to_run_config(run: RunConfig) -> dict[str, flowerctl.ConfigValue]:
-    """The run config keys of ``run`` (the inverse of ``RunConfig.from_run_config``)."""
-    out: dict[str, flowerctl.ConfigValue] = {}
-    for f in dataclasses.fields(run):
-        key = f.name.replace("_", "-")
-        if key.startswith("central-dp-"):
-            key = "central-dp." + key[len("central-dp-") :]
-        elif key.startswith("dp-"):
-            key = "dp." + key[3:]
-        out[key] = getattr(run, f.name)
-    return out
 
 
 @dataclass(frozen=True)
@@ -164,7 +149,7 @@ class Resources:
         }
 
 
-class RunFailed(RuntimeError):
+class RunFailed(FederationError, RuntimeError):
     """A simulated run did not complete; the message carries the ServerApp's error."""
 
 
@@ -215,7 +200,7 @@ class SimEngine:
             raise RuntimeError("SimEngine.run outside its `with` block")
         run.check()
         run_id = flowerctl.submit_run(
-            self.conn, PROJECT_ROOT, to_run_config(run), self.resources.federation_config(sites)
+            self.conn, PROJECT_ROOT, run.to_run_config(), self.resources.federation_config(sites)
         )
         run_dir, shown = RunDir(Path(run.run_dir)), 0
 

@@ -18,14 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from common import metrics as M
-from server.rundir import RunDir
-from simulation import sim_runtime as rt
+from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1
+from common.provenance import load_model
+from common.rundir import RunDir
+from simulation import sim_runtime
 from simulation.federated import Prepared, Say, prepare, run_fedavg, score
 from simulation.plan import DPSpec, SimPlan, noise_for_plan, plan_facts
 
 log = logging.getLogger(__name__)
-SWEPT = (M.BALANCED_ACCURACY, M.AUC, M.F1, M.ACCURACY)
+SWEPT = (BALANCED_ACCURACY, AUC, F1, ACCURACY)
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -76,9 +77,9 @@ def one_point(
     )
     root = out / "runs" / tag(epsilon, plan.seed)
     rows = run_fedavg(plan, prep, root, dp, say)
-    final = RunDir.load_arrays(root / "run" / "final" / "model.npz")
+    final, _ = load_model(RunDir(root / "run").final_model)
     metrics = score(final, plan.norm, prep.pooled, prep.pooled_split(sites).test)
-    spent = rt.epsilon_by_site(rows)
+    spent = sim_runtime.epsilon_by_site(rows)
     return {
         "epsilon": epsilon,
         "no_dp": dp is None,
@@ -121,20 +122,20 @@ def run_sweep(
     say: Say = log.info,
 ) -> dict[str, Any]:
     """Every (seed, epsilon) point; writes sweep.json, sweep.md and sweep.png into ``out``."""
-    from simulation import report
-
     # Group norm everywhere, no-DP point included, so that only the noise differs.
     plan = replace(plan, norm="group")
     spec = spec or DPSpec(epsilon=1.0)
-    out = rt.fresh_output(out)
+    from simulation import report
+
+    out = sim_runtime.fresh_output(out)
     prep = prepare(plan, out, say)
     points = []
     for seed in seeds:
         for eps in epsilons:
             points.append(one_point(replace(plan, seed=seed), prep, eps, spec, out, say))
             say(
-                f"  -> balanced accuracy {points[-1][M.BALANCED_ACCURACY]:.4f}, "
-                f"AUC {points[-1][M.AUC]:.4f}"
+                f"  -> balanced accuracy {points[-1][BALANCED_ACCURACY]:.4f}, "
+                f"AUC {points[-1][AUC]:.4f}"
             )
     results = {
         "plan": plan_facts(plan),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ def write_patch(
     d = root / patient / (folder if folder is not None else str(label))
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{patient}_idx5_x{x}_y{y}_class{label}.png"
-    rng = np.random.default_rng(hash((patient, x, y)) % 2**32)
+    # crc32, not hash(): str hashes are salted per process, and the pixels must not change
+    rng = np.random.default_rng(zlib.crc32(f"{patient}/{x}/{y}".encode()))
     arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     if value is not None:
         arr[:] = value
@@ -48,3 +50,16 @@ def real_data() -> Path:
             pytest.fail(f"real IDC data not found at {REAL_DATA} (set IDC_REAL_DATA)")
         pytest.skip(f"real IDC data not found at {REAL_DATA} (set IDC_REAL_DATA to run)")
     return REAL_DATA
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """A CLI's main() installs a root handler on the stderr of that moment (pytest's capture,
+    closed after the test); put the root logger back so later tests never log into it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

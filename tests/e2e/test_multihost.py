@@ -47,7 +47,7 @@ ACTIVATE = re.compile(r'(\d+\.\d+\.\d+\.\d+):\d+ - "POST /v1/fleet/activate-node
 NODES = (
     "import json, pathlib, sys\n"
     "from flowerctl import node_statuses\n"
-    "from server.registry import CoordPaths\n"
+    "from common.paths import CoordPaths\n"
     "from server.runner import connection\n"
     "nodes = node_statuses(connection(CoordPaths(pathlib.Path(sys.argv[1]))))\n"
     "print(json.dumps({name: status for status, name in nodes.values()}))\n"
@@ -364,7 +364,7 @@ def test_coordinator_and_three_hospitals_on_separate_hosts(hosts, lab, site_data
         assert sorted(row["sites"]) == sorted(GOOD), row
         assert row["failures"] == [] and row["rejected"] == [], row
         assert not any(name in json.dumps(row) for name in bad)
-    assert (tmp_path / "run" / "final" / "model.pt").is_file()
+    assert (tmp_path / "run" / "final" / "model.idc").is_file()
     for name in bad:
         assert not (tmp_path / name / "audit" / "site-audit.jsonl").is_file()
     check_audit(hosts, coord)

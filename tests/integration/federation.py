@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from flowerctl import FLWR_ENV as FLOWER_ENV
 from flowerctl import alive, descendants, free_port, signal_tree
 
@@ -30,13 +28,22 @@ def split_synth_by_site(src: Path, dst: Path) -> dict[int, Path]:
     return folders
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):  # noqa: ANN001
-    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``."""
+def wait_for(predicate, timeout: float, what: str, watch=(), poll: float = 0.5):  # noqa: ANN001
+    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``.
+
+    ``watch`` holds the processes without which ``what`` can no longer happen: the wait
+    stops as soon as one of them has exited, instead of running to the deadline.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
+        for proc in watch:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"gave up waiting for {what}: {proc.args!r} exited with {proc.returncode}"
+                )
         time.sleep(poll)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -118,10 +125,10 @@ class Federation:
         proc = self.spawn(
             name, "idc-server", "start", "--dir", str(self.coord), "--address", self.address
         )
-        wait_for(
-            lambda: "SuperLink ready" in self.output(name) or self._dead(name), 90, "the SuperLink"
-        )
-        assert proc.poll() is None, self.output(name)
+        try:
+            wait_for(lambda: "SuperLink ready" in self.output(name), 90, "the SuperLink", [proc])
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.output(name)}") from None
         live = json.loads((self.coord / "superlink.json").read_text())
         self.flower_pids |= {live["pid"], live["gateway_pid"]}
         return proc
@@ -129,12 +136,6 @@ class Federation:
     def superlink_pid(self) -> int:
         """The flower-superlink process of the running ``idc-server start``."""
         return int(json.loads((self.coord / "superlink.json").read_text())["pid"])
-
-    def _dead(self, name: str) -> bool:
-        proc = self.procs[name]
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.output(name)}")
-        return False
 
     def start_site(self, name: str, data: Path, *extra: str) -> None:
         """``idc-client start`` for a site made with :meth:`add_site`."""
@@ -159,6 +160,7 @@ class Federation:
             lambda: "SuperNode started" in self.output(name) and self.output(name),
             60,
             f"{name}'s SuperNode",
+            [self.procs[name]],
         )
         pid = int(text.split("(pid ")[1].split(",")[0])
         self.flower_pids.add(pid)
@@ -167,21 +169,32 @@ class Federation:
     def wait_sites_online(self, n: int, timeout: float = 90) -> None:
         """Poll the SuperLink until ``n`` nodes are online."""
         from flowerctl import node_statuses
-        from server.registry import CoordPaths
-        from server.runner import connection
 
-        conn = connection(CoordPaths(self.coord))
+        conn = self.connection()
+        servers = [p for name, p in self.procs.items() if name.startswith("server")]
         wait_for(
             lambda: sum(s == "online" for s, _ in node_statuses(conn).values()) >= n,
             timeout,
             f"{n} sites online",
+            servers[-1:],
         )
+
+    def connection(self):  # noqa: ANN201
+        """The coordinator's own connection to its running SuperLink."""
+        from common.paths import CoordPaths
+        from server.runner import connection
+
+        return connection(CoordPaths(self.coord))
 
     def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         """``idc-server run`` to completion."""
         return self.cli(
             "idc-server", "run", "--dir", str(self.coord), *args, timeout=timeout, check=False
         )
+
+    def spawn_run(self, *args: str) -> subprocess.Popen[bytes]:
+        """``idc-server run`` in the background, output to ``run.out``."""
+        return self.spawn("run", "idc-server", "run", "--dir", str(self.coord), *args)
 
     def kill_group(self, pid: int) -> None:
         """SIGKILL a process we started, its group and every process below it (a crash)."""
@@ -191,7 +204,7 @@ class Federation:
         except ProcessLookupError:
             pass
         signal_tree(tree, signal.SIGKILL)
-        wait_for(lambda: not any(alive(p) for p in [pid, *tree]), 20, f"process tree {pid}")
+        wait_for(lambda: not any(alive(p) for p in [pid, *tree]), 60, f"process tree {pid}")
 
     def stop(self) -> None:
         """Stop every command we started: SIGTERM (they stop their children), then SIGKILL."""
@@ -211,9 +224,3 @@ class Federation:
     def leftovers(self) -> list[int]:
         """Processes of ours still alive (should be none after :meth:`stop`)."""
         return [p for p in self.flower_pids if alive(p)]
-
-
-def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
-    """Arrays of a run checkpoint."""
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}

@@ -24,6 +24,7 @@ from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
 
 from common.audit_verify import cross_check
 from common.keys import generate_key_pair, load_public_key
+from common.paths import CoordPaths
 from flowerctl import (
     FlowerProcError,
     list_nodes,
@@ -40,7 +41,6 @@ from flowerctl import (
     write_cli_config,
 )
 from flowerctl.processes import free_port
-from server.registry import CoordPaths
 from server.runner import connection
 from simulation.synth import SynthSpec, synthesize
 from tests.integration.federation import Federation, split_synth_by_site, wait_for

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from client.private import LEDGER_FILE
 from common.data import load_patches
 from common.ledger import PrivacyLedger
+from common.paths import SitePaths
 from simulation.synth import SynthSpec, synthesize
-from tests.integration.federation import Federation, split_synth_by_site
+from tests.integration.federation import split_synth_by_site
 
 pytestmark = pytest.mark.slow
 DP = [
@@ -19,19 +19,12 @@ DP = [
     "learning-rate=0.001",
     "batch-size=32",
     'norm="group"',
-    "round-timeout=120",
+    "round-timeout=180",
     "dp.enabled=true",
     "dp.noise-multiplier=1.0",
     "dp.max-grad-norm=1.0",
     "dp.delta=1e-4",
 ]
-
-
-@pytest.fixture
-def fed(tmp_path):
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
 
 
 def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp_path):
@@ -50,22 +43,22 @@ def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp
     rows = [json.loads(x) for x in (fed.root / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for name in ("hosp0", "hosp1"):
-        ledger = PrivacyLedger(fed.root / name / LEDGER_FILE)
-        fp = load_patches(folders[int(name[-1])]).fingerprint
-        history = ledger.history(fp)
+        ledger = PrivacyLedger(SitePaths(fed.root / name).ledger)
+        fingerprint = load_patches(folders[int(name[-1])]).fingerprint
+        history = ledger.history(fingerprint)
         assert [e.round for e in history] == [1, 2]
         eps = [r["sites"][name]["epsilon-total"] for r in rows]
         assert eps[0] < eps[1]  # accumulates across rounds
-        assert eps[1] == pytest.approx(ledger.epsilon(fp, 1e-4), rel=1e-9)
+        assert eps[1] == pytest.approx(ledger.epsilon(fingerprint, 1e-4), rel=1e-9)
         assert rows[0]["sites"][name]["epsilon-round"] == pytest.approx(eps[0], rel=1e-9)
     # hosp2's cap wins over the coordinator: refused, no weights, recorded on both sides
     for row in rows:
         assert "hosp2" not in row["sites"]
         refused = [r for r in row["rejected"] if r["site"] == "hosp2"]
         assert refused and refused[0]["kind"] == "refused" and "cap" in refused[0]["reason"]
-    ledger2 = PrivacyLedger(fed.root / "hosp2" / LEDGER_FILE)
-    fp2 = load_patches(folders[2]).fingerprint
-    assert ledger2.history(fp2) == [] and len(ledger2.refusals(fp2)) == 2
+    ledger2 = PrivacyLedger(SitePaths(fed.root / "hosp2").ledger)
+    fingerprint2 = load_patches(folders[2]).fingerprint
+    assert ledger2.history(fingerprint2) == [] and len(ledger2.refusals(fingerprint2)) == 2
     site_log = (fed.root / "hosp2" / "audit" / "site-audit.jsonl").read_text()
     assert '"privacy.refused"' in site_log and '"update.sent"' not in site_log
     coord_log = (fed.coord / "audit" / "coordinator-audit.jsonl").read_text()

@@ -14,8 +14,8 @@ import signal
 import pytest
 
 from common.keys import generate_key_pair
+from common.paths import CoordPaths
 from flowerctl import list_nodes, unregister_supernode
-from server.registry import CoordPaths
 from server.runner import connection
 from tests.integration.federation import Federation
 

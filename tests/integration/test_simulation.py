@@ -17,9 +17,10 @@ from common.dataset import PatchDataset, make_loader
 from common.keys import load_public_key
 from common.model import build_model
 from common.privacy import PRIVACY_UNIT
+from common.provenance import load_model
+from common.rundir import RunDir
 from common.training import evaluate
 from flowerctl import alive, descendants
-from server.rundir import RunDir
 from simulation.cli import main as sim_main
 from simulation.federated import run_compare
 from simulation.plan import SimPlan
@@ -129,9 +130,9 @@ def test_fedavg_simulation_learns_compares_and_leaves_nothing_running(
     for row in rows:
         assert sorted(row["sites"]) == names and sorted(row["evaluations"]) == names
         assert not row["rejected"] and not row["failures"]
-    before = heldout_metrics(run_dir.load_arrays(run_dir.checkpoint(0)), heldout)
-    after = heldout_metrics(run_dir.load_arrays(run_dir.root / "final" / "model.npz"), heldout)
-    assert after["loss"] < before["loss"] and after["auc"] > before["auc"], (before, after)
+    before = heldout_metrics(run_dir.read_checkpoint(0), heldout)
+    after = heldout_metrics(load_model(run_dir.final_model)[0], heldout)
+    assert after.loss < before.loss and after.auc > before.auc, (before, after)
 
     # every site's patients once, none copied; all three scored on the same held-out patients
     partition = json.loads((out / "partition.json").read_text())["sites"]

@@ -1,17 +1,14 @@
 import pytest
 
-from common import keys
 from common.audit import AuditError
 from common.config import RunConfig
+from common.paths import CoordPaths
+from common.registry import new_registry
 from server.coordinator import Coordinator
-from server.registry import CoordPaths, save_sites
 
 
 def test_an_unwritable_coordinator_audit_log_stops_the_run(tmp_path):
-    coord = CoordPaths(tmp_path / "coord")
-    coord.root.mkdir()
-    keys.generate_key_pair(coord.key, coord.pub)
-    save_sites(coord, {})
+    coord = new_registry(CoordPaths(tmp_path / "coord"))
     (coord.root / "audit").write_text("a file where the audit folder should be")
     run = RunConfig(run_dir=str(tmp_path / "run"), coord_dir=str(coord.root))
     with pytest.raises(AuditError, match="audit"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common.patch_decode as PD
+from common import patch_decode
 from common.data import UNLABELLED, LoadOptions, NoUsableData, load_patches, scan
 from tests.conftest import write_patch
 
@@ -108,7 +108,9 @@ def test_folder_without_usable_patch_names_the_folder(tmp_path):
 def test_cache_second_load_reads_no_png(messy, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = load_patches(messy, cache_dir=cache)
-    monkeypatch.setattr(PD, "_decode_file", lambda *a: pytest.fail("decoded a PNG on a cache hit"))
+    monkeypatch.setattr(
+        patch_decode, "_decode_file", lambda *a: pytest.fail("decoded a PNG on a cache hit")
+    )
     second = load_patches(messy, cache_dir=cache)
     assert isinstance(second.images, np.memmap)
     assert np.array_equal(first.images, second.images)
@@ -134,7 +136,7 @@ def test_parallel_decode_matches_serial(tmp_path, monkeypatch):
     root = tmp_path / "d"
     for i in range(40):
         write_patch(root, str(i % 4), i * 50, 0, i % 2)
-    monkeypatch.setattr(PD, "PARALLEL_MIN_FILES", 10)
+    monkeypatch.setattr(patch_decode, "PARALLEL_MIN_FILES", 10)
     a, b = load_patches(root, workers=1), load_patches(root, workers=2)
     assert np.array_equal(a.images, b.images) and a.files == b.files
 
@@ -269,8 +271,8 @@ def test_first_decode_shows_progress_on_a_terminal_only(tmp_path, monkeypatch):
     root = tmp_path / "d"
     for i in range(6):
         write_patch(root, "1", i * 50, 0, i % 2)
-    monkeypatch.setattr(PD, "PROGRESS_DELAY_S", 0)
-    monkeypatch.setattr(PD, "CHUNK", 2)
+    monkeypatch.setattr(patch_decode, "PROGRESS_DELAY_S", 0)
+    monkeypatch.setattr(patch_decode, "CHUNK", 2)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     load_patches(root, cache_dir=tmp_path / "cache")
@@ -289,7 +291,9 @@ def test_first_decode_shows_progress_on_a_terminal_only(tmp_path, monkeypatch):
 def test_labelled_folder_shares_its_cache_entry_with_predict(messy, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     trained = load_patches(messy, cache_dir=cache)
-    monkeypatch.setattr(PD, "_decode_file", lambda *a: pytest.fail("decoded a PNG on a cache hit"))
+    monkeypatch.setattr(
+        patch_decode, "_decode_file", lambda *a: pytest.fail("decoded a PNG on a cache hit")
+    )
     scored = load_patches(messy, cache_dir=cache, require_labels=False)
     assert scored.files == trained.files and scored.report == trained.report
 

@@ -16,10 +16,10 @@ from client.cli import main
 from client.heatmap import grid_cells, mosaic, plot_patient, probability_grid, region_edges
 from client.predict import infer, load_network, run_predict
 from client.predict_report import best_threshold, model_caption
-from client.site import model_arrays
-from common.metrics import classification_metrics
+from common.metrics import score
 from common.model import build_model
 from common.provenance import save_model
+from common.site_data import model_arrays
 from tests.conftest import write_patch
 
 # Patient 10 sits at real-style offsets (1001, 1051, ...): cells (row, col) = (0,0), (0,2),
@@ -303,11 +303,9 @@ def test_best_threshold_known_answer_and_brute_force() -> None:
         labels[:2] = (0, 1)
         probs = np.round(rng.random(30), 2)  # ties on purpose
         got = best_threshold(labels, probs)
-        brute = max(
-            classification_metrics(labels, probs, t)["balanced_accuracy"] for t in np.unique(probs)
-        )
+        brute = max(score(labels, probs, 0.0, t).balanced_accuracy for t in np.unique(probs))
         assert got is not None and got["balanced_accuracy"] == pytest.approx(brute)
-        at = classification_metrics(labels, probs, got["threshold"])["balanced_accuracy"]
+        at = score(labels, probs, 0.0, got["threshold"]).balanced_accuracy
         assert at == pytest.approx(got["balanced_accuracy"])
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from client.site import model_arrays
 from common.audit import LogHead, digest_update
 from common.model import build_model
 from common.provenance import (
@@ -18,6 +17,7 @@ from common.provenance import (
     run_metadata,
     save_model,
 )
+from common.site_data import model_arrays
 
 
 @pytest.fixture

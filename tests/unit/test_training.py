@@ -58,9 +58,9 @@ def test_short_training_learns_and_evaluation_reports_all_metrics():
     result = train(model, loader, TrainConfig(epochs=4, lr=1e-3, patience=None), val)
     after = evaluate(model, val, torch.device("cpu"))
     assert len(result.history) == 4 and result.steps == 32 and result.examples == 4 * 128
-    assert after["loss"] < before["loss"]
-    assert after["balanced_accuracy"] > 0.8
-    assert set(after) >= {
+    assert after.loss < before.loss
+    assert after.balanced_accuracy > 0.8 and after.examples == 128
+    assert set(after.as_dict()) >= {
         "loss",
         "accuracy",
         "balanced_accuracy",

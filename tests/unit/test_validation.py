@@ -14,7 +14,7 @@ from common import keys
 from common.audit import AuditLog, digest_update
 from common.config import RunConfig
 from common.protocol import RoundRow
-from server.rundir import RunDir
+from common.rundir import RunDir
 from server.strategy import CoordinatorStrategy, TooFewSites, fedavg
 from server.validation import validate_update
 

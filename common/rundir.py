@@ -1,4 +1,7 @@
-"""A run's folder: per-round metrics, checkpoints, resume state, final model and summary."""
+"""A run's folder: per-round metrics, checkpoints, resume state, final model and summary.
+
+The ServerApp writes it; ``idc-server run`` and the simulation read it while the run goes on.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import numpy as np
 
 from common.fileio import atomic_write
 from common.metrics import json_safe
+from common.provenance import MODEL_FILE
 
 
 @dataclass(frozen=True)
@@ -38,14 +42,19 @@ class RunDir:
         (self.root / "checkpoints").mkdir(parents=True, exist_ok=True)
         return self
 
-    def save_arrays(self, path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write a checkpoint atomically."""
-        atomic_write(path, lambda handle: np.savez(handle, **dict(arrays)))  # type: ignore[arg-type]
+    @property
+    def final_model(self) -> Path:
+        """THE final model: weights with their provenance record (:mod:`common.provenance`)."""
+        return self.root / "final" / MODEL_FILE
 
-    @staticmethod
-    def load_arrays(path: Path) -> dict[str, np.ndarray]:
-        """Read a checkpoint, names in their saved order."""
-        with np.load(path) as data:
+    def write_checkpoint(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write the global model after ``server_round`` atomically."""
+        path = self.checkpoint(server_round)
+        atomic_write(path, lambda handle: np.savez(handle, allow_pickle=False, **arrays))
+
+    def read_checkpoint(self, server_round: int) -> dict[str, np.ndarray]:
+        """The global model after ``server_round``, names in their saved order."""
+        with np.load(self.checkpoint(server_round)) as data:
             return {k: data[k] for k in data.files}
 
     def read_state(self) -> dict[str, Any]:
@@ -62,7 +71,7 @@ class RunDir:
         extra: dict[str, Any],
     ) -> None:
         """Checkpoint, metrics line, then state: a crash in between repeats the round whole."""
-        self.save_arrays(self.checkpoint(server_round), arrays)
+        self.write_checkpoint(server_round, arrays)
         done = self.completed_rounds()
         if server_round not in done:
             with open(self.rounds, "a") as fh:

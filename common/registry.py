@@ -1,67 +1,18 @@
-"""The coordinator's folder: TLS material, its signing key, and the registered sites."""
+"""The coordinator's site registry (``sites.json`` and ``site-keys/``): who may join, by key.
+
+Written by ``idc-server add-site``/``remove-site`` and by the simulation for its virtual
+sites; read by the ServerApp to check every reply's signature.
+"""
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from common import keys
 from common.fileio import atomic_write
-
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class CoordPaths:
-    """Where everything lives under COORD_DIR."""
-
-    root: Path
-
-    @property
-    def tls(self) -> Path:  # noqa: D102
-        return self.root / "tls"
-
-    @property
-    def sites(self) -> Path:  # noqa: D102
-        return self.root / "sites.json"
-
-    @property
-    def site_keys(self) -> Path:  # noqa: D102
-        return self.root / "site-keys"
-
-    @property
-    def key(self) -> Path:  # noqa: D102
-        return self.root / "coordinator.key"
-
-    @property
-    def pub(self) -> Path:  # noqa: D102
-        return self.root / "coordinator.pub"
-
-    @property
-    def audit(self) -> Path:  # noqa: D102
-        return self.root / "audit" / "coordinator-audit.jsonl"
-
-    @property
-    def superlink(self) -> Path:  # noqa: D102
-        return self.root / "superlink"
-
-    def require(self) -> CoordPaths:
-        """Fail with a clear message when COORD_DIR was never initialised."""
-        if not self.sites.is_file() or not self.key.is_file():
-            raise FileNotFoundError(
-                f"{self.root} is not a coordinator folder (run `idc-server init --dir ...` first)"
-            )
-        return self
-
-
-def check_name(name: str) -> str:
-    """Site names go into logs and file names: keep them plain."""
-    if not NAME.match(name):
-        raise ValueError(f"site name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    return name
+from common.paths import CoordPaths, check_name
 
 
 def load_sites(paths: CoordPaths) -> dict[str, dict[str, str]]:
@@ -73,6 +24,14 @@ def load_sites(paths: CoordPaths) -> dict[str, dict[str, str]]:
     if not isinstance(data, dict):
         raise ValueError(f"site registry {paths.sites} is not a JSON object")
     return data
+
+
+def new_registry(paths: CoordPaths) -> CoordPaths:
+    """Make the coordinator's signing key pair and an empty registry in ``paths.root``."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    keys.generate_key_pair(paths.key, paths.pub)
+    save_sites(paths, {})
+    return paths
 
 
 def save_sites(paths: CoordPaths, sites: dict[str, dict[str, str]]) -> None:
@@ -93,7 +52,7 @@ def add_site(paths: CoordPaths, name: str, key_file: Path) -> dict[str, str]:
         if info["fingerprint"] == fingerprint:
             raise ValueError(f"that key is already registered for site {other!r}")
     paths.site_keys.mkdir(parents=True, exist_ok=True)
-    (paths.site_keys / f"{name}.pub").write_text(openssh + "\n")
+    atomic_write(paths.site_key(name), (openssh + "\n").encode())
     sites[name] = {
         "public_key": openssh,
         "fingerprint": fingerprint,
@@ -110,12 +69,10 @@ def remove_site(paths: CoordPaths, name: str) -> dict[str, str]:
         raise ValueError(f"site {name!r} is not registered (known: {sorted(sites)})")
     info = sites.pop(name)
     save_sites(paths, sites)
-    (paths.site_keys / f"{name}.pub").unlink(missing_ok=True)
+    paths.site_key(name).unlink(missing_ok=True)
     return info
 
 
 def site_public_keys(paths: CoordPaths) -> dict[str, keys.PublicKey]:
     """Registered sites' keys, for checking the signatures on their updates."""
-    return {
-        name: keys.load_public_key(paths.site_keys / f"{name}.pub") for name in load_sites(paths)
-    }
+    return {name: keys.load_public_key(paths.site_key(name)) for name in load_sites(paths)}
