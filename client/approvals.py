@@ -66,8 +66,9 @@ def approve(site_dir: Path, fab_hash: str, note: str) -> dict[str, Any]:
     try:
         with AuditLog(Path(site_dir) / AUDIT_LOG, key, actor=name) as audit:
             audit.append(APP_APPROVED, fab_hash, "ok", {"app_hash": fab_hash, "note": note})
-    except AuditError as exc:
-        raise ValueError(f"{exc}; the site may be in a round: try again in a moment") from exc
+    except AuditError as exc:  # no audit entry, no approval
+        busy = "already open" in str(exc)
+        raise ValueError(f"{exc}{': try again in a moment' if busy else ''}") from exc
     approved[fab_hash] = record
     payload = {"approved": approved}
     atomic_write(Path(site_dir) / APPROVALS_FILE, (json.dumps(payload, indent=2) + "\n").encode())

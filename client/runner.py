@@ -48,14 +48,12 @@ def check_privacy_flags(args: argparse.Namespace, n_patches: int) -> None:
         )
 
 
-def _start(args: argparse.Namespace) -> int:
-    import flowerctl
-    from client.site import SITE_KEY
-
+def _preflight(args: argparse.Namespace) -> str:
+    """The site's name, once its folder, certificate, data and privacy flags check out."""
     site_file = args.dir / "site.json"
     if not site_file.is_file():
         raise FileNotFoundError(f"{args.dir} is not a site folder (run `idc-client init` first)")
-    name = json.loads(site_file.read_text())["site-name"]
+    name = str(json.loads(site_file.read_text())["site-name"])
     if not args.insecure and (args.ca is None or not args.ca.is_file()):
         raise FileNotFoundError(f"--ca {args.ca}: the coordinator's CA certificate is needed")
     patches = load_patches(
@@ -63,6 +61,14 @@ def _start(args: argparse.Namespace) -> int:
     )
     print(patches.report.summary(), flush=True)
     check_privacy_flags(args, len(patches))
+    return name
+
+
+def _start(args: argparse.Namespace) -> int:
+    import flowerctl
+    from client.site import SITE_KEY
+
+    name = _preflight(args)
     flwr_home = args.dir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
     key = None
