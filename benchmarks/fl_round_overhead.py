@@ -2,9 +2,9 @@
 
 Round wall time is divided by the slowest site's own local train + evaluate time (goal <=
 1.10); the rest is split into where it goes, read from the audit logs' timestamps: the wait
-before a site starts a message (SuperNode polling + ClientApp process start + data load),
-transfer and aggregation. The audit cost (hashing, signing, fsync) is measured in this process
-and scaled by the entries and digests each round really wrote.
+before a site starts a message (SuperNode polling and the message's transfer, then the site's
+executor), transfer and aggregation. The audit cost (hashing, signing, fsync) is measured in
+this process and scaled by the entries and digests each round really wrote.
 
 Run: .venv/bin/python benchmarks/fl_round_overhead.py [--patients 9] [--rounds 2]
 """

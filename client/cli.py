@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", type=int, default=10, help="how many problem files to name")
     _add_management(sub)
-    from client import predict, runner
+    from client import approvals, predict, runner
 
     runner.add_start_parser(sub)
+    approvals.add_approve_parser(sub)
     predict.add_predict_parser(sub)
     return parser
 

@@ -1,17 +1,24 @@
-"""idc-client start: preflight the data, then run this hospital's SuperNode until stopped."""
+"""idc-client start: preflight the data, then run the SuperNode and the site's own executor."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common.cli_util import add_command
 from common.data import LoadOptions, load_patches
 from common.fileio import read_json
 from common.paths import SitePaths
+
+NOT_ADMITTED = "Failed to activate SuperNode"  # the SuperLink's answer to an unknown key
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def node_config(args: argparse.Namespace, name: str, cache_dir: Path) -> dict[str, str | float]:
@@ -43,11 +50,10 @@ def check_privacy_flags(args: argparse.Namespace, n_patches: int) -> None:
         )
 
 
-def _start(args: argparse.Namespace) -> int:
-    import flowerctl
-
+def _preflight(args: argparse.Namespace) -> str:
+    """The site's name, once its folder, certificate, data and privacy flags check out."""
     paths = SitePaths(args.dir).require()
-    name = read_json(paths.info)["site-name"]
+    name = str(read_json(paths.info)["site-name"])
     if not args.insecure and (args.ca is None or not args.ca.is_file()):
         raise FileNotFoundError(f"--ca {args.ca}: the coordinator's CA certificate is needed")
     patches = load_patches(
@@ -55,37 +61,129 @@ def _start(args: argparse.Namespace) -> int:
     )
     print(patches.report.summary(), flush=True)
     check_privacy_flags(args, len(patches))
+    return name
+
+
+def _start(args: argparse.Namespace) -> int:
+    import flowerctl
+
+    name = _preflight(args)
+    paths = SitePaths(args.dir)
     flwr_home = paths.flwr_home
     flwr_home.mkdir(parents=True, exist_ok=True)
     key = None
     if not args.insecure:
         key = flowerctl.to_openssh_private_key(paths.key, flwr_home / "supernode.key")
     port = args.port or flowerctl.free_port()
-    log_path = paths.logs / "supernode.log"
-    proc = flowerctl.start_supernode(
+    logs = {what: paths.logs / f"{what}.log" for what in ("supernode", "executor")}
+    offsets = {what: _size(path) for what, path in logs.items()}  # this start's lines only
+    supernode = flowerctl.start_supernode(
         args.server,
         None if args.insecure else args.ca,
         key,
         node_config(args, name, args.cache_dir),
         port,
-        log_path,
+        logs["supernode"],
         home=flwr_home,
+        args=["--isolation", "process"],  # tasks wait for our executor, never flwr-clientapp
     )
     print(
-        f"site {name!r}: SuperNode started for {args.server} (pid {proc.pid}, log {log_path})",
+        f"site {name!r}: SuperNode started for {args.server} (pid {supernode.pid}, "
+        f"log {logs['supernode']})",
         flush=True,
     )
+    try:
+        executor = _start_executor(f"127.0.0.1:{port}", flwr_home, logs["executor"])
+    except BaseException:
+        flowerctl.stop_process(supernode)
+        raise
+    print(f"site {name!r}: executor started (pid {executor.pid}, log {logs['executor']})")
+    procs = {"supernode": supernode, "executor": executor}
+    stopped = _supervise(procs)
+    if stopped is None:
+        return 0
+    print(
+        f"site {name!r}: {_why(stopped, procs[stopped], logs, offsets, args.dir)}", file=sys.stderr
+    )
+    return 1
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _start_executor(runtime_api: str, flwr_home: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """The site's own executor (:mod:`client.executor`) for the SuperNode's Runtime API."""
+    import flowerctl
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "client.executor", "--runtime-api", runtime_api]
+    cmd += ["--node-config", str(flwr_home / "node-config.toml"), "--parent-pid", str(os.getpid())]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            env=flowerctl.flower_env(flwr_home),
+            cwd=flwr_home,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> str | None:
+    """Wait until one process ends (return its name) or we are told to stop (None).
+
+    Whatever happens, every process we started is stopped by its pid, executor first.
+    """
+    import flowerctl
+
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        code = proc.wait()
+        while True:
+            for what, proc in procs.items():
+                if proc.poll() is not None:
+                    return what
+            time.sleep(0.5)
     except KeyboardInterrupt:
-        code = 0
+        return None
     finally:
-        flowerctl.stop_process(proc)
-    if code:
-        tail = log_path.read_text(errors="replace")[-2000:]
-        print(f"SuperNode exited with {code}; end of its log:\n{tail}", file=sys.stderr)
-    return code
+        for proc in (procs["executor"], procs["supernode"]):
+            flowerctl.stop_process(proc)
+
+
+def _why(
+    what: str,
+    proc: subprocess.Popen[bytes],
+    logs: dict[str, Path],
+    offsets: dict[str, int],
+    site_dir: Path,
+) -> str:
+    """One line: why ``what`` stopped, and what to do."""
+    with open(logs[what], "rb") as handle:
+        handle.seek(offsets[what])
+        text = handle.read().decode(errors="replace")
+    # Flower's SuperNode exits 0 ("terminated gracefully") when the SuperLink answers 401 to
+    # a node it no longer knows, and 1 with "Failed to activate" when it never knew the key.
+    if what == "supernode" and (
+        NOT_ADMITTED in text or (proc.returncode == 0 and "terminated gracefully" in text)
+    ):
+        return (
+            f"this site's key is not registered with the coordinator (fingerprint "
+            f"{_fingerprint(site_dir)}): ask the coordinator to re-register it "
+            "(idc-server add-site), or rotate it"
+        )
+    lines = [ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
+    detail = next((lines[i + 1] for i, ln in enumerate(lines[:-1]) if "Exit Code:" in ln), None)
+    detail = detail or (lines[-1] if lines else "no output")
+    return f"the {what} stopped (exit {proc.returncode}): {detail} (log {logs[what]})"
+
+
+def _fingerprint(site_dir: Path) -> str:
+    from common import keys
+
+    key = keys.load_private_key(SitePaths(site_dir).key)
+    return keys.public_key_fingerprint(key.public_key())
 
 
 def add_start_parser(sub: argparse._SubParsersAction) -> None:

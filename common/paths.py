@@ -107,6 +107,11 @@ class SitePaths:
         return self.root / "privacy-ledger.json"
 
     @property
+    def approvals(self) -> Path:
+        """App (FAB) hashes approved by hand with ``idc-client approve``."""
+        return self.root / "approved-apps.json"
+
+    @property
     def cache(self) -> Path:
         """Decoded-patch cache of a running site (never next to the data)."""
         return self.root / "cache"
