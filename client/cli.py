@@ -50,15 +50,15 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _privacy(args: argparse.Namespace) -> int:
-    from client.private import LEDGER_FILE
-    from common.ledger import PrivacyLedger
+    from client.private import LEDGER_FILE, check_ledger, ledger_report
     from common.privacy import PRIVACY_UNIT
 
+    check_ledger(args.dir)  # a lost ledger is an error here too, never "no DP yet"
     path = args.dir / LEDGER_FILE
     if not path.is_file():
         print(f"no privacy ledger at {path}: this site has not trained with DP yet")
         return 0
-    print(PrivacyLedger(path).format(delta=args.delta))
+    print(ledger_report(args.dir, delta=args.delta))
     print()
     print(PRIVACY_UNIT)
     return 0
@@ -80,7 +80,7 @@ def _add_management(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--name", required=True, help="the site's name, as the coordinator knows it")
     p.set_defaults(func=_init)
-    p = sub.add_parser("privacy", help="print the privacy ledger: epsilon spent per data set")
+    p = sub.add_parser("privacy", help="print the privacy ledger: epsilon the site spent")
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--delta", type=float, default=None, help="delta for the totals")
     p.set_defaults(func=_privacy)
@@ -115,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``idc-client``."""
+    from common.ledger import LedgerError
+
     args = build_parser().parse_args(argv)
-    return dispatch(args, "idc-client", (ValueError, FileNotFoundError))
+    return dispatch(args, "idc-client", (ValueError, FileNotFoundError, LedgerError))
 
 
 if __name__ == "__main__":
