@@ -79,7 +79,8 @@ def train_round(
                 f"{cfg.max_epsilon:g} at delta {cfg.delta:g}); the run has dp.enabled=false"
             )
     except LedgerError as exc:  # never write to a ledger that must be restored
-        return _refuse(site, None, audit, run_id, server_round, str(exc))
+        reason = str(exc).replace(str(cfg.state_dir), "SITE_DIR")  # no site paths on the wire
+        return _refuse(site, None, audit, run_id, server_round, reason)
     except RoundRefused as exc:
         spent = accounting.epsilon(history(ledger.entries()), cfg.delta)
         return _refuse(site, ledger, audit, run_id, server_round, str(exc), spent)

@@ -170,6 +170,7 @@ def test_a_deleted_ledger_refuses_rounds_until_restored(cfg: SiteConfig, tmp_pat
     refused = _round(cfg, server_round=2)
     assert refused.status == REFUSED and refused.arrays is None
     assert "ledger" in refused.reason and "restore" in refused.reason
+    assert str(cfg.state_dir) not in refused.reason  # the coordinator learns no site paths
     assert not ledger.exists()  # the refusal does not plant a fresh, empty ledger
     ledger.write_text(json.dumps({**json.loads(backup.read_text()), "rounds": []}))
     assert _round(cfg, server_round=3).status == REFUSED  # emptied: the same
