@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -75,3 +77,18 @@ def test_epsilon_of_a_history_equals_a_stepped_accountant_and_check_cap_adds_the
 def test_bad_inputs_name_themselves(call, match: str):  # noqa: ANN001
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_the_simulation_noise_keeps_every_site_within_its_total_under_the_sites_schedule():
+    from types import SimpleNamespace
+
+    from simulation.plan import DPSpec, SimPlan, noise_for_plan
+
+    plan = SimPlan(data=Path("unused"), sites=2, rounds=3, local_epochs=2, batch_size=64)
+    sites = [SimpleNamespace(split=SimpleNamespace(train=range(n))) for n in (5900, 12000)]
+    noise = noise_for_plan(plan, sites, DPSpec(epsilon=4.0))  # type: ignore[arg-type]
+    totals = []
+    for site in sites:
+        rate, per_epoch = schedule(loader_batches(len(site.split.train), 64))
+        totals.append(epsilon([(noise, rate, 3 * 2 * per_epoch)], 1e-5))
+    assert max(totals) <= 4.0 and max(totals) >= 4.0 - 0.02  # the smaller site binds
