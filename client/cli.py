@@ -52,14 +52,15 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _privacy(args: argparse.Namespace) -> int:
-    from common.ledger import PrivacyLedger
+    from client.private import check_ledger, ledger_report
     from common.privacy import PRIVACY_UNIT
 
+    check_ledger(args.dir)  # a lost ledger is an error here too, never "no DP yet"
     path = SitePaths(args.dir).ledger
     if not path.is_file():
         print(f"no privacy ledger at {path}: this site has not trained with DP yet")
         return EXIT_OK
-    print(PrivacyLedger(path).format(delta=args.delta))
+    print(ledger_report(args.dir, delta=args.delta))
     print()
     print(PRIVACY_UNIT)
     return EXIT_OK
@@ -81,9 +82,7 @@ def _add_management(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--name", required=True, help="the site's name, as the coordinator knows it")
-    p = add_command(
-        sub, "privacy", _privacy, "print the privacy ledger: epsilon spent per data set"
-    )
+    p = add_command(sub, "privacy", _privacy, "print the privacy ledger: epsilon the site spent")
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--delta", type=float, default=None, help="delta for the totals")
     audit = sub.add_parser("audit", help="check the site's audit log")

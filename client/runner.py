@@ -38,16 +38,27 @@ def node_config(args: argparse.Namespace, name: str, cache_dir: Path) -> dict[st
 
 
 def check_privacy_flags(args: argparse.Namespace, n_patches: int) -> None:
-    """The site's cap: a positive epsilon, and delta below 1/number of patches."""
+    """The site's cap: a positive epsilon with the site's own delta, below 1/number of patches.
+
+    Also refuses to start while the privacy ledger is missing rounds the audit log spent.
+    """
+    from client.private import check_ledger
+
     if args.max_epsilon is not None and not (
         args.max_epsilon > 0 and math.isfinite(args.max_epsilon)
     ):
         raise ValueError(f"--max-epsilon must be a positive number, got {args.max_epsilon}")
+    if args.max_epsilon is not None and args.delta is None:
+        raise ValueError(
+            "--max-epsilon needs --delta: the cap is epsilon at this site's own delta "
+            f"(below 1/number of patches = {1 / n_patches:.3g}); no run can set it"
+        )
     if args.delta is not None and not 0 < args.delta < 1 / n_patches:
         raise ValueError(
             f"--delta {args.delta} must be in (0, 1/number of patches) = "
             f"(0, {1 / n_patches:.3g}) for {n_patches} patches"
         )
+    check_ledger(args.dir)
 
 
 def _preflight(args: argparse.Namespace) -> str:
@@ -195,7 +206,10 @@ def add_start_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="this site's patches (Kaggle layout)")
     p.add_argument("--port", type=int, default=None, help="local port of the SuperNode's API")
     p.add_argument(
-        "--max-epsilon", type=float, default=None, help="lifetime privacy cap of this data set"
+        "--max-epsilon",
+        type=float,
+        default=None,
+        help="lifetime privacy cap of this site (needs --delta); then DP-SGD rounds only",
     )
     p.add_argument("--delta", type=float, default=None, help="the site's DP delta (< 1/patches)")
     p.add_argument("--small", choices=("pad", "skip"), default="pad")

@@ -25,6 +25,7 @@ CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDPMode)
 Scalar = str | int | float | bool  # what a Flower run-config value may be
 # Where this run's results go and whether it continues one: not part of what the run is.
 _NOT_DIGESTED = ("run-dir", "resume")
+RENAMED_KEY = "dp.target-epsilon"
 
 
 def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
@@ -61,8 +62,10 @@ class RunConfig:
     seed: int = 42
     norm: Norm = "batch"
     dp_enabled: bool = False
-    dp_noise_multiplier: float = 0.0  # 0 means: derive it from dp_target_epsilon
-    dp_target_epsilon: float = 0.0  # per round; used when dp_noise_multiplier is 0
+    dp_noise_multiplier: float = 0.0  # 0 means: derive it from dp_epsilon_per_round
+    # The epsilon of ONE round at each site (noise calibrated per round), not of the run: every
+    # other target epsilon of the product (idc-sim budget, a site's cap) is a total.
+    dp_epsilon_per_round: float = 0.0
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
     dp_accountant: Accountant = "rdp"
@@ -105,6 +108,11 @@ class RunConfig:
         ValueError
             Naming the first unknown key, or the key whose value has the wrong type or range.
         """
+        if RENAMED_KEY in cfg:  # its old meaning (per round) must not be read as a total
+            raise ValueError(
+                f"config key {RENAMED_KEY!r} was renamed 'dp.epsilon-per-round' (the epsilon "
+                "of one round at each site); use that name"
+            )
         known = {cls.key(f.name) for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -146,10 +154,10 @@ class RunConfig:
         if self.dp_enabled:
             _check(self.norm == "group", "norm", self.norm, "'group' when dp.enabled (Opacus)")
             _check(
-                self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0,
+                self.dp_noise_multiplier > 0 or self.dp_epsilon_per_round > 0,
                 "dp.noise-multiplier",
                 self.dp_noise_multiplier,
-                "> 0 (or set dp.target-epsilon > 0)",
+                "> 0 (or set dp.epsilon-per-round > 0)",
             )
             _check(self.dp_max_grad_norm > 0, "dp.max-grad-norm", self.dp_max_grad_norm, "> 0")
             _check(0 < self.dp_delta < 1, "dp.delta", self.dp_delta, "in (0, 1)")
@@ -169,8 +177,16 @@ class SiteConfig:
     state_dir: Path
     cache_dir: Path
     max_epsilon: float = math.inf
-    delta: float = 0.0  # the site's own delta for its cap; 0 means: use the run's
+    delta: float = 0.0  # the site's own delta; required with a cap; 0: none, use the run's
     small_policy: SmallPolicy = "pad"
+
+    def __post_init__(self) -> None:
+        """A cap is an (epsilon, delta) pair of the site's: never completed by the run."""
+        if math.isfinite(self.max_epsilon) and not 0 < self.delta < 1:
+            raise ValueError(
+                "config key 'delta' is required with 'max-epsilon': the cap means epsilon at "
+                "the site's own delta (idc-client start --max-epsilon E --delta D)"
+            )
 
     @classmethod
     def from_context(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -196,6 +212,7 @@ class SiteConfig:
         _check(max_eps > 0, "max-epsilon", max_eps, "> 0")
         delta = _get(cfg, "delta", float, 0.0) if "delta" in cfg else 0.0
         _check(0 <= delta < 1, "delta", delta, "in [0, 1)")
+        _check(delta > 0 or max_eps == math.inf, "delta", delta, "> 0 with 'max-epsilon'")
         small = _get(cfg, "small-policy", str, "pad") if "small-policy" in cfg else "pad"
         _check(small in get_args(SmallPolicy), "small-policy", small, "'pad' or 'skip'")
         cache = _get(cfg, "cache-dir", str) if "cache-dir" in cfg else None

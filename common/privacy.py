@@ -1,11 +1,12 @@
-"""DP-SGD for one site's round: the DP config, Opacus objects for the shared loop, budget gate.
+"""DP-SGD for one site's round: the DP config, its plan, and Opacus objects for the shared loop.
 
-A round with DP on goes: :func:`plan_round` (noise, sample rate, steps) ->
-:func:`check_budget` against the site's :class:`~common.ledger.PrivacyLedger` (raises
-:class:`BudgetExceeded`: record the refusal, send no weights) -> :func:`make_private` ->
+A round with DP on goes (:mod:`client.private`): :func:`plan_round` (noise, sample rate,
+steps) -> the plan reserved in the site's :class:`~common.ledger.PrivacyLedger` if
+:func:`~common.accounting.check_cap` allows it -> :func:`make_private` ->
 ``common.training.train(private.model, private.loader, ..., optimizer=private.optimizer)`` ->
-``ledger.record`` with :func:`steps_taken` -> only then may weights leave the site. The loop is
-never copied here: privacy swaps the objects passed into it.
+``ledger.settle`` with :func:`steps_taken` -> only then may weights leave the site. The loop
+is never copied here: privacy swaps the objects passed into it. The maths is
+:mod:`common.accounting`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
@@ -28,8 +28,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common.errors import RefusedError
-from common.ledger import ACCOUNTANTS, Accountant, PrivacyLedger
+from common.accounting import ACCOUNTANTS, noise_for_target, schedule
+from common.config import Accountant
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,12 @@ PRIVACY_UNIT = (
     "A patient contributes hundreds of patches, so the guarantee for a whole patient is far "
     "weaker: by group privacy, k patches of one patient are protected only at about "
     "k*epsilon, with delta growing to about k*exp((k-1)*epsilon)*delta, which for hundreds "
-    "of patches is no meaningful patient-level protection."
+    "of patches is no meaningful patient-level protection. The accounting covers the model "
+    "updates a site sends in DP rounds, and nothing else that leaves it: each reply's count "
+    "of training patches and its epsilon figures, a refused round and its reason, and the "
+    "coordinator's evaluation of every global model on the site's held-out test patients "
+    "(their count, loss, accuracy, balanced accuracy, F1, AUC: not differentially private). "
+    "Training and validation loss and accuracy are not sent in DP rounds."
 )
 
 GradSampleMode = Literal["hooks", "functorch", "ew"]
@@ -50,44 +55,33 @@ GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew")
 FUNCTORCH_MIN_BATCH = 32
 
 
-class BudgetExceeded(RefusedError):
-    """Training this round would take the data set's total epsilon past its cap."""
-
-    def __init__(self, spent: float, projected: float, cap: float, delta: float) -> None:
-        self.spent, self.projected, self.cap, self.delta = spent, projected, cap, delta
-        self.cost = projected - spent
-        super().__init__(
-            f"privacy budget exceeded: spent epsilon={spent:.4g}, this round would add "
-            f"{self.cost:.4g} (total {projected:.4g}), cap {cap:.4g} at delta={delta:g}"
-        )
-
-
 @dataclass(frozen=True)
 class DPConfig:
-    """DP-SGD settings of one round; exactly one of noise_multiplier and target_epsilon.
+    """DP-SGD settings of one round; exactly one of noise_multiplier and epsilon_per_round.
 
-    ``target_epsilon`` is the epsilon of this round alone; the noise multiplier that reaches
-    it is found by :func:`noise_for_target`. A noise multiplier of 0 is accepted (tests,
-    clipping-only studies) but its epsilon is infinite, so :func:`check_budget` refuses it.
+    ``epsilon_per_round`` is the epsilon of this round alone (``dp.epsilon-per-round``); the
+    noise multiplier that reaches it is found by :func:`~common.accounting.noise_for_target`.
+    A noise multiplier of 0 is accepted (tests, clipping-only studies) but its epsilon is
+    infinite, so :func:`~common.accounting.check_cap` refuses it.
     """
 
     noise_multiplier: float | None
-    target_epsilon: float | None
+    epsilon_per_round: float | None
     max_grad_norm: float
     delta: float
     accountant: Accountant = "rdp"
 
     def __post_init__(self) -> None:
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+        if (self.noise_multiplier is None) == (self.epsilon_per_round is None):
             raise ValueError(
-                "exactly one of noise_multiplier and target_epsilon must be set, got "
+                "exactly one of noise_multiplier and epsilon_per_round must be set, got "
                 f"noise_multiplier={self.noise_multiplier!r}, "
-                f"target_epsilon={self.target_epsilon!r}"
+                f"epsilon_per_round={self.epsilon_per_round!r}"
             )
         if self.noise_multiplier is not None and not _finite(self.noise_multiplier, 0.0):
             raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
-        if self.target_epsilon is not None and not _finite(self.target_epsilon, 0.0, False):
-            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon!r}")
+        if self.epsilon_per_round is not None and not _finite(self.epsilon_per_round, 0.0, False):
+            raise ValueError(f"epsilon_per_round must be > 0, got {self.epsilon_per_round!r}")
         if not _finite(self.max_grad_norm, 0.0, False):
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
         if not (_finite(self.delta, 0.0, False) and self.delta < 1):
@@ -114,93 +108,20 @@ class RoundPlan:
 def plan_round(dp: DPConfig, loader: Sized, epochs: int) -> RoundPlan:
     """The noise, sample rate and steps Opacus will account for ``epochs`` over ``loader``.
 
-    Opacus samples each patch with probability ``q = 1 / len(loader)``, takes
-    ``int(1 / q)`` steps per epoch and accounts each step at rate ``1 / int(1 / q)``. By
-    float rounding ``int(1 / q)`` is sometimes ``len(loader) - 1`` (93 batches give 92
-    steps at rate 1/92, a little above the true 1/93: conservative). The same arithmetic
-    is used here so the budget check and the ledger see what the accountant will record.
+    The schedule is :func:`common.accounting.schedule` of ``len(loader)``, Opacus's own
+    arithmetic, so the budget check and the ledger see what the accountant will record.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if len(loader) < 1:
         raise ValueError("the training loader is empty: no data to train on")
-    per_epoch = int(1 / (1 / len(loader)))
-    sample_rate, steps = 1 / per_epoch, epochs * per_epoch
-    if dp.target_epsilon is not None:
-        noise = noise_for_target(dp.target_epsilon, dp.delta, sample_rate, steps, dp.accountant)
+    sample_rate, per_epoch = schedule(len(loader))
+    steps = epochs * per_epoch
+    if dp.epsilon_per_round is not None:
+        noise = noise_for_target(dp.epsilon_per_round, dp.delta, sample_rate, steps, dp.accountant)
     else:  # DPConfig guarantees the noise multiplier is then set
         noise = float(dp.noise_multiplier or 0.0)
     return RoundPlan(noise, sample_rate, steps)
-
-
-def noise_for_target(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    accountant: Accountant = "rdp",
-) -> float:
-    """Smallest noise multiplier (within Opacus's 0.01 epsilon tolerance) giving the target.
-
-    Uses ``opacus.accountants.utils.get_noise_multiplier``, which returns the upper end of
-    its bisection, so the epsilon reached is at most ``target_epsilon``.
-    """
-    if not _finite(target_epsilon, 0.0, False):
-        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
-    if not (_finite(sample_rate, 0.0, False) and sample_rate <= 1):
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-        )
-    )
-
-
-def check_delta(delta: float, n_patches: int) -> None:
-    """Raise ``ValueError`` unless 0 < delta < 1/n_patches.
-
-    A delta of 1/n or more allows a mechanism that publishes one patch outright.
-    """
-    if not isinstance(n_patches, int) or n_patches < 1:
-        raise ValueError(f"n_patches must be an integer >= 1, got {n_patches!r}")
-    if not (_finite(delta, 0.0, False) and delta < 1 / n_patches):
-        raise ValueError(
-            f"delta={delta!r} is too large for n={n_patches} patches: it must be in "
-            f"(0, 1/n) = (0, {1 / n_patches:.3g})"
-        )
-
-
-def check_budget(
-    ledger: PrivacyLedger,
-    fp: str,
-    max_epsilon: float,
-    delta: float,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    accountant: Accountant = "rdp",
-) -> float:
-    """Return the data set's total epsilon if this round runs, or raise BudgetExceeded.
-
-    Raises
-    ------
-    BudgetExceeded
-        The projected total is above ``max_epsilon`` (or infinite: no noise).
-    """
-    if not _finite(max_epsilon, 0.0, False):
-        raise ValueError(f"max_epsilon must be a finite number > 0, got {max_epsilon!r}")
-    projected = ledger.projected_epsilon(
-        fp, delta, noise_multiplier, sample_rate, steps, accountant
-    )
-    if not projected <= max_epsilon:  # also catches inf and nan
-        raise BudgetExceeded(ledger.epsilon(fp, delta, accountant), projected, max_epsilon, delta)
-    return projected
 
 
 class CountingDPDataLoader(DPDataLoader):
@@ -277,7 +198,7 @@ def make_private(
     dp : DPConfig
         Noise (or per-round target epsilon), clipping norm, delta and accountant.
     epochs : int
-        Local epochs this round; with ``target_epsilon`` it sets the noise.
+        Local epochs this round; with ``epsilon_per_round`` it sets the noise.
     seed : int, optional
         Seeds Poisson sampling and the noise, for reproducible experiments only: the
         guarantee then assumes the seed is secret from everyone who sees the weights (so

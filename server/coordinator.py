@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common import keys
+from common.accounting import epsilon
 from common.audit import AuditLog, digest_update
 from common.config import RunConfig
 from common.model import build_model
@@ -181,9 +182,7 @@ class Coordinator:
         run = self.cfg
         if run.central_dp_mode == "none":
             return None
-        from common.ledger import epsilon_from_history
-
-        eps = epsilon_from_history([(run.central_dp_noise, 1.0, rounds)], run.dp_delta)
+        eps = epsilon([(run.central_dp_noise, 1.0, rounds)], run.dp_delta)
         return {
             "mode": run.central_dp_mode,
             "noise_multiplier": run.central_dp_noise,

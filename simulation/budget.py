@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-from common.ledger import ACCOUNTANTS, Accountant, epsilon_from_history
-from common.privacy import PRIVACY_UNIT, check_delta, noise_for_target
-
-# 1/q is floating point: 1/(1/49) comes out just above 49, and ceil would then plan a 50th
-# step per epoch; this slack keeps such rates at their intended whole number of batches.
-_SLACK = 1e-9
+from common.accounting import (
+    ACCOUNTANTS,
+    check_delta,
+    epsilon,
+    loader_batches,
+    noise_for_target,
+    schedule,
+    steps_per_epoch_at_rate,
+)
+from common.config import Accountant
+from common.privacy import PRIVACY_UNIT
 
 
 def plan_steps(
@@ -22,9 +26,8 @@ def plan_steps(
 ) -> int:
     """Total DP steps of a plan given as ``steps`` or as ``rounds`` x ``local_epochs``.
 
-    With rounds and epochs, ``steps = rounds * local_epochs * ceil(1 / sample_rate)``: one
-    epoch is ``1 / sample_rate`` Poisson batches. Opacus takes ``int(1 / sample_rate)``
-    steps per epoch, which is this or one fewer, so the plan never understates the cost.
+    With rounds and epochs, ``steps = rounds * local_epochs * ceil(1 / sample_rate)``
+    (:func:`~common.accounting.steps_per_epoch_at_rate`: never fewer than Opacus takes).
     """
     if not (isinstance(sample_rate, int | float) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
@@ -39,7 +42,7 @@ def plan_steps(
             f"rounds and local_epochs must both be >= 1, got rounds={rounds}, "
             f"local_epochs={local_epochs}"
         )
-    return rounds * local_epochs * math.ceil(1 / sample_rate - _SLACK)
+    return rounds * local_epochs * steps_per_epoch_at_rate(sample_rate)
 
 
 def epsilon_for_plan(
@@ -69,7 +72,7 @@ def epsilon_for_plan(
         Opacus accountant.
     """
     total = plan_steps(sample_rate, steps, rounds, local_epochs)
-    return epsilon_from_history([(noise_multiplier, sample_rate, total)], delta, accountant)
+    return epsilon([(noise_multiplier, sample_rate, total)], delta, accountant)
 
 
 def noise_for_epsilon(
@@ -103,23 +106,31 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
 
 
-def _sample_rate(args: argparse.Namespace) -> float:
+def _rate_and_steps(args: argparse.Namespace) -> tuple[float, int]:
     if args.sample_rate is not None:
-        return float(args.sample_rate)
+        q = float(args.sample_rate)
+        epochs = args.local_epochs if args.rounds is not None else None
+        return q, plan_steps(q, args.steps, args.rounds, epochs)
     if args.patches < 1 or args.batch_size < 1:
         raise ValueError(
-            f"patches and batch size must be >= 1, got {args.patches}, {args.batch_size}"
+            f"--patches and --batch-size must be >= 1, got {args.patches}, {args.batch_size}"
         )
     check_delta(args.delta, args.patches)
-    return 1 / math.ceil(args.patches / args.batch_size)  # as Opacus: 1 / len(loader)
+    # A site of this many patches: exactly the schedule its rounds will account.
+    q, per_epoch = schedule(loader_batches(args.patches, args.batch_size))
+    if args.steps is not None:
+        return q, plan_steps(q, steps=args.steps)
+    if args.rounds < 1 or args.local_epochs < 1:
+        raise ValueError(
+            f"--rounds and --local-epochs must be >= 1, got {args.rounds}, {args.local_epochs}"
+        )
+    return q, args.rounds * args.local_epochs * per_epoch
 
 
 def run_budget(args: argparse.Namespace) -> int:
     """Print the plan's epsilon (or the noise for a target) and the privacy unit."""
     try:
-        q = _sample_rate(args)
-        epochs = args.local_epochs if args.rounds is not None else None
-        steps = plan_steps(q, args.steps, args.rounds, epochs)
+        q, steps = _rate_and_steps(args)
         plan = (
             f"{steps} steps, sample rate {q:.4g}, delta {args.delta:g}, "
             f"{args.accountant.upper()} accountant"

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from common.accounting import loader_batches, noise_for_target, schedule
 from common.config import Accountant, Norm, RunConfig
 from common.site_data import Site
 from simulation.centralized import BaselineConfig
@@ -114,22 +115,14 @@ def noise_for_plan(plan: SimPlan, sites: Sequence[Site], spec: DPSpec) -> float:
     """
     if spec.noise_multiplier is not None:
         return spec.noise_multiplier
-    from simulation.budget import noise_for_epsilon
-
-    assert spec.epsilon is not None
+    if spec.epsilon is None:  # DPSpec holds exactly one of the two
+        raise ValueError("a DP spec needs an epsilon or a noise multiplier")
     noises = []
     for site in sites:
-        batches = -(-len(site.split.train) // plan.batch_size)
-        noises.append(
-            noise_for_epsilon(
-                spec.epsilon,
-                1 / batches,
-                rounds=plan.rounds,
-                local_epochs=plan.local_epochs,
-                delta=spec.delta,
-                accountant=spec.accountant,
-            )
-        )
+        # The schedule each site's plan_round will use: Opacus's, from its loader's length.
+        rate, per_epoch = schedule(loader_batches(len(site.split.train), plan.batch_size))
+        steps = plan.rounds * plan.local_epochs * per_epoch
+        noises.append(noise_for_target(spec.epsilon, spec.delta, rate, steps, spec.accountant))
     return max(noises)
 
 

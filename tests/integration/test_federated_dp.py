@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from common.data import load_patches
-from common.ledger import PrivacyLedger
+from common.accounting import epsilon
+from common.ledger import PrivacyLedger, history
 from common.paths import SitePaths
 from simulation.synth import SynthSpec, synthesize
 from tests.integration.federation import split_synth_by_site
@@ -25,6 +25,7 @@ DP = [
     "dp.max-grad-norm=1.0",
     "dp.delta=1e-4",
 ]
+PLAIN = [*DP[1:6], "min-sites=1", "dp.enabled=false"]
 
 
 def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp_path):
@@ -35,21 +36,20 @@ def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp
         fed.add_site(f"hosp{i}")
     fed.start_server()
     fed.start_site("hosp0", folders[0])
-    fed.start_site("hosp1", folders[1], "--max-epsilon", "50")
-    fed.start_site("hosp2", folders[2], "--max-epsilon", "0.01")  # below one round's cost
+    fed.start_site("hosp1", folders[1], "--max-epsilon", "50", "--delta", "1e-4")
+    fed.start_site("hosp2", folders[2], "--max-epsilon", "0.01", "--delta", "1e-4")  # < 1 round
     fed.wait_sites_online(3)
     res = fed.run("--out", str(fed.root / "run"), "--rounds", "2", "--run-config", *DP)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [json.loads(x) for x in (fed.root / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for name in ("hosp0", "hosp1"):
-        ledger = PrivacyLedger(SitePaths(fed.root / name).ledger)
-        fingerprint = load_patches(folders[int(name[-1])]).fingerprint
-        history = ledger.history(fingerprint)
-        assert [e.round for e in history] == [1, 2]
+        entries = PrivacyLedger(SitePaths(fed.root / name).ledger).entries()
+        assert [(e.round, e.status) for e in entries] == [(1, "spent"), (2, "spent")]
         eps = [r["sites"][name]["epsilon-total"] for r in rows]
         assert eps[0] < eps[1]  # accumulates across rounds
-        assert eps[1] == pytest.approx(ledger.epsilon(fingerprint, 1e-4), rel=1e-9)
+        assert eps[1] == pytest.approx(epsilon(history(entries), 1e-4), rel=1e-9)
+        assert "train-loss" not in rows[0]["sites"][name]  # DP replies: no training metrics
         assert rows[0]["sites"][name]["epsilon-round"] == pytest.approx(eps[0], rel=1e-9)
     # hosp2's cap wins over the coordinator: refused, no weights, recorded on both sides
     for row in rows:
@@ -57,11 +57,23 @@ def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp
         refused = [r for r in row["rejected"] if r["site"] == "hosp2"]
         assert refused and refused[0]["kind"] == "refused" and "cap" in refused[0]["reason"]
     ledger2 = PrivacyLedger(SitePaths(fed.root / "hosp2").ledger)
-    fingerprint2 = load_patches(folders[2]).fingerprint
-    assert ledger2.history(fingerprint2) == [] and len(ledger2.refusals(fingerprint2)) == 2
+    assert ledger2.entries() == [] and len(ledger2.refusals()) == 2
     site_log = (fed.root / "hosp2" / "audit" / "site-audit.jsonl").read_text()
     assert '"privacy.refused"' in site_log and '"update.sent"' not in site_log
     coord_log = (fed.coord / "audit" / "coordinator-audit.jsonl").read_text()
     assert coord_log.count('"site.refused"') == 2
     out = fed.cli("idc-client", "privacy", "--dir", str(fed.root / "hosp0")).stdout
-    assert "one 50x50 patch" in out and "refused" not in out
+    assert "one 50x50 patch" in out and "refused: run" not in out  # hosp0 refused nothing
+
+    # The coordinator switches DP off: the capped sites refuse by name, no weights leave.
+    res = fed.run("--out", str(fed.root / "plain"), "--rounds", "1", "--run-config", *PLAIN)
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = json.loads((fed.root / "plain" / "rounds.jsonl").read_text().splitlines()[0])
+    assert list(row["sites"]) == ["hosp0"]  # the site without a cap trained
+    refused = {r["site"]: r for r in row["rejected"] if r["kind"] == "refused"}
+    assert sorted(refused) == ["hosp1", "hosp2"]
+    assert all("dp.enabled=false" in r["reason"] for r in refused.values())
+    site_log = (fed.root / "hosp1" / "audit" / "site-audit.jsonl").read_text()
+    assert site_log.count('"update.sent"') == 2  # the two DP rounds only
+    coord_log = (fed.coord / "audit" / "coordinator-audit.jsonl").read_text()
+    assert coord_log.count('"site.refused"') == 4

@@ -161,7 +161,7 @@ NODE = {"site-name": "st-mary", "data-dir": "/data", "state-dir": "/state"}
     [
         ({}, lambda c: c.cache_dir == Path("/state/cache") and math.isinf(c.max_epsilon)),
         ({"cache-dir": "/cache"}, lambda c: c.cache_dir == Path("/cache")),
-        ({"max-epsilon": 8}, lambda c: c.max_epsilon == 8.0),
+        ({"max-epsilon": 8, "delta": 1e-6}, lambda c: c.max_epsilon == 8.0 and c.delta == 1e-6),
         ({"delta": 1e-6}, lambda c: c.delta == 1e-6),
         ({"small-policy": "skip"}, lambda c: c.small_policy == "skip"),
     ],

@@ -1,4 +1,4 @@
-"""DP-SGD setup, the on-disk privacy ledger and the budget gate (common/privacy, common/ledger)."""
+"""DP-SGD setup, the accounting, the on-disk ledger and the cap (privacy, accounting, ledger)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +16,14 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.data_loader import DPDataLoader
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+from common.accounting import BudgetExceeded, check_cap, check_delta, epsilon
 from common.dataset import PatchDataset, make_loader
-from common.ledger import LedgerEntry, LedgerError, PrivacyLedger, epsilon_from_history
+from common.ledger import LedgerEntry, LedgerError, PrivacyLedger, history
 from common.model import build_model
 from common.privacy import (
     PRIVACY_UNIT,
-    BudgetExceeded,
     DPConfig,
     RoundPlan,
-    check_budget,
-    check_delta,
     make_private,
     plan_round,
     release,
@@ -45,7 +44,7 @@ def _dataset(n: int, seed: int = 0) -> PatchDataset:
 def _dp(**kw: object) -> DPConfig:
     args: dict[str, object] = {
         "noise_multiplier": 1.0,
-        "target_epsilon": None,
+        "epsilon_per_round": None,
         "max_grad_norm": 1.0,
         "delta": 1e-5,
     }
@@ -57,16 +56,20 @@ def _entry(round_: int, run: str = "run-1", steps: int = 8) -> LedgerEntry:
     return LedgerEntry(run, round_, noise_multiplier=1.1, sample_rate=0.25, steps=steps, delta=1e-5)
 
 
+def _eps(ledger: PrivacyLedger, delta: float = 1e-5, accountant: str = "rdp") -> float:
+    return epsilon(history(ledger.entries()), delta, accountant)  # type: ignore[arg-type]
+
+
 # -- DPConfig -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("kw", "field"),
     [
-        ({"noise_multiplier": None}, "target_epsilon"),  # neither set
-        ({"target_epsilon": 2.0}, "target_epsilon"),  # both set
+        ({"noise_multiplier": None}, "epsilon_per_round"),  # neither set
+        ({"epsilon_per_round": 2.0}, "epsilon_per_round"),  # both set
         ({"noise_multiplier": -0.5}, "noise_multiplier"),
-        ({"noise_multiplier": None, "target_epsilon": 0.0}, "target_epsilon"),
+        ({"noise_multiplier": None, "epsilon_per_round": 0.0}, "epsilon_per_round"),
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
         ({"max_grad_norm": math.inf}, "max_grad_norm"),
         ({"delta": 1.0}, "delta"),
@@ -86,21 +89,21 @@ def test_ledger_epsilon_over_rounds_equals_one_opacus_accountant(tmp_path: Path)
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     reference = RDPAccountant()
     for r in range(1, rounds + 1):
-        ledger.record(FP, LedgerEntry("run-1", r, noise, q, epochs * per_epoch, 1e-5))
+        ledger.record(LedgerEntry("run-1", r, noise, q, epochs * per_epoch, 1e-5))
         for _ in range(epochs * per_epoch):
             reference.step(noise_multiplier=noise, sample_rate=q)
-    assert ledger.epsilon(FP, 1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+    assert _eps(ledger) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
     prv = PRVAccountant()
     prv.history = [(noise, q, rounds * epochs * per_epoch)]
-    assert ledger.epsilon(FP, 1e-5, "prv") == pytest.approx(prv.get_epsilon(1e-5), rel=1e-3)
+    assert _eps(ledger, 1e-5, "prv") == pytest.approx(prv.get_epsilon(1e-5), rel=1e-3)
 
 
 def test_projected_epsilon_is_the_total_with_the_round_added(tmp_path: Path):
     ledger = PrivacyLedger(tmp_path / "ledger.json")
-    projected = ledger.projected_epsilon(FP, 1e-5, 1.1, 0.25, 8)
-    ledger.record(FP, _entry(1))
-    assert ledger.epsilon(FP, 1e-5) == pytest.approx(projected, rel=1e-12)
-    assert epsilon_from_history([(0.0, 0.25, 1)], 1e-5) == math.inf
+    projected = check_cap([], _entry(1).step, 1e9, 1e-5)
+    ledger.record(_entry(1))
+    assert _eps(ledger) == pytest.approx(projected, rel=1e-12)
+    assert epsilon([(0.0, 0.25, 1)], 1e-5) == math.inf
 
 
 # -- ledger persistence and failure ---------------------------------------------------------
@@ -108,24 +111,42 @@ def test_projected_epsilon_is_the_total_with_the_round_added(tmp_path: Path):
 
 def test_ledger_survives_restart_and_a_second_run_with_epsilon_growing(tmp_path: Path):
     path = tmp_path / "state" / "privacy-ledger.json"
-    eps = [PrivacyLedger(path).epsilon(FP, 1e-5)]
-    for run in ("run-1", "run-2"):
+    eps = [_eps(PrivacyLedger(path))]
+    for run, fp in (("run-1", "folder-a"), ("run-2", "folder-b")):  # the folder changed
         for r in (1, 2):
-            PrivacyLedger(path).record(FP, _entry(r, run))  # a new object: a restarted process
-            eps.append(PrivacyLedger(path).epsilon(FP, 1e-5))
+            entry = replace(_entry(r, run), fingerprint=fp)
+            PrivacyLedger(path).record(entry)  # a new object: a restarted process
+            eps.append(_eps(PrivacyLedger(path)))
     assert eps[0] == 0.0
-    assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
-    history = PrivacyLedger(path).history(FP)
-    assert [(e.run_id, e.round) for e in history] == [
-        ("run-1", 1),
-        ("run-1", 2),
-        ("run-2", 1),
-        ("run-2", 2),
+    assert all(b > a for a, b in zip(eps, eps[1:], strict=False))  # one budget for the site
+    entries = PrivacyLedger(path).entries()
+    assert [(e.run_id, e.round, e.fingerprint, e.status) for e in entries] == [
+        ("run-1", 1, "folder-a", "spent"),
+        ("run-1", 2, "folder-a", "spent"),
+        ("run-2", 1, "folder-b", "spent"),
+        ("run-2", 2, "folder-b", "spent"),
     ]
-    assert PrivacyLedger(path).history("another-data-set") == []
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]
-    table = PrivacyLedger(path).format()
-    assert "run-2" in table and f"{eps[-1]:.4g}" in table
+    assert path.stat().st_mode & 0o077 == 0  # the site's own business
+
+
+def test_a_version_1_ledger_reads_as_one_history_of_every_data_set(tmp_path: Path):
+    rows = {fp: [{**asdict(_entry(1)), "time": t}] for fp, t in (("b", "2"), ("a", "1"))}
+    for row in rows.values():
+        for key in ("fingerprint", "status", "id"):
+            del row[0][key]
+    old = {
+        "format": "idc-fl privacy ledger",
+        "version": 1,
+        "datasets": {fp: {"rounds": r, "refusals": []} for fp, r in rows.items()},
+    }
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps(old))
+    ledger = PrivacyLedger(path)
+    assert [e.fingerprint for e in ledger.entries()] == ["a", "b"]  # oldest first
+    assert _eps(ledger) == pytest.approx(epsilon([(1.1, 0.25, 16)], 1e-5), rel=1e-12)
+    ledger.record_refusal("run-9", 1, "cap")  # the next write stores version 2
+    assert json.loads(path.read_text())["version"] == 2 and len(ledger.entries()) == 2
 
 
 @pytest.mark.parametrize(
@@ -141,6 +162,15 @@ def test_ledger_survives_restart_and_a_second_run_with_epsilon_growing(tmp_path:
                 "datasets": {FP: {"rounds": [{"run_id": "r", "round": 1}], "refusals": []}},
             }
         ),  # an entry missing its noise, rate, steps and delta
+        json.dumps(
+            {
+                "format": "idc-fl privacy ledger",
+                "version": 2,
+                "rounds": [{**asdict(_entry(1)), "steps": -1}],
+                "refusals": [],
+            }
+        ),
+        json.dumps({"format": "idc-fl privacy ledger", "version": 2, "rounds": {}}),
         "",
     ],
 )
@@ -149,9 +179,9 @@ def test_corrupt_ledger_is_an_error_never_an_empty_history(tmp_path: Path, conte
     path.write_text(content)
     ledger = PrivacyLedger(path)
     with pytest.raises(LedgerError, match="corrupt"):
-        ledger.epsilon(FP, 1e-5)
+        ledger.entries()
     with pytest.raises(LedgerError):
-        ledger.record(FP, _entry(1))
+        ledger.record(_entry(1))
     assert path.read_text() == content  # the evidence is left alone
 
 
@@ -159,7 +189,7 @@ def test_unreadable_ledger_is_an_error(tmp_path: Path):
     path = tmp_path / "ledger.json"
     path.mkdir()
     with pytest.raises(LedgerError, match="cannot be read"):
-        PrivacyLedger(path).history(FP)
+        PrivacyLedger(path).entries()
 
 
 # -- budget gate ----------------------------------------------------------------------------
@@ -167,24 +197,39 @@ def test_unreadable_ledger_is_an_error(tmp_path: Path):
 
 def test_budget_refuses_at_the_cap_and_the_refusal_is_recorded(tmp_path: Path):
     ledger = PrivacyLedger(tmp_path / "ledger.json")
-    cap = 2.0 * ledger.projected_epsilon(FP, 1e-5, 1.1, 0.25, 8)
+    cap = 2.0 * check_cap([], _entry(1).step, 1e9, 1e-5)
     rounds = 0
+
+    def within_cap(entries: list[LedgerEntry]) -> None:
+        assert check_cap(history(entries), _entry(rounds + 1).step, cap, 1e-5) <= cap
+
     with pytest.raises(BudgetExceeded) as refused:
         while True:
-            total = check_budget(ledger, FP, cap, 1e-5, 1.1, 0.25, 8)
-            assert total <= cap
+            ledger.reserve(_entry(rounds + 1), within_cap)  # check and record, under one lock
             rounds += 1
-            ledger.record(FP, _entry(rounds))
     err = refused.value
     assert rounds >= 2 and err.cap == cap and err.projected > cap
-    assert err.spent == pytest.approx(ledger.epsilon(FP, 1e-5))
+    assert len(ledger.entries()) == rounds  # the refused round left no entry
+    assert all(e.status == "reserved" for e in ledger.entries())  # counted before training
+    assert err.spent == pytest.approx(_eps(ledger))
     assert f"{err.spent:.4g}" in str(err) and f"{err.cost:.4g}" in str(err)
     assert f"cap {cap:.4g}" in str(err)
-    ledger.record_refusal(FP, "run-1", rounds + 1, str(err))
-    assert [(r.round, r.reason) for r in ledger.refusals(FP)] == [(rounds + 1, str(err))]
-    assert "refused" in ledger.format(FP)
+    ledger.record_refusal("run-1", rounds + 1, str(err))
+    assert [(r.round, r.reason) for r in ledger.refusals()] == [(rounds + 1, str(err))]
     with pytest.raises(BudgetExceeded):  # no noise: infinite epsilon, whatever the cap
-        check_budget(PrivacyLedger(tmp_path / "other.json"), FP, 1e9, 1e-5, 0.0, 0.25, 1)
+        check_cap([], (0.0, 0.25, 1), 1e9, 1e-5)
+
+
+def test_settle_records_the_steps_taken_and_never_more_than_reserved(tmp_path: Path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    entry = _entry(1, steps=8)
+    ledger.reserve(entry, lambda _: None)
+    with pytest.raises(LedgerError, match="more than the 8 reserved"):
+        ledger.settle(entry.id, 9)
+    assert ledger.settle(entry.id, 7).steps == 7
+    assert [(e.steps, e.status) for e in ledger.entries()] == [(7, "spent")]
+    with pytest.raises(LedgerError, match="no reserved round"):
+        ledger.settle("another", 1)
 
 
 def test_delta_must_be_below_one_over_n():
@@ -219,8 +264,8 @@ def test_make_private_fails_closed_on_batch_norm():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # not "fixed"
 
 
-def test_the_training_loader_is_poisson_and_the_ledger_gets_real_steps(tmp_path: Path):
-    model, opt, loader, dp = _private_setup(target_epsilon=3.0, noise_multiplier=None)
+def test_the_training_loader_is_poisson_and_the_accountant_gets_real_steps():
+    model, opt, loader, dp = _private_setup(epsilon_per_round=3.0, noise_multiplier=None)
     private = make_private(model, opt, loader, dp, epochs=1, seed=1)
     assert isinstance(private.loader, DPDataLoader)  # what the loop must iterate
     assert isinstance(private.loader.batch_sampler, UniformWithReplacementSampler)
@@ -235,19 +280,8 @@ def test_the_training_loader_is_poisson_and_the_ledger_gets_real_steps(tmp_path:
     sizes = [shape[0] for shape in shapes]
     assert len(sizes) == private.planned_steps == 4 and len(set(sizes)) > 1  # Poisson
     assert result.steps == steps_taken(private) == private.planned_steps
-    ledger = PrivacyLedger(tmp_path / "ledger.json")
-    ledger.record(
-        FP,
-        LedgerEntry(
-            "run-1",
-            1,
-            private.noise_multiplier,
-            private.sample_rate,
-            steps_taken(private),
-            dp.delta,
-        ),
-    )
-    assert 2.9 <= ledger.epsilon(FP, dp.delta) <= 3.0  # noise chosen for the round's target
+    entry = (private.noise_multiplier, private.sample_rate, steps_taken(private))
+    assert 2.9 <= epsilon([entry], dp.delta) <= 3.0  # noise chosen for the round's target
     private.engine.accountant.history.append((0.5, private.sample_rate, 1))
     with pytest.raises(RuntimeError, match="noise=0.5"):
         steps_taken(private)  # a step the plan did not cover must not go unrecorded
