@@ -36,10 +36,11 @@ def _check(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     from client.site import site_paths
     from common import keys
+    from common.fileio import private_dir
     from server.registry import check_name
 
     check_name(args.name)
-    args.dir.mkdir(parents=True, exist_ok=True)
+    private_dir(args.dir)  # the site key, audit log, ledger and patch cache: owner-only
     private, public = site_paths(args.dir)
     keys.generate_key_pair(private, public)
     (args.dir / "site.json").write_text(json.dumps({"site-name": args.name}) + "\n")

@@ -12,7 +12,8 @@ on in a fresh file. Reopening continues from the last entry, which must parse an
 key's signature (only the tail is checked; :mod:`common.audit_verify` checks all). Each
 append is fsync-ed; any ``OSError`` becomes :class:`AuditError` and the log refuses further
 appends, so an audited run stops (fail closed). A thread lock serialises appends and a
-``flock`` on ``<name>.lock`` refuses a second writer.
+``flock`` on ``<name>.lock`` refuses a second writer. Files are owner-only (0600), a folder
+the log creates 0700.
 
 Limits: the chain proves order and completeness only up to the last entry present. Lines
 cut cleanly off the end leave a shorter valid chain, and the key holder can rewrite the whole
@@ -194,7 +195,8 @@ class AuditLog:
         self._failure: str | None = None
         self._size = 0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only: the log names sites, runs and digests (0700 folder, 0600 files).
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock_file = self._take_writer_lock()
             self._head, self._last_time = self._read_tail()
             self._open_live()
@@ -216,7 +218,7 @@ class AuditLog:
         return self._key.public_key()
 
     def _take_writer_lock(self) -> io.FileIO:
-        lock_file = io.FileIO(self.path.with_name(self.path.name + ".lock"), "a")
+        lock_file = io.FileIO(self.path.with_name(self.path.name + ".lock"), "a", opener=_private)
         try:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -250,7 +252,8 @@ class AuditLog:
         return LogHead(entry["seq"], entry_hash(entry)), parse_time(entry["time"])
 
     def _open_live(self) -> io.FileIO:
-        self._file = handle = io.FileIO(self.path, "a")
+        self._file = handle = io.FileIO(self.path, "a", opener=_private)
+        os.fchmod(handle.fileno(), 0o600)  # also tightens a log written by an older version
         self._size = os.fstat(handle.fileno()).st_size
         # A new or renamed file is only durable once its directory entry is.
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
@@ -352,6 +355,10 @@ class AuditLog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 def _clean_details(details: Mapping[str, Any] | None, action: str) -> dict[str, Any] | None:

@@ -10,7 +10,8 @@ behaviour (counted and named in the :class:`LoadReport`):
 * a patch smaller than 50x50 (slide borders): padded with the background colour at its
   top-left (policy ``"pad"``, the default) or dropped (``"skip"``); never stretched;
 * a non-RGB mode (RGBA, palette, grey): converted to RGB;
-* an unreadable or truncated file: skipped;
+* an unreadable or truncated file, or one larger than 50x50 (a decompression bomb
+  included: its header is read, never its pixels): counted unreadable and skipped;
 * nothing usable at all: :class:`NoUsableData` naming the folder.
 
 Decoding PNGs costs far more than a training step on a GPU, and the federated client runs in a
@@ -187,18 +188,22 @@ def _decode_file(path: str, options: LoadOptions) -> tuple[np.ndarray | None, st
     """Decode one PNG; the status is ok, padded, converted, small-skipped or unreadable."""
     try:
         with Image.open(path) as img:
+            # The header's size is checked before decoding: a huge image with a patch's name
+            # (a decompression bomb) is counted unreadable without spending memory on it.
+            if img.width > PATCH or img.height > PATCH:
+                log.warning("unreadable patch %s: %dx%d is larger than 50x50", path, *img.size)
+                return None, "unreadable"
             img.load()
             status = "ok" if img.mode == "RGB" else "converted"
             arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad files
+    # PIL raises all of these on bad files; DecompressionBombError (not an OSError) when the
+    # header alone claims more pixels than PIL agrees to open.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         log.warning("unreadable patch %s: %s", path, exc)
         return None, "unreadable"
     h, w = arr.shape[:2]
     if (h, w) == (PATCH, PATCH):
         return arr, status
-    if h > PATCH or w > PATCH:
-        log.warning("unreadable patch %s: %dx%d is larger than 50x50", path, w, h)
-        return None, "unreadable"
     if options.small == "skip":
         return None, "small-skipped"
     out = np.empty((PATCH, PATCH, 3), dtype=np.uint8)

@@ -24,7 +24,9 @@ def _init(args: argparse.Namespace) -> int:
     paths = CoordPaths(args.dir)
     if paths.sites.exists():
         raise ValueError(f"{args.dir} is already a coordinator folder")
-    args.dir.mkdir(parents=True, exist_ok=True)
+    from common.fileio import private_dir
+
+    private_dir(args.dir)  # CA key, signing key, SuperLink database, audit log: owner-only
     # Loopback always: the coordinator's own CLI talks to its SuperLink there.
     hosts = list(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))
     tls = make_tls(paths.tls, hosts)
@@ -42,10 +44,12 @@ def _add_site(args: argparse.Namespace) -> int:
     from server.registry import CoordPaths, add_site
 
     paths = CoordPaths(args.dir).require()
-    info = add_site(paths, args.name, args.key)
+    info = add_site(paths, args.name, args.key, args.patches)
+    details = {"fingerprint": info["fingerprint"], "patches": info.get("patches")}
     with _open_audit(paths) as audit:  # type: ignore[attr-defined]
-        audit.append("site.registered", args.name, "ok", {"fingerprint": info["fingerprint"]})
-    print(f"site {args.name!r} registered (key fingerprint {info['fingerprint'][:16]}...)")
+        audit.append("site.registered", args.name, "ok", details)
+    bound = f", at most {args.patches} examples per update" if args.patches else ""
+    print(f"site {args.name!r} registered (key fingerprint {info['fingerprint']}{bound})")
     _sync_live(paths)
     return 0
 
@@ -147,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--key", type=Path, required=True, help="the site's site.pub")
+    p.add_argument(
+        "--patches",
+        type=int,
+        default=None,
+        help="patches the site declared (idc-client check prints it): the most examples "
+        "its updates may claim (default: the run's max-examples-per-site)",
+    )
     p.set_defaults(func=_add_site)
     p = sub.add_parser("remove-site", help="remove a hospital")
     p.add_argument("--dir", type=Path, required=True)

@@ -24,7 +24,7 @@ from common.config import RunConfig
 from common.model import build_model
 from common.plots import plot_curves
 from common.provenance import MODEL_FILE, run_metadata, save_model
-from server.registry import CoordPaths, site_public_keys
+from server.registry import CoordPaths, declared_patches, site_public_keys
 from server.rundir import RunDir
 from server.strategy import CoordinatorStrategy, fedavg
 
@@ -67,11 +67,12 @@ class Coordinator:
         self.dir = RunDir(run_dir).create()
         self.audit: AuditLog | None = None
         site_keys: dict[str, keys.PublicKey] = {}
+        declared: dict[str, int] = {}
         if run.coord_dir:
             paths = CoordPaths(Path(run.coord_dir)).require()
             # Required: a coordinator without a writable audit log does not run (fail closed).
             self.audit = AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator")
-            site_keys = site_public_keys(paths)
+            site_keys, declared = site_public_keys(paths), declared_patches(paths)
         state = self.dir.read_state()
         self.completed = int(state.get("completed_round", 0))
         if self.completed and not run.resume:
@@ -84,7 +85,7 @@ class Coordinator:
             raise ValueError(f"cannot resume {run_dir}: the run settings changed")
         inner = central_dp(run, fedavg(run), len(site_keys))
         self.strategy = CoordinatorStrategy(
-            inner, run, self.dir, run_id, self.completed, site_keys, self.audit
+            inner, run, self.dir, run_id, self.completed, site_keys, self.audit, declared
         )
         self.strategy.state_extra = {"run_id": run_id, "config_hash": self.hash}
         self._audit(
