@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cli_util import dispatch, new_parser
 from common.data import LoadOptions, NoUsableData, load_patches
+
+if TYPE_CHECKING:
+    from common.keys import PublicKey
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -46,7 +50,18 @@ def _init(args: argparse.Namespace) -> int:
     (args.dir / "site.json").write_text(json.dumps({"site-name": args.name}) + "\n")
     print(f"site {args.name!r} initialised in {args.dir}")
     print(f"send this public key to the coordinator: {public}")
+    print(f"  (fingerprint {keys.public_key_fingerprint(keys.load_public_key(public))})")
     print(f"keep this private key secret, never send it: {private}")
+    if args.coordinator_key is not None:
+        return _trust(args)
+    return 0
+
+
+def _trust(args: argparse.Namespace) -> int:
+    from client.trust import pin_coordinator
+
+    fingerprint = pin_coordinator(args.dir, args.coordinator_key, getattr(args, "replace", False))
+    print(f"coordinator key pinned: fingerprint {fingerprint} (compare it with the coordinator's)")
     return 0
 
 
@@ -65,32 +80,90 @@ def _privacy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
-    from client.site import SITE_PUB
+def _log_key(args: argparse.Namespace) -> tuple[PublicKey, str]:
+    """The key a log is checked against, never one found beside the log (client.trust)."""
+    from client.trust import own_key, pinned_coordinator
     from common import keys
-    from common.audit_verify import format_verify_report, verify_log
 
-    key = args.key or (args.log.parents[1] / SITE_PUB)
-    report = verify_log(args.log, keys.load_public_key(key))
-    print(format_verify_report(report))
+    if args.key is not None:
+        return keys.load_public_key(args.key), f"given: {args.key}"
+    if args.coordinator:
+        return pinned_coordinator(args.dir), "the coordinator key pinned at enrolment"
+    return own_key(args.dir), "this site's signing key"
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from common.audit_verify import format_verify_report, parse_head, verify_log
+
+    expect = parse_head(args.expect_head) if args.expect_head else None
+    key, source = _log_key(args)
+    report = verify_log(args.log, key, expect_head=expect)
+    print(f"{format_verify_report(report, key)} ({source})")
     return 0 if report.ok else 1
+
+
+def _cross_check(args: argparse.Namespace) -> int:
+    from client.trust import own_key, pinned_coordinator, read_site
+    from common import keys
+    from common.audit_verify import cross_check, format_cross_check
+
+    name = str(read_site(args.dir)["site-name"])
+    coordinator, mine = pinned_coordinator(args.dir), own_key(args.dir)
+    report = cross_check(args.coordinator_log, coordinator, args.site_log, mine, name)
+    print(format_cross_check(report))
+    for label, key in (("coordinator (pinned)", coordinator), (f"site {name}", mine)):
+        print(f"  {label} key {keys.public_key_fingerprint(key)}")
+    return 0 if report.ok else 1
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    audit = sub.add_parser("audit", help="check audit logs with pinned keys")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    p = asub.add_parser("verify", help="check the hash chain and every signature")
+    p.add_argument("log", type=Path, help="an audit log (SITE_DIR/audit/site-audit.jsonl)")
+    p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument(
+        "--coordinator",
+        action="store_true",
+        help="the log is the coordinator's: check it with the key pinned at enrolment",
+    )
+    who.add_argument("--key", type=Path, default=None, help="check with this public key file")
+    p.add_argument(
+        "--expect-head",
+        default=None,
+        metavar="SEQ:HASH",
+        help="a head recorded earlier (printed by verify): detects truncation and rewrites",
+    )
+    p.set_defaults(func=_audit_verify)
+    p = asub.add_parser("cross-check", help="match this site's sent updates with the received")
+    p.add_argument("coordinator_log", type=Path, help="the coordinator's audit log")
+    p.add_argument("site_log", type=Path, help="this site's audit log")
+    p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
+    p.set_defaults(func=_cross_check)
 
 
 def _add_management(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="make this site's key pair (send the .pub to the coordinator)")
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--name", required=True, help="the site's name, as the coordinator knows it")
+    p.add_argument(
+        "--coordinator-key",
+        type=Path,
+        default=None,
+        help="the coordinator's coordinator.pub received at enrolment: pinned to verify its log",
+    )
     p.set_defaults(func=_init)
+    p = sub.add_parser("trust", help="pin the coordinator's public key (to verify its log)")
+    p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
+    p.add_argument("--coordinator-key", type=Path, required=True, help="its coordinator.pub")
+    p.add_argument("--replace", action="store_true", help="replace a different pinned key")
+    p.set_defaults(func=_trust)
     p = sub.add_parser("privacy", help="print the privacy ledger: epsilon spent per data set")
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--delta", type=float, default=None, help="delta for the totals")
     p.set_defaults(func=_privacy)
-    audit = sub.add_parser("audit", help="check the site's audit log")
-    asub = audit.add_subparsers(dest="audit_command", required=True)
-    p = asub.add_parser("verify", help="check the hash chain and every signature")
-    p.add_argument("log", type=Path, help="the audit log (SITE_DIR/audit/site-audit.jsonl)")
-    p.add_argument("--key", type=Path, default=None, help="public key (default SITE_DIR/site.pub)")
-    p.set_defaults(func=_audit_verify)
+    _add_audit(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,13 @@ def _start(args: argparse.Namespace) -> int:
     import flowerctl
     from client.site import SITE_KEY
 
+    if args.insecure:
+        print(
+            "WARNING: --insecure: plain HTTP and no site key: anyone on the path reads this "
+            "site's updates or poses as the coordinator; never use this with patient data",
+            file=sys.stderr,
+            flush=True,
+        )
     site_file = args.dir / "site.json"
     if not site_file.is_file():
         raise FileNotFoundError(f"{args.dir} is not a site folder (run `idc-client init` first)")

@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,6 +169,9 @@ class AuditLog:
         Written into every entry (a site's name, or the coordinator's).
     max_bytes : int
         Size past which the live file is rotated.
+    lock_wait : float
+        Seconds to wait for another writer to close the log (0: refuse at once). The
+        ServerApp waits for ``idc-server run``, which holds the log while it submits the run.
 
     Raises
     ------
@@ -177,7 +181,12 @@ class AuditLog:
     """
 
     def __init__(
-        self, path: Path, private_key: keys.PrivateKey, actor: str, max_bytes: int = 50_000_000
+        self,
+        path: Path,
+        private_key: keys.PrivateKey,
+        actor: str,
+        max_bytes: int = 50_000_000,
+        lock_wait: float = 0.0,
     ) -> None:
         if not isinstance(actor, str) or not actor:
             raise ValueError(f"actor must be a non-empty string, got {actor!r}")
@@ -192,6 +201,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._file: io.FileIO | None = None
         self._lock_file: io.FileIO | None = None
+        self._lock_wait = lock_wait
         self._failure: str | None = None
         self._size = 0
         try:
@@ -219,15 +229,19 @@ class AuditLog:
 
     def _take_writer_lock(self) -> io.FileIO:
         lock_file = io.FileIO(self.path.with_name(self.path.name + ".lock"), "a", opener=_private)
-        try:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
-            raise AuditError(
-                f"audit log {self.path} is already open for writing (by this or another "
-                "process); two writers would fork the chain"
-            ) from None
-        return lock_file
+        deadline = time.monotonic() + self._lock_wait
+        while True:
+            try:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock_file
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    lock_file.close()
+                    raise AuditError(
+                        f"audit log {self.path} is already open for writing (by this or "
+                        "another process); two writers would fork the chain"
+                    ) from None
+                time.sleep(0.05)
 
     def _read_tail(self) -> tuple[LogHead | None, datetime | None]:
         source = self.path

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cli_util import dispatch, new_parser
+
+if TYPE_CHECKING:
+    from common.keys import PublicKey
+    from server.registry import CoordPaths
 
 
 def _open_audit(paths: object) -> object:
@@ -36,6 +41,11 @@ def _init(args: argparse.Namespace) -> int:
         audit.append("coordinator.initialised", "coordinator", "ok", {"hosts": hosts})
     print(f"coordinator initialised in {args.dir}")
     print(f"give every site this CA certificate: {tls.ca_cert}")
+    print(
+        f"and this coordinator key: {paths.pub} (fingerprint "
+        f"{keys.public_key_fingerprint(keys.load_public_key(paths.pub))}); sites pin it with "
+        "`idc-client trust` to verify this coordinator's audit log"
+    )
     print(f"server certificate names: {', '.join(hosts)}")
     return 0
 
@@ -87,51 +97,82 @@ def _remove_site(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
-    from common import keys
-    from common.audit_verify import format_verify_report, verify_log
+def _pinned_key(
+    args: argparse.Namespace, paths: CoordPaths, site: str | None
+) -> tuple[PublicKey, str]:
+    """The key a log is checked against, and where it comes from: never from beside the log.
 
-    key = args.key or (args.log.parents[1] / "coordinator.pub")
-    report = verify_log(args.log, keys.load_public_key(key))
-    print(format_verify_report(report))
+    An explicit ``--key`` file; else a site's key as registered (``--site``); else the public
+    half of this coordinator's own signing key in ``--dir``.
+    """
+    from common import keys
+    from server.registry import site_public_keys
+
+    if args.key is not None:
+        return keys.load_public_key(args.key), f"given: {args.key}"
+    if site is not None:
+        registered = site_public_keys(paths)
+        if site not in registered:
+            raise ValueError(f"--site {site!r} is not registered (known: {sorted(registered)})")
+        return registered[site], f"registered for site {site!r}"
+    own = keys.load_private_key(paths.key).public_key()
+    return own, "this coordinator's signing key"
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from common.audit_verify import format_verify_report, parse_head, verify_log
+    from server.registry import CoordPaths
+
+    paths = CoordPaths(args.dir).require()
+    expect = parse_head(args.expect_head) if args.expect_head else None
+    key, source = _pinned_key(args, paths, args.site)
+    report = verify_log(args.log, key, expect_head=expect)
+    print(f"{format_verify_report(report, key)} ({source})")
     return 0 if report.ok else 1
 
 
 def _cross_check(args: argparse.Namespace) -> int:
     from common import keys
     from common.audit_verify import cross_check, format_cross_check
+    from server.registry import CoordPaths
 
-    server_key = args.server_key or (args.server_log.parents[1] / "coordinator.pub")
-    site_key = args.site_key or (args.site_log.parents[1] / "site.pub")
-    report = cross_check(
-        args.server_log,
-        keys.load_public_key(server_key),
-        args.site_log,
-        keys.load_public_key(site_key),
-        args.site,
-    )
+    paths = CoordPaths(args.dir).require()
+    args.key = args.server_key
+    server_key, _ = _pinned_key(args, paths, None)
+    args.key = args.site_key
+    site_key, _ = _pinned_key(args, paths, args.site)
+    report = cross_check(args.server_log, server_key, args.site_log, site_key, args.site)
     print(format_cross_check(report))
+    for label, key in (("coordinator", server_key), (f"site {args.site}", site_key)):
+        print(f"  {label} key {keys.public_key_fingerprint(key)}")
     return 0 if report.ok else 1
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
-    audit = sub.add_parser("audit", help="check audit logs")
+    audit = sub.add_parser("audit", help="check audit logs with pinned keys")
     asub = audit.add_subparsers(dest="audit_command", required=True)
     p = asub.add_parser("verify", help="check the hash chain and every signature")
     p.add_argument("log", type=Path)
+    p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--site", default=None, help="a site's log: its registered key checks it")
+    who.add_argument("--key", type=Path, default=None, help="check with this public key file")
     p.add_argument(
-        "--key",
-        type=Path,
+        "--expect-head",
         default=None,
-        help="public key (default COORD_DIR/coordinator.pub beside audit/)",
+        metavar="SEQ:HASH",
+        help="a head recorded earlier (printed by verify): detects truncation and rewrites",
     )
     p.set_defaults(func=_audit_verify)
     p = asub.add_parser("cross-check", help="match a site's sent updates with those received")
     p.add_argument("server_log", type=Path)
     p.add_argument("site_log", type=Path)
+    p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument("--site", required=True, help="the site's registered name")
-    p.add_argument("--server-key", type=Path, default=None)
-    p.add_argument("--site-key", type=Path, default=None)
+    p.add_argument("--server-key", type=Path, default=None, help="default: this coordinator's")
+    p.add_argument(
+        "--site-key", type=Path, default=None, help="default: the key registered for --site"
+    )
     p.set_defaults(func=_cross_check)
 
 
