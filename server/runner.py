@@ -13,6 +13,7 @@ from typing import Any
 
 import flowerctl
 from common.config import RunConfig
+from common.fileio import write_private
 from common.protocol import RoundRow
 from server.registry import CoordPaths, load_sites
 from server.rundir import RunDir
@@ -103,7 +104,7 @@ def _start(args: argparse.Namespace) -> int:
             "pid": proc.pid,
             "ca": str(tls.ca_cert) if tls else None,
         }
-        live.write_text(json.dumps(info))
+        write_private(live, json.dumps(info).encode())  # owner-only, as the whole folder
         if tls is not None:
             nodes = sync_sites(paths, connection(paths))
             print(f"registered sites: {', '.join(sorted(nodes)) or '(none)'}")
