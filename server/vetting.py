@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,23 @@ from server.validation import Rejected
 
 log = logging.getLogger(__name__)
 EVALUATION_REJECTED = "evaluation.rejected"
+
+
+@dataclass
+class _Seen:
+    """What is known of a reply so far, for its record if it is rejected part way."""
+
+    name: str
+    digest: str = ""
+    signature_valid: bool = False
+
+
+def _reason(exc: Exception) -> str:
+    """One line for the record: our own verdict as is, anything else named as malformed."""
+    text = (
+        str(exc) if isinstance(exc, Rejected) else f"malformed reply: {type(exc).__name__}: {exc}"
+    )
+    return text[:500]
 
 
 class Vetter:
@@ -93,59 +111,59 @@ class Vetter:
         if msg.has_error():
             self._failure(r, self.name_of(node), str(msg.error.reason), row)
             return None
-        name, digest, sig_ok, refusal = self.name_of(node), "", False, False
+        seen = _Seen(self.name_of(node))
         try:
-            facts = V.site_facts(msg.content)
-            name = self.identify(node, facts.name)
-            if facts.status == protocol.REFUSED:
-                V.check_records(msg.content, V.REFUSAL_RECORDS)
-                metrics = V.train_metrics(msg.content[protocol.METRICS])  # type: ignore[arg-type]
-                refusal = True
-            elif facts.status != protocol.OK:
-                raise Rejected(f"status must be {protocol.OK!r} or {protocol.REFUSED!r}")
-            else:
-                V.check_records(msg.content, V.TRAIN_RECORDS)
-                arrays = V.decode_arrays(msg.content[protocol.ARRAYS], reference)  # type: ignore[arg-type]
-                digest = digest_update(arrays)
-                sig_ok = facts.signature is not None and keys.verify_update(
-                    self.site_keys[name], self.run_id, r, digest, facts.signature
-                )
-                if not sig_ok:
-                    raise Rejected(
-                        "update signature missing or invalid for this site's registered key"
-                    )
-                metrics = V.train_metrics(msg.content[protocol.METRICS])  # type: ignore[arg-type]
-                self._check_bounds(name, metrics.num_examples, reference, arrays)
+            metrics, arrays, refusal = self._read_train(r, msg, reference, seen)
         except Exception as exc:  # noqa: BLE001 - whatever a reply holds, only it is rejected
-            reason = (
-                str(exc)
-                if isinstance(exc, Rejected)
-                else f"malformed reply: {type(exc).__name__}: {exc}"
-            )
-            self._received(r, name, digest, sig_ok, reason[:500], {})
-            row.rejected.append({"site": name, "reason": reason[:500], "kind": "invalid"})
-            log.warning("round %d: update from %s rejected: %s", r, name, reason)
+            reason = _reason(exc)
+            self._received(r, seen, reason, {})
+            row.rejected.append({"site": seen.name, "reason": reason, "kind": "invalid"})
+            log.warning("round %d: update from %s rejected: %s", r, seen.name, reason)
             return None
-        if refusal:
-            self._refused(r, name, facts.reason, metrics, row)
+        if arrays is None:
+            self._refused(r, seen.name, refusal, metrics, row)
             return None
         eps = {
             protocol.EPSILON_ROUND: metrics.epsilon_round,
             protocol.EPSILON_TOTAL: metrics.epsilon_total,
         }
-        self._received(
-            r, name, digest, True, None, {"num_examples": int(metrics.num_examples), **eps}
-        )
-        row.sites[name] = metrics.to_record()
+        self._received(r, seen, None, {"num_examples": int(metrics.num_examples), **eps})
+        row.sites[seen.name] = metrics.to_record()
+        canonical = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
         content = RecordDict(
             {
-                protocol.ARRAYS: ArrayRecord(
-                    {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
-                ),
-                protocol.METRICS: MetricRecord(metrics.to_record()),  # type: ignore[arg-type]
+                protocol.ARRAYS: ArrayRecord(canonical),
+                protocol.METRICS: MetricRecord(dict(metrics.to_record())),
             }
         )
         return make_message(msg.metadata, content)
+
+    def _read_train(
+        self, r: int, msg: Message, reference: Mapping[str, np.ndarray], seen: _Seen
+    ) -> tuple[protocol.TrainMetrics, dict[str, np.ndarray] | None, str]:
+        """Metrics, then arrays (None for a refusal) and the refusal's reason; raises if odd.
+
+        ``seen`` collects what is known so far (name, digest, signature) for the record.
+        """
+        content = msg.content
+        facts = V.site_facts(content)
+        seen.name = self.identify(msg.metadata.src_node_id, facts.name)
+        if facts.status == protocol.REFUSED:
+            V.check_records(content, V.REFUSAL_RECORDS)
+            return V.train_metrics(content.metric_records[protocol.METRICS]), None, facts.reason
+        if facts.status != protocol.OK:
+            raise Rejected(f"status must be {protocol.OK!r} or {protocol.REFUSED!r}")
+        V.check_records(content, V.TRAIN_RECORDS)
+        arrays = V.decode_arrays(content.array_records[protocol.ARRAYS], reference)
+        seen.digest = digest_update(arrays)
+        seen.signature_valid = facts.signature is not None and keys.verify_update(
+            self.site_keys[seen.name], self.run_id, r, seen.digest, facts.signature
+        )
+        if not seen.signature_valid:
+            raise Rejected("update signature missing or invalid for this site's registered key")
+        metrics = V.train_metrics(content.metric_records[protocol.METRICS])
+        self._check_bounds(seen.name, metrics.num_examples, reference, arrays)
+        return metrics, arrays, ""
 
     def _check_bounds(
         self,
@@ -163,28 +181,16 @@ class Vetter:
                 f"max-update-norm {limit:g}"
             )
 
-    def _received(
-        self,
-        r: int,
-        name: str,
-        digest: str,
-        sig_ok: bool,
-        reason: str | None,
-        extra: dict[str, Any],
-    ) -> None:
+    def _received(self, r: int, seen: _Seen, reason: str | None, extra: dict[str, Any]) -> None:
         details = {
             "round": r,
-            "digest": digest,
-            "signature_valid": sig_ok,
+            "digest": seen.digest,
+            "signature_valid": seen.signature_valid,
             "accepted": reason is None,
+            "reason": reason or "",
         }
-        details["reason"] = reason or ""
-        self._audit(
-            UPDATE_RECEIVED,
-            name,
-            "accepted" if reason is None else "rejected",
-            {**details, **extra},
-        )
+        outcome = "accepted" if reason is None else "rejected"
+        self._audit(UPDATE_RECEIVED, seen.name, outcome, {**details, **extra})
 
     def _refused(
         self, r: int, name: str, reason: str, metrics: protocol.TrainMetrics, row: RoundRow
@@ -214,29 +220,24 @@ class Vetter:
             return None
         name = self.name_of(node)
         try:
-            facts = V.site_facts(msg.content)
-            name = self.identify(node, facts.name)
+            name = self.identify(node, V.site_facts(msg.content).name)
             V.check_records(msg.content, V.EVAL_RECORDS)
-            metrics = V.eval_metrics(msg.content[protocol.METRICS])  # type: ignore[arg-type]
+            metrics = V.eval_metrics(msg.content.metric_records[protocol.METRICS])
             bound, where = self.weight_bound(name)
             V.check_weight(metrics.num_examples, bound, where)
         except Exception as exc:  # noqa: BLE001 - whatever a reply holds, only it is rejected
-            reason = (
-                str(exc)
-                if isinstance(exc, Rejected)
-                else f"malformed reply: {type(exc).__name__}: {exc}"
-            )
+            reason = _reason(exc)
             row.rejected.append(
-                {"site": name, "reason": reason[:500], "kind": "invalid", "phase": "evaluate"}
+                {"site": name, "reason": reason, "kind": "invalid", "phase": "evaluate"}
             )
             log.warning("round %d: evaluation from %s rejected: %s", r, name, reason)
-            self._audit(EVALUATION_REJECTED, name, "rejected", {"round": r, "reason": reason[:500]})
+            self._audit(EVALUATION_REJECTED, name, "rejected", {"round": r, "reason": reason})
             return None
         record = metrics.to_record()
         row.evaluations[name] = record
         if self.run.central_dp_mode != "none":  # FedAvg then weighs evaluations by this key
             record = {**record, protocol.UNIFORM_WEIGHT: 1.0}
-        content = RecordDict({protocol.METRICS: MetricRecord(record)})  # type: ignore[arg-type]
+        content = RecordDict({protocol.METRICS: MetricRecord(dict(record))})
         return make_message(msg.metadata, content)
 
 
