@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cli_util import add_command, dispatch, new_parser
 from common.data import LoadOptions, load_patches
 from common.errors import EXIT_CHECK_FAILED, EXIT_OK
 from common.paths import SitePaths, check_name
+
+if TYPE_CHECKING:
+    from common.keys import PublicKey
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -34,7 +38,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _init(args: argparse.Namespace) -> int:
     from common import keys
-    from common.fileio import atomic_write
+    from common.fileio import atomic_write, private_dir
 
     check_name(args.name)
     paths = SitePaths(args.dir)
@@ -42,12 +46,23 @@ def _init(args: argparse.Namespace) -> int:
         raise FileExistsError(
             f"{args.dir} is already a site folder; keep it, or give a new --dir for a new site"
         )
-    args.dir.mkdir(parents=True, exist_ok=True)
+    private_dir(args.dir)  # the site key, audit log, ledger and patch cache: owner-only
     keys.generate_key_pair(paths.key, paths.pub)
     atomic_write(paths.info, (json.dumps({"site-name": args.name}) + "\n").encode())
     print(f"site {args.name!r} initialised in {args.dir}")
     print(f"send this public key to the coordinator: {paths.pub}")
+    print(f"  (fingerprint {keys.public_key_fingerprint(keys.load_public_key(paths.pub))})")
     print(f"keep this private key secret, never send it: {paths.key}")
+    if args.coordinator_key is not None:
+        return _trust(args)
+    return EXIT_OK
+
+
+def _trust(args: argparse.Namespace) -> int:
+    from client.trust import pin_coordinator
+
+    fingerprint = pin_coordinator(args.dir, args.coordinator_key, getattr(args, "replace", False))
+    print(f"coordinator key pinned: fingerprint {fingerprint} (compare it with the coordinator's)")
     return EXIT_OK
 
 
@@ -66,14 +81,67 @@ def _privacy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
+def _log_key(args: argparse.Namespace) -> tuple[PublicKey, str]:
+    """The key a log is checked against, never one found beside the log (client.trust)."""
+    from client.trust import own_key, pinned_coordinator
     from common import keys
-    from common.audit_verify import format_verify_report, verify_log
 
-    key = args.key or SitePaths.of_log(args.log).pub
-    report = verify_log(args.log, keys.load_public_key(key))
-    print(format_verify_report(report))
+    if args.key is not None:
+        return keys.load_public_key(args.key), f"given: {args.key}"
+    if args.coordinator:
+        return pinned_coordinator(args.dir), "the coordinator key pinned at enrolment"
+    return own_key(args.dir), "this site's signing key"
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from common.audit_verify import format_verify_report, parse_head, verify_log
+
+    expect = parse_head(args.expect_head) if args.expect_head else None
+    key, source = _log_key(args)
+    report = verify_log(args.log, key, expect_head=expect)
+    print(f"{format_verify_report(report, key)} ({source})")
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
+
+
+def _cross_check(args: argparse.Namespace) -> int:
+    from client.trust import own_key, pinned_coordinator, read_site
+    from common import keys
+    from common.audit_verify import cross_check, format_cross_check
+
+    name = str(read_site(args.dir)["site-name"])
+    coordinator, mine = pinned_coordinator(args.dir), own_key(args.dir)
+    report = cross_check(args.coordinator_log, coordinator, args.site_log, mine, name)
+    print(format_cross_check(report))
+    for label, key in (("coordinator (pinned)", coordinator), (f"site {name}", mine)):
+        print(f"  {label} key {keys.public_key_fingerprint(key)}")
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    audit = sub.add_parser("audit", help="check audit logs with pinned keys")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    p = add_command(asub, "verify", _audit_verify, "check the hash chain and every signature")
+    p.add_argument("log", type=Path, help="an audit log (SITE_DIR/audit/site-audit.jsonl)")
+    p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument(
+        "--coordinator",
+        action="store_true",
+        help="the log is the coordinator's: check it with the key pinned at enrolment",
+    )
+    who.add_argument("--key", type=Path, default=None, help="check with this public key file")
+    p.add_argument(
+        "--expect-head",
+        default=None,
+        metavar="SEQ:HASH",
+        help="a head recorded earlier (printed by verify): detects truncation and rewrites",
+    )
+    p = add_command(
+        asub, "cross-check", _cross_check, "match this site's sent updates with the received"
+    )
+    p.add_argument("coordinator_log", type=Path, help="the coordinator's audit log")
+    p.add_argument("site_log", type=Path, help="this site's audit log")
+    p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
 
 
 def _add_management(sub: argparse._SubParsersAction) -> None:
@@ -82,14 +150,20 @@ def _add_management(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--name", required=True, help="the site's name, as the coordinator knows it")
+    p.add_argument(
+        "--coordinator-key",
+        type=Path,
+        default=None,
+        help="the coordinator's coordinator.pub received at enrolment: pinned to verify its log",
+    )
+    p = add_command(sub, "trust", _trust, "pin the coordinator's public key (to verify its log)")
+    p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
+    p.add_argument("--coordinator-key", type=Path, required=True, help="its coordinator.pub")
+    p.add_argument("--replace", action="store_true", help="replace a different pinned key")
     p = add_command(sub, "privacy", _privacy, "print the privacy ledger: epsilon the site spent")
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--delta", type=float, default=None, help="delta for the totals")
-    audit = sub.add_parser("audit", help="check the site's audit log")
-    asub = audit.add_subparsers(dest="audit_command", required=True)
-    p = add_command(asub, "verify", _audit_verify, "check the hash chain and every signature")
-    p.add_argument("log", type=Path, help="the audit log (SITE_DIR/audit/site-audit.jsonl)")
-    p.add_argument("--key", type=Path, default=None, help="public key (default SITE_DIR/site.pub)")
+    _add_audit(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,6 +63,13 @@ def check_privacy_flags(args: argparse.Namespace, n_patches: int) -> None:
 
 def _preflight(args: argparse.Namespace) -> str:
     """The site's name, once its folder, certificate, data and privacy flags check out."""
+    if args.insecure:
+        print(
+            "WARNING: --insecure: plain HTTP and no site key: anyone on the path reads this "
+            "site's updates or poses as the coordinator; never use this with patient data",
+            file=sys.stderr,
+            flush=True,
+        )
     paths = SitePaths(args.dir).require()
     name = str(read_json(paths.info)["site-name"])
     if not args.insecure and (args.ca is None or not args.ca.is_file()):

@@ -12,7 +12,8 @@ on in a fresh file. Reopening continues from the last entry, which must parse an
 key's signature (only the tail is checked; :mod:`common.audit_verify` checks all). Each
 append is fsync-ed; any ``OSError`` becomes :class:`AuditError` and the log refuses further
 appends, so an audited run stops (fail closed). A thread lock serialises appends and a
-``flock`` on ``<name>.lock`` refuses a second writer.
+``flock`` on ``<name>.lock`` refuses a second writer. Files are owner-only (0600), a folder
+the log creates 0700.
 
 Limits: the chain proves order and completeness only up to the last entry present. Lines
 cut cleanly off the end leave a shorter valid chain, and the key holder can rewrite the whole
@@ -40,6 +41,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,6 +170,9 @@ class AuditLog:
         Written into every entry (a site's name, or the coordinator's).
     max_bytes : int
         Size past which the live file is rotated.
+    lock_wait : float
+        Seconds to wait for another writer to close the log (0: refuse at once). The
+        ServerApp waits for ``idc-server run``, which holds the log while it submits the run.
 
     Raises
     ------
@@ -177,7 +182,12 @@ class AuditLog:
     """
 
     def __init__(
-        self, path: Path, private_key: keys.PrivateKey, actor: str, max_bytes: int = 50_000_000
+        self,
+        path: Path,
+        private_key: keys.PrivateKey,
+        actor: str,
+        max_bytes: int = 50_000_000,
+        lock_wait: float = 0.0,
     ) -> None:
         if not isinstance(actor, str) or not actor:
             raise ValueError(f"actor must be a non-empty string, got {actor!r}")
@@ -192,10 +202,12 @@ class AuditLog:
         self._lock = threading.Lock()
         self._file: io.FileIO | None = None
         self._lock_file: io.FileIO | None = None
+        self._lock_wait = lock_wait
         self._failure: str | None = None
         self._size = 0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only: the log names sites, runs and digests (0700 folder, 0600 files).
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock_file = self._take_writer_lock()
             self._head, self._last_time = self._read_tail()
             self._open_live()
@@ -217,16 +229,20 @@ class AuditLog:
         return self._key.public_key()
 
     def _take_writer_lock(self) -> io.FileIO:
-        lock_file = io.FileIO(self.path.with_name(self.path.name + ".lock"), "a")
-        try:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
-            raise AuditError(
-                f"audit log {self.path} is already open for writing (by this or another "
-                "process); two writers would fork the chain"
-            ) from None
-        return lock_file
+        lock_file = io.FileIO(self.path.with_name(self.path.name + ".lock"), "a", opener=_private)
+        deadline = time.monotonic() + self._lock_wait
+        while True:
+            try:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock_file
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    lock_file.close()
+                    raise AuditError(
+                        f"audit log {self.path} is already open for writing (by this or "
+                        "another process); two writers would fork the chain"
+                    ) from None
+                time.sleep(0.05)
 
     def _read_tail(self) -> tuple[LogHead | None, datetime | None]:
         source = self.path
@@ -251,7 +267,8 @@ class AuditLog:
         return LogHead(entry["seq"], entry_hash(entry)), parse_time(entry["time"])
 
     def _open_live(self) -> io.FileIO:
-        self._file = handle = io.FileIO(self.path, "a")
+        self._file = handle = io.FileIO(self.path, "a", opener=_private)
+        os.fchmod(handle.fileno(), 0o600)  # also tightens a log written by an older version
         self._size = os.fstat(handle.fileno()).st_size
         # A new or renamed file is only durable once its directory entry is.
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
@@ -353,6 +370,10 @@ class AuditLog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 def _clean_details(details: Mapping[str, Any] | None, action: str) -> dict[str, Any] | None:

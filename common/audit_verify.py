@@ -4,8 +4,14 @@
 line: canonical JSON with the right fields; ``seq`` consecutive from 0; ``prev`` equal to the
 previous entry's hash (:data:`common.audit.GENESIS` first); the signature under the given
 public key; ``time`` never decreasing. It stops at the first bad line and names it. A partial
-last line (a torn write) fails; whole lines cut cleanly off the end do not, unless a head
-recorded elsewhere is passed as ``expect_head`` (see :mod:`common.audit` for this limit).
+last line (a torn write) fails, and so does a log with no entry at all; whole lines cut
+cleanly off the end do not, unless a head recorded elsewhere is passed as ``expect_head`` (see
+:mod:`common.audit` for this limit).
+
+The key decides what "verified" means: a log rewritten and re-signed with a new key verifies
+under that new key. Callers pass a *pinned* key (the coordinator's registry for a site's log,
+the fingerprint a site received at enrolment for the coordinator's), never one found beside
+the log, and show its fingerprint with the result (:func:`format_verify_report`).
 
 :func:`cross_check` verifies both logs, then matches the site's ``update.sent`` events against
 the coordinator's ``update.received`` events for that site, by ``(run_id, round)`` and digest.
@@ -200,8 +206,10 @@ def verify_log(
         if recorded != expect_head.hash:
             reason = f"entry seq {expect_head.seq} differs from the recorded head: log rewritten"
             return VerifyReport(False, expect_head.seq, expect_head.seq + 1, file, reason, line_no)
-    last_seq = chain.entries - 1 if chain.entries else None
-    last_hash = chain.prev if chain.entries else None
+    if chain.entries == 0:
+        # Every log starts with its owner's first event: an empty chain proves nothing.
+        return _bad(chain, files[-1], None, "the log holds no entries (emptied or never written)")
+    last_seq, last_hash = chain.entries - 1, chain.prev
     summary = f"{chain.entries} entries verified in {len(files)} file(s)"
     return VerifyReport(True, chain.entries, None, None, summary, None, last_seq, last_hash)
 
@@ -320,18 +328,34 @@ def _foreign_actors(site_log: Path, site_name: str) -> list[str]:
     ]
 
 
-def format_verify_report(report: VerifyReport) -> str:
-    """Return a one-line, human-readable summary of a :class:`VerifyReport`."""
+def parse_head(text: str) -> LogHead:
+    """``SEQ:HASH`` (as a verify report prints it) as a :class:`LogHead`; ValueError if not."""
+    seq, _, digest = text.partition(":")
+    if not (seq.isdigit() and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError(
+            f"--expect-head must be SEQ:HASH (a number, ':', 64 hex digits), got {text!r}"
+        )
+    return LogHead(int(seq), digest)
+
+
+def format_verify_report(report: VerifyReport, key: keys.PublicKey | None = None) -> str:
+    """Return a one-line, human-readable summary of a :class:`VerifyReport`.
+
+    With ``key``, the line names the fingerprint of the key the log was checked against.
+    """
+    with_key = f" [key {keys.public_key_fingerprint(key)}]" if key is not None else ""
     if report.ok:
-        head = f"; head seq {report.last_seq} hash {report.last_hash}" if report.entries else ""
-        return f"OK: {report.reason}{head}"
+        head = f"; head {report.last_seq}:{report.last_hash}" if report.entries else ""
+        return f"OK: {report.reason}{head}{with_key}"
     if report.first_bad is None:
         where = "log"
     else:
         where = f"entry {report.first_bad} (seq {report.first_bad - 1}"
         where += f", {report.file}" if report.file is not None else ""
         where += f" line {report.line})" if report.line else ")"
-    return f"FAILED at {where}: {report.reason}; {report.entries} entries before it verified"
+    return (
+        f"FAILED at {where}: {report.reason}; {report.entries} entries before it verified{with_key}"
+    )
 
 
 def format_cross_check(report: CrossCheckReport) -> str:

@@ -61,6 +61,8 @@ class RunConfig:
     round_timeout: float = 600.0
     seed: int = 42
     norm: Norm = "batch"
+    max_examples_per_site: int = 1_000_000  # weight bound of sites that declared no count
+    max_update_norm: float = 0.0  # 0: no bound on an update's L2 distance from the model
     dp_enabled: bool = False
     dp_noise_multiplier: float = 0.0  # 0 means: derive it from dp_epsilon_per_round
     # The epsilon of ONE round at each site (noise calibrated per round), not of the run: every
@@ -139,6 +141,10 @@ class RunConfig:
         _check(self.min_sites >= 1, "min-sites", self.min_sites, ">= 1")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
         _check(self.norm in ("batch", "group"), "norm", self.norm, "'batch' or 'group'")
+        cap = self.max_examples_per_site
+        _check(cap >= 0, "max-examples-per-site", cap, ">= 0 (0: no bound)")
+        norm = self.max_update_norm
+        _check(norm >= 0 and math.isfinite(norm), "max-update-norm", norm, ">= 0 (0: off)")
         _check(
             self.dp_accountant in ("rdp", "prv"),
             "dp.accountant",

@@ -30,7 +30,8 @@ Real data is messy, and each case has one behaviour (counted and named in the
   top-left (policy ``"pad"``, the default) [``small_padded``] or dropped (``"skip"``)
   [``small_skipped``]; never stretched;
 * a non-RGB mode (RGBA, palette, grey): converted to RGB [``converted``];
-* an unreadable, truncated or larger than 50x50 file: skipped [``unreadable``];
+* an unreadable or truncated file, or one larger than 50x50 (a decompression bomb
+  included: its header is read, never its pixels): skipped [``unreadable``];
 * nothing usable at all: :class:`NoUsableData` naming the folder (and saying how many
   patches lacked a label, when that is why).
 

@@ -3,8 +3,10 @@
 ``atomic_write`` writes a temporary file beside the target, fsyncs it, renames it over the
 target and fsyncs the folder, so after a crash the target holds the old bytes or the new
 ones, never a mix, and the rename itself survives a power cut. ``write_private`` creates or
-truncates a file readable by its owner only (keys, certificates' private halves).
-``read_json`` reads a JSON file the project wrote, naming the file when it is missing or bad.
+truncates a file readable by its owner only (keys, certificates' private halves);
+``private_dir`` makes a state folder (coordinator, site, audit, SuperLink) owner-only (0700),
+so nothing inside it is readable by other users whatever the file's own mode. ``read_json``
+reads a JSON file the project wrote, naming the file when it is missing or bad.
 """
 
 from __future__ import annotations
@@ -77,3 +79,11 @@ def read_json(path: Path) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); restore it or start afresh") from exc
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it owner-only (0o700)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path

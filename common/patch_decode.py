@@ -50,19 +50,23 @@ def _decode_file(path: str, options: LoadOptions) -> tuple[np.ndarray | None, st
     """Decode one PNG; the status is ok, padded, converted, small-skipped or unreadable."""
     try:
         with Image.open(path) as img:
+            # The header's size is checked before decoding: a huge image with a patch's name
+            # (a decompression bomb) is counted unreadable without spending memory on it.
+            if img.width > PATCH or img.height > PATCH:
+                log.debug("unreadable patch %s: %dx%d is larger than 50x50", path, *img.size)
+                return None, "unreadable"
             img.load()
             status = "ok" if img.mode == "RGB" else "converted"
             arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad files
-        # One summary warning per load names the files; the reason is for debugging.
+    # PIL raises all of these on bad files; DecompressionBombError (not an OSError) when the
+    # header alone claims more pixels than PIL agrees to open. One summary warning per load
+    # names the files; the reason is for debugging.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         log.debug("unreadable patch %s: %s", path, exc)
         return None, "unreadable"
     h, w = arr.shape[:2]
     if (h, w) == (PATCH, PATCH):
         return arr, status
-    if h > PATCH or w > PATCH:
-        log.debug("unreadable patch %s: %dx%d is larger than 50x50", path, w, h)
-        return None, "unreadable"
     if options.small == "skip":
         return None, "small-skipped"
     out = np.empty((PATCH, PATCH, 3), dtype=np.uint8)

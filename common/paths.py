@@ -12,12 +12,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+from common.fileio import private_dir
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def check_name(name: str) -> str:
-    """Site names go into logs and file names: keep them plain."""
-    if not NAME.match(name):
+    """Site names go into logs and file names: keep them plain.
+
+    A full match: ``re.match`` with ``$`` would accept a name ending in a newline.
+    """
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ValueError(f"site name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     return name
 
@@ -70,6 +75,7 @@ class CoordPaths:
             raise FileNotFoundError(
                 f"{self.root} is not a coordinator folder (run `idc-server init --dir ...` first)"
             )
+        private_dir(self.root)  # tightens a folder made by an older version (was 0755)
         return self
 
     @classmethod

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import tomli_w
 
+from common.fileio import private_dir, write_private
 from flowerctl.errors import FlowerProcError, FlowerTimeout
 from flowerctl.tls import TlsPaths
 
@@ -52,8 +53,10 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
 def _popen(
     cmd: list[str], env: dict[str, str], cwd: Path, log_path: Path
 ) -> subprocess.Popen[bytes]:
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    Path(log_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with open(fd, "ab") as log:
+        # umask 077: what Flower writes (superlink.db, FABs, its own config) is owner-only.
         return subprocess.Popen(
             cmd,
             env=env,
@@ -62,6 +65,7 @@ def _popen(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            umask=0o077,
         )
 
 
@@ -84,8 +88,7 @@ def start_superlink(
     with ``persist``, holds ``superlink.db`` (registered nodes and runs survive a restart).
     ``args`` are extra flags; ``env`` extra variables (the ServerApp inherits them).
     """
-    state = Path(state_dir).resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    state = private_dir(Path(state_dir).resolve())  # superlink.db: nodes' keys, runs
     cmd = [
         str(BIN / "flower-superlink"),
         "--host",
@@ -162,10 +165,9 @@ def start_supernode(
     ``home``) is the ClientApp's working directory. ``private_key`` must be OpenSSH format.
     ``args`` are extra flags (e.g. ``--max-wait-time 60``); ClientApps inherit ``env``.
     """
-    home = Path(home).resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    node_toml = home / "node-config.toml"
-    node_toml.write_text(tomli_w.dumps(dict(node_config)))
+    home = private_dir(Path(home).resolve())
+    node_toml = home / "node-config.toml"  # the site's data folder and cap: owner-only
+    write_private(node_toml, tomli_w.dumps(dict(node_config)).encode())
     cmd = [
         str(BIN / "flower-supernode"),
         "--superlink",

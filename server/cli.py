@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 from common.cli_util import add_command, dispatch, new_parser
 from common.errors import EXIT_CHECK_FAILED, EXIT_OK
-from common.paths import CoordPaths, SitePaths
+from common.paths import CoordPaths
 
 if TYPE_CHECKING:
     from common.audit import AuditLog
+    from common.keys import PublicKey
 
 
 def _open_audit(paths: CoordPaths) -> AuditLog:
@@ -31,7 +32,10 @@ def _init(args: argparse.Namespace) -> int:
         raise FileExistsError(
             f"{args.dir} is already a coordinator folder; keep it, or give a new --dir"
         )
-    args.dir.mkdir(parents=True, exist_ok=True)
+    from common import keys
+    from common.fileio import private_dir
+
+    private_dir(args.dir)  # CA key, signing key, SuperLink database, audit log: owner-only
     # Loopback always: the coordinator's own CLI talks to its SuperLink there.
     hosts = list(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))
     tls = make_tls(paths.tls, hosts)
@@ -40,6 +44,11 @@ def _init(args: argparse.Namespace) -> int:
         audit.append("coordinator.initialised", "coordinator", "ok", {"hosts": hosts})
     print(f"coordinator initialised in {args.dir}")
     print(f"give every site this CA certificate: {tls.ca_cert}")
+    print(
+        f"and this coordinator key: {paths.pub} (fingerprint "
+        f"{keys.public_key_fingerprint(keys.load_public_key(paths.pub))}); sites pin it with "
+        "`idc-client trust` to verify this coordinator's audit log"
+    )
     print(f"server certificate names: {', '.join(hosts)}")
     return EXIT_OK
 
@@ -48,10 +57,12 @@ def _add_site(args: argparse.Namespace) -> int:
     from common.registry import add_site
 
     paths = CoordPaths(args.dir).require()
-    info = add_site(paths, args.name, args.key)
+    info = add_site(paths, args.name, args.key, args.patches)
+    details = {"fingerprint": info["fingerprint"], "patches": info.get("patches")}
     with _open_audit(paths) as audit:
-        audit.append("site.registered", args.name, "ok", {"fingerprint": info["fingerprint"]})
-    print(f"site {args.name!r} registered (key fingerprint {info['fingerprint'][:16]}...)")
+        audit.append("site.registered", args.name, "ok", details)
+    bound = f", at most {args.patches} examples per update" if args.patches else ""
+    print(f"site {args.name!r} registered (key fingerprint {info['fingerprint']}{bound})")
     _sync_live(paths)
     return EXIT_OK
 
@@ -91,13 +102,36 @@ def _remove_site(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
-    from common import keys
-    from common.audit_verify import format_verify_report, verify_log
+def _pinned_key(
+    args: argparse.Namespace, paths: CoordPaths, site: str | None
+) -> tuple[PublicKey, str]:
+    """The key a log is checked against, and where it comes from: never from beside the log.
 
-    key = args.key or CoordPaths.of_log(args.log).pub
-    report = verify_log(args.log, keys.load_public_key(key))
-    print(format_verify_report(report))
+    An explicit ``--key`` file; else a site's key as registered (``--site``); else the public
+    half of this coordinator's own signing key in ``--dir``.
+    """
+    from common import keys
+    from common.registry import site_public_keys
+
+    if args.key is not None:
+        return keys.load_public_key(args.key), f"given: {args.key}"
+    if site is not None:
+        registered = site_public_keys(paths)
+        if site not in registered:
+            raise ValueError(f"--site {site!r} is not registered (known: {sorted(registered)})")
+        return registered[site], f"registered for site {site!r}"
+    own = keys.load_private_key(paths.key).public_key()
+    return own, "this coordinator's signing key"
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from common.audit_verify import format_verify_report, parse_head, verify_log
+
+    paths = CoordPaths(args.dir).require()
+    expect = parse_head(args.expect_head) if args.expect_head else None
+    key, source = _pinned_key(args, paths, args.site)
+    report = verify_log(args.log, key, expect_head=expect)
+    print(f"{format_verify_report(report, key)} ({source})")
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
@@ -105,38 +139,44 @@ def _cross_check(args: argparse.Namespace) -> int:
     from common import keys
     from common.audit_verify import cross_check, format_cross_check
 
-    server_key = args.server_key or CoordPaths.of_log(args.server_log).pub
-    site_key = args.site_key or SitePaths.of_log(args.site_log).pub
-    report = cross_check(
-        args.server_log,
-        keys.load_public_key(server_key),
-        args.site_log,
-        keys.load_public_key(site_key),
-        args.site,
-    )
+    paths = CoordPaths(args.dir).require()
+    args.key = args.server_key
+    server_key, _ = _pinned_key(args, paths, None)
+    args.key = args.site_key
+    site_key, _ = _pinned_key(args, paths, args.site)
+    report = cross_check(args.server_log, server_key, args.site_log, site_key, args.site)
     print(format_cross_check(report))
+    for label, key in (("coordinator", server_key), (f"site {args.site}", site_key)):
+        print(f"  {label} key {keys.public_key_fingerprint(key)}")
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
-    audit = sub.add_parser("audit", help="check audit logs")
+    audit = sub.add_parser("audit", help="check audit logs with pinned keys")
     asub = audit.add_subparsers(dest="audit_command", required=True)
     p = add_command(asub, "verify", _audit_verify, "check the hash chain and every signature")
     p.add_argument("log", type=Path)
+    p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--site", default=None, help="a site's log: its registered key checks it")
+    who.add_argument("--key", type=Path, default=None, help="check with this public key file")
     p.add_argument(
-        "--key",
-        type=Path,
+        "--expect-head",
         default=None,
-        help="public key (default COORD_DIR/coordinator.pub beside audit/)",
+        metavar="SEQ:HASH",
+        help="a head recorded earlier (printed by verify): detects truncation and rewrites",
     )
     p = add_command(
         asub, "cross-check", _cross_check, "match a site's sent updates with those received"
     )
     p.add_argument("server_log", type=Path)
     p.add_argument("site_log", type=Path)
+    p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument("--site", required=True, help="the site's registered name")
-    p.add_argument("--server-key", type=Path, default=None)
-    p.add_argument("--site-key", type=Path, default=None)
+    p.add_argument("--server-key", type=Path, default=None, help="default: this coordinator's")
+    p.add_argument(
+        "--site-key", type=Path, default=None, help="default: the key registered for --site"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--key", type=Path, required=True, help="the site's site.pub")
+    p.add_argument(
+        "--patches",
+        type=int,
+        default=None,
+        help="patches the site declared (idc-client check prints it): the most examples "
+        "its updates may claim (default: the run's max-examples-per-site)",
+    )
     p = add_command(sub, "remove-site", _remove_site, "remove a hospital")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--name", required=True)

@@ -25,11 +25,16 @@ from common.model import build_model
 from common.paths import CoordPaths
 from common.plots import plot_round_curves
 from common.provenance import run_metadata, save_model
-from common.registry import site_public_keys
+from common.registry import declared_patches, site_public_keys
 from common.rundir import RunDir
 from server.strategy import CoordinatorStrategy, fedavg
 
 log = logging.getLogger(__name__)
+AUDIT_LOCK_WAIT = 120.0  # seconds the ServerApp waits for `idc-server run` to close the log
+STOPPED = (
+    "stopped from outside the ServerApp by a signal: `flwr stop` on the SuperLink, or the "
+    "SuperLink shutting down; Flower does not record who asked"
+)
 
 
 def initial_arrays(run: RunConfig) -> dict[str, np.ndarray]:
@@ -66,11 +71,14 @@ class Coordinator:
         self.dir = RunDir(run_dir).create()
         self.audit: AuditLog | None = None
         site_keys: dict[str, keys.PublicKey] = {}
+        declared: dict[str, int] = {}
         if run.coord_dir:
             paths = CoordPaths(Path(run.coord_dir)).require()
             # Required: a coordinator without a writable audit log does not run (fail closed).
-            self.audit = AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator")
-            site_keys = site_public_keys(paths)
+            # `idc-server run` holds the log until it has recorded the submission: wait for it.
+            key = keys.load_private_key(paths.key)
+            self.audit = AuditLog(paths.audit, key, "coordinator", lock_wait=AUDIT_LOCK_WAIT)
+            site_keys, declared = site_public_keys(paths), declared_patches(paths)
         state = self.dir.read_state()
         self.completed = int(state.get("completed_round", 0))
         if self.completed and not run.resume:
@@ -83,7 +91,7 @@ class Coordinator:
             raise ValueError(f"cannot resume {run_dir}: the run settings changed")
         inner = central_dp(run, fedavg(run), len(site_keys))
         self.strategy = CoordinatorStrategy(
-            inner, run, self.dir, run_id, self.completed, site_keys, self.audit
+            inner, run, self.dir, run_id, self.completed, site_keys, self.audit, declared
         )
         self.strategy.state_extra = {"run_id": run_id, "config_hash": self.hash}
         self._audit(
@@ -195,7 +203,15 @@ class Coordinator:
         }
 
     def fail(self, exc: BaseException) -> None:
-        """Leave a clear record of why the run stopped."""
+        """Leave a clear record of why the run stopped.
+
+        Flower stops a ServerApp with SIGTERM, which its handler turns into ``SystemExit``
+        (code 0 for a graceful stop): that is a stop from outside, recorded as
+        ``run.stopped``, never as a failure.
+        """
+        if isinstance(exc, SystemExit | KeyboardInterrupt):
+            self._stopped(type(exc).__name__)
+            return
         msg = f"{type(exc).__name__}: {exc}"
         log.error("run %s failed: %s", self.run_id, msg)
         self.dir.write_json(
@@ -205,6 +221,16 @@ class Coordinator:
             self._audit("run.failed", "failed", {"error": msg[:500]})
         except Exception:  # the audit log itself may be what failed
             log.exception("could not record the failure in the audit log")
+
+    def _stopped(self, how: str) -> None:
+        last = int(self.dir.read_state().get("completed_round", 0))
+        log.warning("run %s %s (after round %d)", self.run_id, STOPPED, last)
+        self.dir.write_json("status.json", {"status": "stopped", "error": f"run {STOPPED}"})
+        try:
+            details = {"by": "unknown", "how": how, "completed_round": last, "reason": STOPPED}
+            self._audit("run.stopped", "stopped", details)
+        except Exception:  # the audit log itself may be what failed
+            log.exception("could not record the stop in the audit log")
 
     def close(self) -> None:  # noqa: D102
         if self.audit is not None:

@@ -106,18 +106,21 @@ def _run(args: argparse.Namespace) -> int:
     run = run_config(args, paths, run_dir)
     conn = connection(paths)
     digest = app_hash()
+    # Held across the submission so that run.submitted (written only once the SuperLink
+    # accepted the run, with its id) precedes the ServerApp's entries; the ServerApp waits.
     with AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator") as audit:
+        run_id = flowerctl.submit_run(conn, PROJECT_ROOT, run.to_run_config())
         audit.append(
             "run.submitted",
-            "run",
+            f"run {run_id}",
             "ok",
             {
+                "run_id": str(run_id),
                 "app_hash": digest,
                 "resume": bool(args.resume),
                 "config_hash": run.digest(),
             },
         )
-    run_id = flowerctl.submit_run(conn, PROJECT_ROOT, run.to_run_config())
     print(f"run {run_id} submitted; results in {run_dir}", flush=True)
     shown = 0
 

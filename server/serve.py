@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import flowerctl
+from common.fileio import write_private
 from common.paths import CoordPaths
 from common.registry import load_sites
 from flowerctl.gateway import start_gateway
@@ -130,7 +131,7 @@ def start(args: argparse.Namespace) -> int:
             "gateway_pid": procs["gateway"].pid,
             "ca": str(ca) if ca else None,
         }
-        live.write_text(json.dumps(info))
+        write_private(live, json.dumps(info).encode())  # addresses and pids: owner-only
         if tls is not None:
             print_sync(sync_sites(paths, connection(paths)))
         print(

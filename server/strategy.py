@@ -2,9 +2,11 @@
 
 Flower's FedAvg does the sampling and weighted averaging (optionally inside Flower's own
 central-DP wrapper); :class:`CoordinatorStrategy` wraps whichever it is given, the way Flower
-adds DP by wrapping. Round numbers continue after a resume, a round waits for the minimum
-number of sites with a deadline instead of forever, every reply is checked (names, shapes,
-dtypes, finite values, the site's signature) before anything else sees it, and a round is
+adds DP by wrapping. Round numbers continue after a resume; a round waits for the minimum
+number of *registered* sites with a deadline instead of forever; FedAvg samples from a view
+of the grid that holds only nodes whose key is registered (:mod:`server.sitegrid`), for
+training and evaluation alike; every reply, training or evaluation, is vetted on its own
+(:mod:`server.vetting`) and only rebuilt canonical replies reach FedAvg; and a round is
 committed to disk (checkpoint, metrics line, resume state) once its evaluation is in.
 """
 
@@ -21,12 +23,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys, protocol
-from common.audit import UPDATE_RECEIVED, AuditLog, digest_update
+from common.audit import AuditLog, digest_update
 from common.config import RunConfig
 from common.errors import FederationError
 from common.protocol import RoundRow
 from common.rundir import RunDir
-from server.validation import validate_update
+from server.sitegrid import SiteGrid
+from server.vetting import Vetter, same_metric_keys
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
@@ -67,7 +70,11 @@ def fedavg(run: RunConfig) -> FedAvg:
 
 
 class CoordinatorStrategy(Strategy):
-    """Wraps a strategy with the checks and records a coordinator owes."""
+    """Wraps a strategy with the checks and records a coordinator owes.
+
+    The wrapped strategy sees a :class:`SiteGrid` (registered nodes only) for sampling, and
+    only replies that :class:`Vetter` accepted, rebuilt to their canonical records.
+    """
 
     def __init__(
         self,
@@ -78,17 +85,28 @@ class CoordinatorStrategy(Strategy):
         offset: int,
         site_keys: Mapping[str, keys.PublicKey],
         audit: AuditLog | None,
+        declared_patches: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
         self.run, self.run_dir, self.run_id, self.offset = run, run_dir, run_id, offset
-        self.site_keys, self.audit = dict(site_keys), audit
-        self.node_names: dict[int, str] = {}
+        self.audit = audit
+        # Flower's simulation engine has no node keys: nodes there are the coordinator's own.
+        self.vetter = Vetter(
+            run, run_id, site_keys, declared_patches or {}, audit, keyless=bool(run.sim_sites_dir)
+        )
+        self.by_fingerprint = {keys.public_key_fingerprint(k): n for n, k in site_keys.items()}
+        self.view: SiteGrid | None = None
         self.global_arrays: dict[str, np.ndarray] = {}
         self.current: RoundRow | None = None
         self.state_extra: dict[str, Any] = {"run_id": run_id}
         self.sampled: set[int] = set()
         self.round_started = time.monotonic()
+
+    @property
+    def node_names(self) -> dict[int, str]:
+        """Node id -> registered site name, for the nodes seen so far."""
+        return self.vetter.node_names
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
@@ -99,35 +117,47 @@ class CoordinatorStrategy(Strategy):
         if self.audit is not None:
             self.audit.append(action, obj, outcome, details)
 
-    def _wait_for_sites(self, grid: Grid, server_round: int) -> None:
+    def sites_of(self, grid: Grid) -> SiteGrid:
+        """The registered-nodes view of ``grid`` (made once per grid)."""
+        if self.view is None or self.view.grid is not grid:
+            self.view = SiteGrid(grid, self.by_fingerprint, keyless=self.vetter.keyless)
+        return self.view
+
+    def _wait_for_sites(self, view: SiteGrid, server_round: int) -> dict[int, str]:
         deadline = time.monotonic() + self.run.round_timeout
-        while (n := len(list(grid.get_node_ids()))) < self.run.min_sites:
+        while len(sites := view.sites()) < self.run.min_sites:
             if time.monotonic() > deadline:
+                strangers = sorted(set(view.strangers.values()))
+                ignored = (
+                    f"; {len(view.strangers)} connected node(s) hold no registered key and are "
+                    f"ignored (names {strangers[:5]})"
+                    if view.strangers
+                    else ""
+                )
                 raise TooFewSites(
-                    f"round {server_round}: only {n} site(s) connected, {self.run.min_sites} "
-                    f"needed (min-sites); waited {self.run.round_timeout:.0f} s"
+                    f"round {server_round}: only {len(sites)} registered site(s) connected, "
+                    f"{self.run.min_sites} needed (min-sites); waited "
+                    f"{self.run.round_timeout:.0f} s{ignored}"
                 )
             time.sleep(POLL_SECONDS)
-
-    def _node(self, msg: Message) -> str:
-        node = msg.metadata.src_node_id
-        return self.node_names.get(node, f"node {node}")
+        return sites
 
     # -- training -------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Wait (with a deadline) for enough sites, then send the global model."""
+        """Wait (with a deadline) for enough registered sites, then send them the model."""
         r = server_round + self.offset
-        self._wait_for_sites(grid, r)
-        # The SuperLink knows which registered key (and name) each node authenticated with.
-        self.node_names.update({n.node_id: n.name for n in grid.get_nodes() if n.name})
+        view = self.sites_of(grid)
+        sites = self._wait_for_sites(view, r)
+        if not self.vetter.keyless:  # a node's name is its key's name in the registry
+            self.node_names.update(sites)
         self.global_arrays = to_numpy(arrays)
         self.current = RoundRow(r)
         self.round_started = time.monotonic()
-        messages = list(self.inner.configure_train(r, arrays, config, grid))
+        messages = list(self.inner.configure_train(r, arrays, config, view))
         self.sampled = {m.metadata.dst_node_id for m in messages}
-        selected = sorted(self.node_names.get(n, f"node {n}") for n in self.sampled)
+        selected = sorted(self.vetter.name_of(n) for n in self.sampled)
         self._audit(
             "round.started",
             f"round {r}",
@@ -144,11 +174,15 @@ class CoordinatorStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Vet every reply, average the accepted ones, refuse a round below the minimum."""
+        """Vet every reply on its own, average the accepted ones, refuse a thin round."""
         r = server_round + self.offset
         assert self.current is not None  # configure_train always runs first
         replies = list(replies)
-        accepted = [msg for msg in replies if self._vet(r, msg)]
+        accepted = [
+            ok
+            for msg in replies
+            if (ok := self.vetter.train(r, msg, self.global_arrays, self.current)) is not None
+        ]
         self._record_silent(r, self.sampled - {m.metadata.src_node_id for m in replies})
         if len(accepted) < self.run.min_sites:
             self._audit(
@@ -161,7 +195,7 @@ class CoordinatorStrategy(Strategy):
                 f"round {r}: {len(accepted)} usable update(s), {self.run.min_sites} needed; "
                 f"failures: {self.current.failures}; rejected: {self.current.rejected}"
             )
-        agg, metrics = self.inner.aggregate_train(r, accepted)
+        agg, metrics = self.inner.aggregate_train(r, same_metric_keys(accepted))
         if agg is None:
             raise TooFewSites(f"round {r}: aggregation produced no model")
         self.current.train = _floats(metrics)
@@ -181,127 +215,30 @@ class CoordinatorStrategy(Strategy):
     def _record_silent(self, r: int, nodes: set[int]) -> None:
         assert self.current is not None
         for node in sorted(nodes):
-            name = self.node_names.get(node, f"node {node}")
+            name = self.vetter.name_of(node)
             reason = f"no reply within {self.run.round_timeout:.0f} s (disconnected or timed out)"
             self.current.failures.append({"site": name, "reason": reason})
             log.warning("round %d: %s failed: %s", r, name, reason)
             self._audit("site.failed", name, "error", {"round": r, "reason": reason})
 
-    def _vet(self, r: int, msg: Message) -> bool:
-        assert self.current is not None
-        if msg.has_error():
-            reason = msg.error.reason
-            self.current.failures.append({"site": self._node(msg), "reason": reason})
-            log.warning("round %d: %s failed: %s", r, self._node(msg), reason)
-            self._audit("site.failed", self._node(msg), "error", {"round": r, "reason": reason})
-            return False
-        meta = msg.content.config_records.get(protocol.SITE)
-        claimed = (
-            str(meta[protocol.SITE_NAME])
-            if meta is not None and protocol.SITE_NAME in meta
-            else None
-        )
-        name = self.node_names.setdefault(msg.metadata.src_node_id, claimed or self._node(msg))
-        if claimed is not None and claimed != name:
-            reason = f"reply claims to be {claimed!r} but came from registered node {name!r}"
-            self.current.rejected.append({"site": name, "reason": reason, "kind": "invalid"})
-            self._audit(
-                UPDATE_RECEIVED,
-                name,
-                "rejected",
-                {
-                    "run_id": self.run_id,
-                    "round": r,
-                    "digest": "",
-                    "signature_valid": False,
-                    "accepted": False,
-                    "reason": reason,
-                },
-            )
-            return False
-        metrics = _floats(msg.content.metric_records.get(protocol.METRICS))
-        eps: dict[str, Any] = {
-            k: metrics[k] for k in (protocol.EPSILON_ROUND, protocol.EPSILON_TOTAL) if k in metrics
-        }
-        if meta is not None and meta.get(protocol.STATUS) == protocol.REFUSED:
-            row = {"site": name, "reason": str(meta.get(protocol.REASON)), **eps}
-            self.current.rejected.append({**row, "kind": "refused"})
-            log.warning("round %d: %s refused to train: %s", r, name, row["reason"])
-            self._audit(
-                "site.refused",
-                name,
-                "refused",
-                {"run_id": self.run_id, "round": r, "reason": row["reason"]},
-            )
-            return False
-        reason, digest, sig_ok = self._check_reply(r, msg, name, meta)
-        self._audit(
-            UPDATE_RECEIVED,
-            name,
-            "accepted" if reason is None else "rejected",
-            {
-                "run_id": self.run_id,
-                "round": r,
-                "digest": digest,
-                "signature_valid": sig_ok,
-                "accepted": reason is None,
-                "reason": reason or "",
-                "num_examples": int(metrics.get(protocol.NUM_EXAMPLES, 0)),
-                **eps,
-            },
-        )
-        if reason is not None:
-            self.current.rejected.append({"site": name, "reason": reason, "kind": "invalid"})
-            log.warning("round %d: update from %s rejected: %s", r, name, reason)
-            return False
-        self.current.sites[name] = metrics
-        return True
-
-    def _check_reply(
-        self, r: int, msg: Message, name: str, meta: ConfigRecord | None
-    ) -> tuple[str | None, str, bool]:
-        records = list(msg.content.array_records.values())
-        if len(records) != 1:
-            return f"expected one ArrayRecord, got {len(records)}", "", False
-        arrays = to_numpy(records[0])
-        digest = digest_update(arrays)
-        reason = validate_update(self.global_arrays, arrays)
-        sig_ok = False
-        key = self.site_keys.get(name)
-        if meta is not None and key is not None and protocol.SIGNATURE in meta:
-            sig_ok = keys.verify_update(key, self.run_id, r, digest, str(meta[protocol.SIGNATURE]))
-        if reason is None and key is None:
-            reason = f"site {name!r} is not registered with this coordinator"
-        elif reason is None and not sig_ok:
-            reason = "update signature missing or invalid for this site's registered key"
-        return reason, digest, sig_ok
-
     # -- evaluation and commit ------------------------------------------------------------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the new global model to every site for evaluation on its held-out patients."""
+        """Send the new global model to every registered site for evaluation."""
         self.global_arrays = to_numpy(arrays)
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        view = self.sites_of(grid)
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, view)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Record per-site evaluations, then commit the round to disk."""
+        """Vet and record per-site evaluations, average the good ones, commit the round."""
         r = server_round + self.offset
         assert self.current is not None
-        good = []
-        for msg in replies:
-            if msg.has_error():
-                self.current.failures.append(
-                    {"site": self._node(msg), "phase": "evaluate", "reason": msg.error.reason}
-                )
-                continue
-            good.append(msg)
-            name = self._node(msg)
-            self.current.evaluations[name] = _floats(
-                msg.content.metric_records.get(protocol.METRICS)
-            )
+        good = [
+            ok for msg in replies if (ok := self.vetter.evaluate(r, msg, self.current)) is not None
+        ]
         metrics = self.inner.aggregate_evaluate(r, good) if good else None
         self.current.evaluate = _floats(metrics)
         self._commit(r)

@@ -287,10 +287,12 @@ def activations(superlink_log: Path) -> dict[str, set[int]]:
 def check_audit(hosts: Hosts, coord: Path) -> None:
     """Every log verifies; each hospital's sent updates are the ones the coordinator received."""
     coord_log = coord / "audit" / "coordinator-audit.jsonl"
-    hosts.cli(None, "idc-server", "audit", "verify", str(coord_log))
+    hosts.cli(None, "idc-server", "audit", "verify", str(coord_log), "--dir", str(coord))
     for name in GOOD:
         site_log = hosts.root / name / "audit" / "site-audit.jsonl"
-        hosts.cli(None, "idc-client", "audit", "verify", str(site_log))
+        hosts.cli(
+            None, "idc-client", "audit", "verify", str(site_log), "--dir", str(site_log.parents[1])
+        )
         res = hosts.cli(
             None,
             "idc-server",
@@ -298,6 +300,8 @@ def check_audit(hosts: Hosts, coord: Path) -> None:
             "cross-check",
             str(coord_log),
             str(site_log),
+            "--dir",
+            str(coord),
             "--site",
             name,
         )

@@ -110,7 +110,12 @@ def test_two_rounds_over_tls_with_registered_sites_only(fed, site_data):
         assert verify_log(site_log, key).ok
         report = cross_check(coord_log, coord_key, site_log, key, name)
         assert report.ok and report.matched == 2, report.problems
-    assert fed.cli("idc-server", "audit", "verify", str(coord_log)).returncode == 0
+    verify = fed.cli("idc-server", "audit", "verify", str(coord_log), "--dir", str(fed.coord))
+    assert verify.returncode == 0 and public_key_fingerprint(coord_key) in verify.stdout
+    submitted = [json.loads(x) for x in text.splitlines() if '"run.submitted"' in x]
+    started = [json.loads(x) for x in text.splitlines() if '"run.started"' in x]
+    assert submitted[0]["details"]["run_id"] == started[0]["details"]["run_id"]
+    assert submitted[0]["seq"] < started[0]["seq"]  # recorded once accepted, before it ran
     received = [json.loads(x) for x in text.splitlines() if '"update.received"' in x]
     bad = [e for e in received if e["object"] == "hosp2"]
     assert len(bad) == 2 and all(not e["details"]["signature_valid"] for e in bad)

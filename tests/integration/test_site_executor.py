@@ -21,8 +21,8 @@ from flwr.common.constant import ErrorCode
 import flowerctl
 from common.audit_verify import verify_log
 from common.keys import load_public_key, public_key_fingerprint
+from common.paths import CoordPaths
 from flowerctl.fab import fab_hash
-from server.registry import CoordPaths
 from server.runner import connection
 from simulation.synth import SynthSpec, synthesize
 from tests.integration.federation import Federation, split_synth_by_site, wait_for

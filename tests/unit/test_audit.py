@@ -433,6 +433,7 @@ def test_cross_check_reports_a_missing_receive(two_logs):
 
 def test_cross_check_reports_a_receive_never_sent(two_logs):
     server, site = two_logs
+    site.append("site.started", "site-a", "ok")  # an empty log would fail verification first
     received(server, "site-a", "run-1", 3, "d3")
     [problem] = check(server, site).problems
     assert "run run-1 round 3" in problem and "d3" in problem and "no update.sent" in problem
@@ -445,3 +446,41 @@ def test_cross_check_requires_both_logs_to_verify(two_logs):
     report = cross_check(server.path, server.public_key, site.path, server.public_key, "site-a")
     assert not report.ok
     assert report.problems[0].startswith("site log does not verify: FAILED at entry 1")
+
+
+# -- pinned keys, empty logs, owner-only files -----------------------------------------------
+
+
+def test_an_empty_log_is_a_failure_not_zero_entries_ok(tmp_path, key):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"")
+    report = verify_log(path, key.public_key())
+    assert not report.ok and "no entries" in report.reason
+
+
+def test_the_report_names_the_key_it_was_checked_with(tmp_path, key):
+    path = write_log(tmp_path / "a.jsonl", key, 2)
+    report = verify_log(path, key.public_key())
+    text = format_verify_report(report, key.public_key())
+    assert f"[key {keys.public_key_fingerprint(key.public_key())}]" in text
+    assert f"head 1:{report.last_hash}" in text
+
+
+def test_log_files_are_owner_only(tmp_path, key):
+    import stat
+
+    path = write_log(tmp_path / "audit" / "a.jsonl", key, 1)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()}
+    assert modes == {"a.jsonl": 0o600, "a.jsonl.lock": 0o600}
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_a_second_writer_waits_for_the_first_to_close_when_asked(tmp_path, key):
+    path = tmp_path / "a.jsonl"
+    first = AuditLog(path, key, "coordinator")
+    first.append("run.submitted", "run 1", "ok")
+    with pytest.raises(AuditError, match="already open"):
+        AuditLog(path, key, "coordinator")
+    threading.Timer(0.2, first.close).start()
+    with AuditLog(path, key, "coordinator", lock_wait=60) as second:
+        assert second.append("run.started", "run 1", "ok")["seq"] == 1

@@ -57,13 +57,17 @@ def test_init_twice_names_the_folder_and_keeps_the_key(site, capsys):
 
 @pytest.mark.parametrize("main", [client_cli.main, server_cli.main])
 @pytest.mark.parametrize("cwd", ["tmp", "/"])
-def test_audit_verify_on_a_bare_file_name_asks_for_the_key(
+def test_audit_verify_on_a_bare_file_name_asks_for_the_pinned_keys_folder(
     main, cwd, tmp_path, monkeypatch, capsys
 ):
-    # "/" reproduces the IndexError: a bare name there has no grandparent folder
+    # "/" once reproduced an IndexError (the key was looked for beside the log); keys are
+    # pinned now, so the folder that pins them is required and named
     monkeypatch.chdir(tmp_path if cwd == "tmp" else "/")
-    assert main(["audit", "verify", "log.jsonl"]) == EXIT_BAD_INPUT
-    assert "--key" in one_error_line(capsys, "log.jsonl")
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", "verify", "log.jsonl"])
+    assert exc.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "--dir" in err and "Traceback" not in err
 
 
 def test_predict_refuses_weights_of_the_wrong_shape(tmp_path, capsys):

@@ -308,3 +308,29 @@ def test_cache_entries_of_an_older_report_still_read(messy, tmp_path):
     (entry / "meta.json").write_text(json.dumps(meta))
     again = load_patches(messy, cache_dir=cache)
     assert again.files == first.files and again.report.no_label == []
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [14000, 60])  # past PIL's bomb limit; just too large
+def test_an_oversized_png_with_a_patch_name_is_counted_unreadable(tmp_path, side):
+    root = tmp_path / "data"
+    write_patch(root, "200", 0, 0, 0)
+    bomb = root / "200" / "1" / "200_idx5_x50_y0_class1.png"
+    bomb.parent.mkdir(parents=True)
+    bomb.write_bytes(_png_header_only(side, side))
+    ps = load_patches(root)
+    assert ps.report.unreadable == ["200/1/200_idx5_x50_y0_class1.png"]
+    assert len(ps) == 1
