@@ -56,8 +56,8 @@ def test_a_real_failure_is_still_audited_as_failed(tmp_path):
 
 def test_run_submitted_is_written_only_after_the_submission_succeeded(tmp_path, monkeypatch):
     import flowerctl
-    from server import cli as server_cli
     from common.errors import EXIT_FEDERATION, EXIT_INTERRUPTED
+    from server import cli as server_cli
     from server.link import LIVE_FILE
 
     coord = tmp_path / "coord"
