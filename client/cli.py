@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.cli_util import add_command, dispatch, new_parser
+from common.cli_util import add_audit_commands, add_command, dispatch, new_parser
 from common.data import LoadOptions, load_patches
 from common.errors import EXIT_CHECK_FAILED, EXIT_OK
 from common.paths import SitePaths, check_name
@@ -105,43 +105,28 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 def _cross_check(args: argparse.Namespace) -> int:
     from client.trust import own_key, pinned_coordinator, read_site
-    from common import keys
     from common.audit_verify import cross_check, format_cross_check
 
     name = str(read_site(args.dir)["site-name"])
     coordinator, mine = pinned_coordinator(args.dir), own_key(args.dir)
     report = cross_check(args.coordinator_log, coordinator, args.site_log, mine, name)
-    print(format_cross_check(report))
-    for label, key in (("coordinator (pinned)", coordinator), (f"site {name}", mine)):
-        print(f"  {label} key {keys.public_key_fingerprint(key)}")
+    print(
+        format_cross_check(report, [("coordinator (pinned)", coordinator), (f"site {name}", mine)])
+    )
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
-    audit = sub.add_parser("audit", help="check audit logs with pinned keys")
-    asub = audit.add_subparsers(dest="audit_command", required=True)
-    p = add_command(asub, "verify", _audit_verify, "check the hash chain and every signature")
-    p.add_argument("log", type=Path, help="an audit log (SITE_DIR/audit/site-audit.jsonl)")
-    p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument(
+    _, keys_from, cross = add_audit_commands(
+        sub, _audit_verify, _cross_check, "the site's state folder"
+    )
+    keys_from.add_argument(
         "--coordinator",
         action="store_true",
         help="the log is the coordinator's: check it with the key pinned at enrolment",
     )
-    who.add_argument("--key", type=Path, default=None, help="check with this public key file")
-    p.add_argument(
-        "--expect-head",
-        default=None,
-        metavar="SEQ:HASH",
-        help="a head recorded earlier (printed by verify): detects truncation and rewrites",
-    )
-    p = add_command(
-        asub, "cross-check", _cross_check, "match this site's sent updates with the received"
-    )
-    p.add_argument("coordinator_log", type=Path, help="the coordinator's audit log")
-    p.add_argument("site_log", type=Path, help="this site's audit log")
-    p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
+    cross.add_argument("coordinator_log", type=Path, help="the coordinator's audit log")
+    cross.add_argument("site_log", type=Path, help="this site's audit log")
 
 
 def _add_management(sub: argparse._SubParsersAction) -> None:

@@ -19,7 +19,7 @@ the coordinator's ``update.received`` events for that site, by ``(run_id, round)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -358,10 +358,17 @@ def format_verify_report(report: VerifyReport, key: keys.PublicKey | None = None
     )
 
 
-def format_cross_check(report: CrossCheckReport) -> str:
-    """Return a human-readable summary of a :class:`CrossCheckReport`, one problem a line."""
+def format_cross_check(
+    report: CrossCheckReport, checked_with: Sequence[tuple[str, keys.PublicKey]] = ()
+) -> str:
+    """Return a human-readable summary of a :class:`CrossCheckReport`, one problem a line.
+
+    ``checked_with`` names each log's key (label, key): its fingerprint ends the summary.
+    """
     if report.ok:
-        return f"OK: {report.matched} update(s) match in both logs"
-    lines = [f"FAILED: {len(report.problems)} problem(s); {report.matched} update(s) match"]
-    lines += [f"  - {problem}" for problem in report.problems]
+        lines = [f"OK: {report.matched} update(s) match in both logs"]
+    else:
+        lines = [f"FAILED: {len(report.problems)} problem(s); {report.matched} update(s) match"]
+        lines += [f"  - {problem}" for problem in report.problems]
+    lines += [f"  {label} key {keys.public_key_fingerprint(key)}" for label, key in checked_with]
     return "\n".join(lines)

@@ -171,3 +171,33 @@ def default_cache_dir() -> Path:
     """
     env = os.environ.get("IDC_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "idc-fl"
+
+
+def add_audit_commands(
+    sub: argparse._SubParsersAction,
+    verify: Callable[[argparse.Namespace], int],
+    cross_check: Callable[[argparse.Namespace], int],
+    folder_help: str,
+) -> tuple[argparse.ArgumentParser, argparse._MutuallyExclusiveGroup, argparse.ArgumentParser]:
+    """``audit verify`` and ``audit cross-check``, the same on both parties' tools.
+
+    Returns the verify parser, its group of mutually exclusive key sources (``--key`` is
+    already in it; each tool adds its pinned source) and the cross-check parser, both with
+    ``--dir`` (the folder that pins the keys) already added.
+    """
+    audit = sub.add_parser("audit", help="check audit logs with pinned keys")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    p = add_command(asub, "verify", verify, "check the hash chain and every signature")
+    p.add_argument("log", type=Path, help="the audit log to check")
+    p.add_argument("--dir", type=Path, required=True, help=folder_help)
+    keys_from = p.add_mutually_exclusive_group()
+    keys_from.add_argument("--key", type=Path, default=None, help="check with this public key")
+    p.add_argument(
+        "--expect-head",
+        default=None,
+        metavar="SEQ:HASH",
+        help="a head recorded earlier (printed by verify): detects truncation and rewrites",
+    )
+    c = add_command(asub, "cross-check", cross_check, "match the updates sent with those received")
+    c.add_argument("--dir", type=Path, required=True, help=folder_help)
+    return p, keys_from, c

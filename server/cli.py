@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.cli_util import add_command, dispatch, new_parser
+from common.cli_util import add_audit_commands, add_command, dispatch, new_parser
 from common.errors import EXIT_CHECK_FAILED, EXIT_OK
 from common.paths import CoordPaths
 
@@ -136,7 +136,6 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _cross_check(args: argparse.Namespace) -> int:
-    from common import keys
     from common.audit_verify import cross_check, format_cross_check
 
     paths = CoordPaths(args.dir).require()
@@ -145,36 +144,22 @@ def _cross_check(args: argparse.Namespace) -> int:
     args.key = args.site_key
     site_key, _ = _pinned_key(args, paths, args.site)
     report = cross_check(args.server_log, server_key, args.site_log, site_key, args.site)
-    print(format_cross_check(report))
-    for label, key in (("coordinator", server_key), (f"site {args.site}", site_key)):
-        print(f"  {label} key {keys.public_key_fingerprint(key)}")
+    print(
+        format_cross_check(report, [("coordinator", server_key), (f"site {args.site}", site_key)])
+    )
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
-    audit = sub.add_parser("audit", help="check audit logs with pinned keys")
-    asub = audit.add_subparsers(dest="audit_command", required=True)
-    p = add_command(asub, "verify", _audit_verify, "check the hash chain and every signature")
-    p.add_argument("log", type=Path)
-    p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--site", default=None, help="a site's log: its registered key checks it")
-    who.add_argument("--key", type=Path, default=None, help="check with this public key file")
-    p.add_argument(
-        "--expect-head",
-        default=None,
-        metavar="SEQ:HASH",
-        help="a head recorded earlier (printed by verify): detects truncation and rewrites",
+    _, keys_from, cross = add_audit_commands(
+        sub, _audit_verify, _cross_check, "the coordinator's folder"
     )
-    p = add_command(
-        asub, "cross-check", _cross_check, "match a site's sent updates with those received"
-    )
-    p.add_argument("server_log", type=Path)
-    p.add_argument("site_log", type=Path)
-    p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
-    p.add_argument("--site", required=True, help="the site's registered name")
-    p.add_argument("--server-key", type=Path, default=None, help="default: this coordinator's")
-    p.add_argument(
+    keys_from.add_argument("--site", default=None, help="a site's log: its registered key")
+    cross.add_argument("server_log", type=Path, help="the coordinator's audit log")
+    cross.add_argument("site_log", type=Path, help="the site's audit log")
+    cross.add_argument("--site", required=True, help="the site's registered name")
+    cross.add_argument("--server-key", type=Path, default=None, help="default: this coordinator's")
+    cross.add_argument(
         "--site-key", type=Path, default=None, help="default: the key registered for --site"
     )
 
