@@ -53,14 +53,21 @@ def _init(args: argparse.Namespace) -> int:
 
 def _privacy(args: argparse.Namespace) -> int:
     from client.private import check_ledger, ledger_report
+    from client.sitestate import StartSettings
+    from client.status import privacy_lines
     from common.privacy import PRIVACY_UNIT
 
     check_ledger(args.dir)  # a lost ledger is an error here too, never "no DP yet"
+    settings = StartSettings.read(args.dir)
     path = SitePaths(args.dir).ledger
     if not path.is_file():
         print(f"no privacy ledger at {path}: this site has not trained with DP yet")
-        return EXIT_OK
-    print(ledger_report(args.dir, delta=args.delta))
+    else:
+        delta = args.delta if args.delta is not None else (settings and settings.delta)
+        print(ledger_report(args.dir, delta=delta or None))
+    print()
+    for line in privacy_lines(args.dir, settings):
+        print(line)
     print()
     print(PRIVACY_UNIT)
     return EXIT_OK
@@ -105,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", type=int, default=10, help="how many problem files to name")
     _add_management(sub)
-    from client import approvals, predict, runner
+    from client import approvals, predict, runner, status
 
     runner.add_start_parser(sub)
+    status.add_status_parser(sub)
     approvals.add_approve_parser(sub)
     predict.add_predict_parser(sub)
     return parser
