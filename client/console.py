@@ -67,6 +67,7 @@ class Console:
             again = "re" if self.connected else ""
             say(f"{again}connected to the coordinator at {self.address} as {self.name!r}")
             self.connected, self.unreachable_since = True, None
+            self.last_report = -math.inf  # a later outage is reported at once
         elif RETRYING in line:
             now = time.monotonic()
             if self.unreachable_since is None:
