@@ -40,6 +40,18 @@ def emit(site_dir: Path, event: dict[str, Any]) -> None:
         log.warning("could not write a console event to %s: %s", path, exc)
 
 
+def emit_reply(
+    site_dir: Path, run_id: int, message: Message, reply: Message, ok: bool, why: str
+) -> None:
+    """:func:`emit` the event of one answered message; nothing here may stop the executor."""
+    try:
+        event = from_reply(run_id, message, reply, ok, why)
+    except Exception as exc:  # display only: the task was already answered
+        log.warning("no console event for run %s: %s", run_id, exc)
+        return
+    emit(site_dir, event)
+
+
 def _round(message: Message) -> int | None:
     try:
         value = message.content.config_records[protocol.CONFIG][protocol.SERVER_ROUND]

@@ -141,9 +141,7 @@ class SiteExecutor:
             t2 = time.perf_counter()
             task.reply(reply, given.context)
             task.finish(given.context, ok, details)
-        events.emit(
-            self.site.state_dir, events.from_reply(given.run.run_id, message, reply, ok, details)
-        )
+        events.emit_reply(self.site.state_dir, given.run.run_id, message, reply, ok, details)
         log.info(
             "run %s %s: %s; wait+pull %.2f s, ClientApp %.2f s, reply %.2f s",
             given.run.run_id,

@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
 
 from client import console, events
 from client.sitestate import AlreadyRunning, StartLock, StartSettings, parse_server, running_pid
+from common import protocol
+from common.protocol import EvalMetrics, TrainMetrics
 
 
 @pytest.mark.parametrize(
@@ -132,3 +136,39 @@ def test_why_stopped_names_each_failure_and_what_to_do():
     line = console.why_stopped("executor", -9, "boom\n", Path("x.log"), ca, key)
     assert line == "the executor stopped (exit -9): boom (log x.log)"
     assert json.dumps(line)  # plain text
+
+
+def _sent(kind: str) -> Message:
+    config = ConfigRecord({protocol.SERVER_ROUND: 3})
+    return Message(RecordDict({protocol.CONFIG: config}), dst_node_id=1, message_type=kind)
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower builds Messages only inside a task; pretend to be one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_events_from_real_replies_carry_round_patches_epsilon_and_status():
+    sent = _sent(MessageType.TRAIN)
+    metrics = TrainMetrics(40, dp=1.0, epsilon_round=0.5, epsilon_total=1.5, epsilon_cap=8.0)
+    site = ConfigRecord({protocol.SITE_NAME: "a", protocol.STATUS: "ok", protocol.REASON: ""})
+    content = RecordDict(
+        {protocol.METRICS: MetricRecord(metrics.to_record()), protocol.SITE: site}  # type: ignore[arg-type]
+    )
+    event = events.from_reply(7, sent, Message(content, reply_to=sent), True, "")
+    assert event["event"] == "train" and event["round"] == 3 and event["patches"] == 40
+    assert (event["epsilon_total"], event["epsilon_cap"], event["status"]) == (1.5, 8.0, "ok")
+    failed = Message(Error(code=0, reason="boom"), reply_to=sent)
+    assert events.from_reply(7, sent, failed, False, "boom")["event"] == "failed"
+    garbled = Message(RecordDict(), reply_to=sent)
+    assert events.from_reply(7, sent, garbled, True, "")["event"] == "answered"
+    evaluate = _sent(MessageType.EVALUATE)
+    result = EvalMetrics(24, 0.7, 0.6, 0.55, 0.5, 0.6).to_record()
+    reply = Message(RecordDict({protocol.METRICS: MetricRecord(result)}), reply_to=evaluate)  # type: ignore[arg-type]
+    line = events.describe(events.from_reply(7, evaluate, reply, True, ""))
+    assert line == "run 7 round 3: evaluation done on 24 test patches (balanced accuracy 0.550)"
