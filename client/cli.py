@@ -89,7 +89,7 @@ def _add_management(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--name", required=True, help="the site's name, as the coordinator knows it")
-    p = add_command(sub, "privacy", _privacy, "print the privacy ledger: epsilon the site spent")
+    p = add_command(sub, "privacy", _privacy, "privacy ledger: epsilon spent, cap, what is left")
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--delta", type=float, default=None, help="delta for the totals")
     audit = sub.add_parser("audit", help="check the site's audit log")
