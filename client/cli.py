@@ -68,14 +68,21 @@ def _trust(args: argparse.Namespace) -> int:
 
 def _privacy(args: argparse.Namespace) -> int:
     from client.private import check_ledger, ledger_report
+    from client.sitestate import StartSettings
+    from client.status import privacy_lines
     from common.privacy import PRIVACY_UNIT
 
     check_ledger(args.dir)  # a lost ledger is an error here too, never "no DP yet"
+    settings = StartSettings.read(args.dir)
     path = SitePaths(args.dir).ledger
     if not path.is_file():
         print(f"no privacy ledger at {path}: this site has not trained with DP yet")
-        return EXIT_OK
-    print(ledger_report(args.dir, delta=args.delta))
+    else:
+        delta = args.delta if args.delta is not None else (settings and settings.delta)
+        print(ledger_report(args.dir, delta=delta or None))
+    print()
+    for line in privacy_lines(args.dir, settings):
+        print(line)
     print()
     print(PRIVACY_UNIT)
     return EXIT_OK
@@ -145,7 +152,7 @@ def _add_management(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--coordinator-key", type=Path, required=True, help="its coordinator.pub")
     p.add_argument("--replace", action="store_true", help="replace a different pinned key")
-    p = add_command(sub, "privacy", _privacy, "print the privacy ledger: epsilon the site spent")
+    p = add_command(sub, "privacy", _privacy, "privacy ledger: epsilon spent, cap, what is left")
     p.add_argument("--dir", type=Path, required=True, help="the site's state folder")
     p.add_argument("--delta", type=float, default=None, help="delta for the totals")
     _add_audit(sub)
@@ -164,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", type=int, default=10, help="how many problem files to name")
     _add_management(sub)
-    from client import approvals, predict, runner
+    from client import approvals, predict, runner, status
 
     runner.add_start_parser(sub)
+    status.add_status_parser(sub)
     approvals.add_approve_parser(sub)
     predict.add_predict_parser(sub)
     return parser

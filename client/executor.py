@@ -35,6 +35,7 @@ import torch
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
+from client import events
 from client.approvals import APP_ACCEPTED, APP_REFUSED, ApprovalsError, load_approved
 from common.audit import AuditError
 from common.cli_util import setup_logging
@@ -128,6 +129,8 @@ class SiteExecutor:
                 reason = f"site {self.site.site_name} refused app {digest}: {refused}"
                 task.refuse(given.context, ErrorCode.INVALID_FAB, reason)
                 log.warning("run %s: %s", given.run.run_id, reason)
+                refusal = {"event": "app-refused", "run": str(given.run.run_id), "app": digest}
+                events.emit(self.site.state_dir, {**refusal, "reason": refused})
                 return
             if given.run.run_id not in self.accepted_runs:
                 self._audit(APP_ACCEPTED, given, digest, "ok", {"accepted_as": how})
@@ -138,6 +141,7 @@ class SiteExecutor:
             t2 = time.perf_counter()
             task.reply(reply, given.context)
             task.finish(given.context, ok, details)
+        events.emit_reply(self.site.state_dir, given.run.run_id, message, reply, ok, details)
         log.info(
             "run %s %s: %s; wait+pull %.2f s, ClientApp %.2f s, reply %.2f s",
             given.run.run_id,
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         patches = warm_up(site)
         executor = SiteExecutor(args.runtime_api, site, gate)
         log.info("%s: %s, %d patches mapped", READY, gate.installed.label, len(patches))
+        events.emit(site.state_dir, {"event": "ready", "patches": len(patches)})
         executor.serve()
     except KeyboardInterrupt:
         return 0

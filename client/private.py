@@ -247,7 +247,7 @@ def _dp_fields(eps_round: float, eps_total: float, cap: float) -> dict[str, floa
 def ledger_report(
     state_dir: Path, delta: float | None = None, accountant: Accountant = "rdp"
 ) -> str:
-    """The site's ledger as a table: every round of every run, with the running total.
+    """The site's ledger as a table: every round of every run (full run ids), running total.
 
     ``delta`` defaults to the latest round's (a capped site's own delta).
     """
@@ -257,14 +257,15 @@ def ledger_report(
     lines = [f"privacy ledger {ledger.path}: one budget for the whole site"]
     if at is not None:
         lines[0] += f" (epsilon at delta={at:g}, {accountant})"
+    width = max([len("run"), *(len(e.run_id) for e in entries)]) + 2  # Flower ids: 20 digits
     lines.append(
-        f"{'run':<20}{'round':>6}{'noise':>9}{'rate':>9}{'steps':>7}"
+        f"{'run':<{width}}{'round':>6}{'noise':>9}{'rate':>9}{'steps':>7}"
         f"{'total eps':>11}  {'status':<9}{'data set':<14}time"
     )
     for i, e in enumerate(entries):
         eps = accounting.epsilon(history(entries[: i + 1]), at, accountant) if at else 0.0
         lines.append(
-            f"{e.run_id[:19]:<20}{e.round:>6}{e.noise_multiplier:>9.4g}{e.sample_rate:>9.4g}"
+            f"{e.run_id:<{width}}{e.round:>6}{e.noise_multiplier:>9.4g}{e.sample_rate:>9.4g}"
             f"{e.steps:>7}{eps:>11.4g}  {e.status:<9}{e.fingerprint[:12]:<14}{e.time}"
         )
     if not entries:

@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from client import console
+from client.events import Tail, events_path
+from client.sitestate import StartLock, StartSettings, parse_server
 from common.cli_util import add_command
 from common.data import LoadOptions, load_patches
 from common.fileio import read_json
 from common.paths import SitePaths
-
-NOT_ADMITTED = "Failed to activate SuperNode"  # the SuperLink's answer to an unknown key
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def node_config(args: argparse.Namespace, name: str, cache_dir: Path) -> dict[str, str | float]:
@@ -63,13 +62,6 @@ def check_privacy_flags(args: argparse.Namespace, n_patches: int) -> None:
 
 def _preflight(args: argparse.Namespace) -> str:
     """The site's name, once its folder, certificate, data and privacy flags check out."""
-    if args.insecure:
-        print(
-            "WARNING: --insecure: plain HTTP and no site key: anyone on the path reads this "
-            "site's updates or poses as the coordinator; never use this with patient data",
-            file=sys.stderr,
-            flush=True,
-        )
     paths = SitePaths(args.dir).require()
     name = str(read_json(paths.info)["site-name"])
     if not args.insecure and (args.ca is None or not args.ca.is_file()):
@@ -83,9 +75,28 @@ def _preflight(args: argparse.Namespace) -> str:
 
 
 def _start(args: argparse.Namespace) -> int:
+    if args.insecure:  # before anything else, so that no error hides it
+        print(
+            "WARNING: --insecure: plain HTTP and no site key: anyone on the path reads this "
+            "site's updates or poses as the coordinator; never use this with patient data",
+            file=sys.stderr,
+            flush=True,
+        )
+    server = parse_server(args.server)  # before anything starts
+    SitePaths(args.dir).require()
+    lock = StartLock(args.dir)
+    lock.acquire()  # one start per site folder; the kernel drops it when we end
+    try:
+        name = _preflight(args)
+        StartSettings.now(args.server, args.max_epsilon, args.delta).write(args.dir)
+        return _run(args, name, server)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, name: str, server: tuple[str, int]) -> int:
     import flowerctl
 
-    name = _preflight(args)
     paths = SitePaths(args.dir)
     flwr_home = paths.flwr_home
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -95,6 +106,12 @@ def _start(args: argparse.Namespace) -> int:
     port = args.port or flowerctl.free_port()
     logs = {what: paths.logs / f"{what}.log" for what in ("supernode", "executor")}
     offsets = {what: _size(path) for what, path in logs.items()}  # this start's lines only
+    watch = console.Console(
+        name,
+        server,
+        Tail(logs["supernode"], offsets["supernode"]),
+        Tail(events_path(args.dir), _size(events_path(args.dir))),
+    )
     supernode = flowerctl.start_supernode(
         args.server,
         None if args.insecure else args.ca,
@@ -117,11 +134,14 @@ def _start(args: argparse.Namespace) -> int:
         raise
     print(f"site {name!r}: executor started (pid {executor.pid}, log {logs['executor']})")
     procs = {"supernode": supernode, "executor": executor}
-    stopped = _supervise(procs)
+    stopped = _supervise(procs, watch)
     if stopped is None:
+        print(f"site {name!r}: stopped", flush=True)
         return 0
     print(
-        f"site {name!r}: {_why(stopped, procs[stopped], logs, offsets, args.dir)}", file=sys.stderr
+        f"site {name!r}: {_why(stopped, procs[stopped], logs, offsets, args)}",
+        file=sys.stderr,
+        flush=True,
     )
     return 1
 
@@ -149,7 +169,7 @@ def _start_executor(runtime_api: str, flwr_home: Path, log_path: Path) -> subpro
         )
 
 
-def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> str | None:
+def _supervise(procs: dict[str, subprocess.Popen[bytes]], watch: console.Console) -> str | None:
     """Wait until one process ends (return its name) or we are told to stop (None).
 
     Whatever happens, every process we started is stopped by its pid, executor first.
@@ -159,8 +179,10 @@ def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> str | None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while True:
+            watch.poll()
             for what, proc in procs.items():
                 if proc.poll() is not None:
+                    watch.poll()  # what it said last, before why it stopped
                     return what
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -175,26 +197,15 @@ def _why(
     proc: subprocess.Popen[bytes],
     logs: dict[str, Path],
     offsets: dict[str, int],
-    site_dir: Path,
+    args: argparse.Namespace,
 ) -> str:
     """One line: why ``what`` stopped, and what to do."""
     with open(logs[what], "rb") as handle:
         handle.seek(offsets[what])
         text = handle.read().decode(errors="replace")
-    # Flower's SuperNode exits 0 ("terminated gracefully") when the SuperLink answers 401 to
-    # a node it no longer knows, and 1 with "Failed to activate" when it never knew the key.
-    if what == "supernode" and (
-        NOT_ADMITTED in text or (proc.returncode == 0 and "terminated gracefully" in text)
-    ):
-        return (
-            f"this site's key is not registered with the coordinator (fingerprint "
-            f"{_fingerprint(site_dir)}): ask the coordinator to re-register it "
-            "(idc-server add-site), or rotate it"
-        )
-    lines = [ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
-    detail = next((lines[i + 1] for i, ln in enumerate(lines[:-1]) if "Exit Code:" in ln), None)
-    detail = detail or (lines[-1] if lines else "no output")
-    return f"the {what} stopped (exit {proc.returncode}): {detail} (log {logs[what]})"
+    fingerprint = _fingerprint(args.dir) if not args.insecure else "none: --insecure"
+    key = (fingerprint, SitePaths(args.dir).pub)
+    return console.why_stopped(what, int(proc.returncode or 0), text, logs[what], args.ca, key)
 
 
 def _fingerprint(site_dir: Path) -> str:
