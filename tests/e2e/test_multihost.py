@@ -338,7 +338,7 @@ def test_coordinator_and_three_hospitals_on_separate_hosts(hosts, lab, site_data
     assert nodes.get(WRONG_CA[0]) == "registered", nodes  # registered, never online
     assert INTRUDER[0] not in nodes, nodes
     assert "CERTIFICATE_VERIFY_FAILED" in hosts.output(WRONG_CA[0])
-    assert "Failed to activate SuperNode" in hosts.output(INTRUDER[0])
+    assert "not registered with the coordinator" in hosts.output(INTRUDER[0])
     seen = activations(coord / "logs" / "superlink.log")
     for host in GOOD.values():  # the hospitals' own addresses, across the bridge
         assert 200 in seen.get(f"{SUBNET}.{host}", set()), seen
