@@ -12,7 +12,11 @@ on in a fresh file. Reopening continues from the last entry, which must parse an
 key's signature (only the tail is checked; :mod:`common.audit_verify` checks all). Each
 append is fsync-ed; any ``OSError`` becomes :class:`AuditError` and the log refuses further
 appends, so an audited run stops (fail closed). A thread lock serialises appends and a
-``flock`` on ``<name>.lock`` refuses a second writer.
+``flock`` on ``<name>.lock`` refuses a second writer. A log opened with ``shared=True`` holds
+that ``flock`` only while it appends (waiting up to ``lock_wait`` seconds for it) and first
+re-reads the tail another process may have added, so several short-lived processes (the
+coordinator's ServerApp and its ``add-site``) extend one chain; an exclusive writer still
+shuts every other writer out.
 
 Limits: the chain proves order and completeness only up to the last entry present. Lines
 cut cleanly off the end leave a shorter valid chain, and the key holder can rewrite the whole
@@ -40,6 +44,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,6 +173,11 @@ class AuditLog:
         Written into every entry (a site's name, or the coordinator's).
     max_bytes : int
         Size past which the live file is rotated.
+    shared : bool
+        Take the writer lock per append (other shared writers may append in between) instead
+        of for the log's lifetime.
+    lock_wait : float
+        Seconds a shared writer waits for the lock before :class:`AuditError`.
 
     Raises
     ------
@@ -177,7 +187,14 @@ class AuditLog:
     """
 
     def __init__(
-        self, path: Path, private_key: keys.PrivateKey, actor: str, max_bytes: int = 50_000_000
+        self,
+        path: Path,
+        private_key: keys.PrivateKey,
+        actor: str,
+        max_bytes: int = 50_000_000,
+        *,
+        shared: bool = False,
+        lock_wait: float = 30.0,
     ) -> None:
         if not isinstance(actor, str) or not actor:
             raise ValueError(f"actor must be a non-empty string, got {actor!r}")
@@ -194,11 +211,14 @@ class AuditLog:
         self._lock_file: io.FileIO | None = None
         self._failure: str | None = None
         self._size = 0
+        self._shared, self._lock_wait = shared, lock_wait
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_file = self._take_writer_lock()
             self._head, self._last_time = self._read_tail()
             self._open_live()
+            if shared:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
         except OSError as exc:
             self.close()
             raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
@@ -219,14 +239,47 @@ class AuditLog:
     def _take_writer_lock(self) -> io.FileIO:
         lock_file = io.FileIO(self.path.with_name(self.path.name + ".lock"), "a")
         try:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            self._flock(lock_file)
+        except AuditError:
             lock_file.close()
-            raise AuditError(
-                f"audit log {self.path} is already open for writing (by this or another "
-                "process); two writers would fork the chain"
-            ) from None
+            raise
         return lock_file
+
+    def _flock(self, lock_file: io.FileIO) -> None:
+        """Take the writer lock now, or within ``lock_wait`` seconds for a shared writer."""
+        deadline = time.monotonic() + (self._lock_wait if self._shared else 0.0)
+        while True:
+            try:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AuditError(
+                        f"audit log {self.path} is already open for writing (by this or "
+                        "another process); two writers would fork the chain"
+                    ) from None
+                time.sleep(0.05)
+
+    def _catch_up(self) -> io.FileIO:
+        """Shared writer, lock held: continue from whatever another writer appended."""
+        assert self._file is not None and self._lock_file is not None
+        mine = os.fstat(self._file.fileno())
+        try:
+            live = os.stat(self.path)
+        except FileNotFoundError:
+            live = None
+        if live is not None and (live.st_ino, live.st_size) == (mine.st_ino, self._size):
+            return self._file
+        head, last_time = self._read_tail()
+        self._head = head
+        if last_time is not None and (self._last_time is None or last_time > self._last_time):
+            self._last_time = last_time
+        if live is None or live.st_ino != mine.st_ino:  # rotated by another writer
+            self._file.close()
+            self._file = None
+            return self._open_live()
+        self._size = live.st_size
+        return self._file
 
     def _read_tail(self) -> tuple[LogHead | None, datetime | None]:
         source = self.path
@@ -281,18 +334,35 @@ class AuditLog:
         with self._lock:
             if self._failure is not None or self._file is None:
                 raise AuditError(f"audit log {self.path} is unusable ({self._failure or 'closed'})")
-            entry = self._next_entry(action, object, outcome, clean)
-            line = canonical_json(entry) + b"\n"
+            if not self._shared:
+                return self._append_locked(action, object, outcome, clean)
+            assert self._lock_file is not None
+            self._flock(self._lock_file)
             try:
-                handle = self._file
-                if self._size and self._size + len(line) > self.max_bytes:
-                    handle = self._rotate(handle)
-                self._write(handle, line)
-            except OSError as exc:
-                self._failure = f"write failed: {exc}"
-                raise AuditError(f"cannot write audit log {self.path}: {exc}") from exc
-            self._head = LogHead(entry["seq"], entry_hash(entry))
-            self._size += len(line)
+                try:
+                    self._catch_up()
+                except OSError as exc:
+                    raise AuditError(f"cannot read audit log {self.path}: {exc}") from exc
+                return self._append_locked(action, object, outcome, clean)
+            finally:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+
+    def _append_locked(
+        self, action: str, object: str, outcome: str, clean: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        assert self._file is not None
+        entry = self._next_entry(action, object, outcome, clean)
+        line = canonical_json(entry) + b"\n"
+        try:
+            handle = self._file
+            if self._size and self._size + len(line) > self.max_bytes:
+                handle = self._rotate(handle)
+            self._write(handle, line)
+        except OSError as exc:
+            self._failure = f"write failed: {exc}"
+            raise AuditError(f"cannot write audit log {self.path}: {exc}") from exc
+        self._head = LogHead(entry["seq"], entry_hash(entry))
+        self._size += len(line)
         return entry
 
     def _next_entry(

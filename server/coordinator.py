@@ -27,6 +27,7 @@ from common.plots import plot_round_curves
 from common.provenance import run_metadata, save_model
 from common.registry import site_public_keys
 from common.rundir import RunDir
+from server.runrecord import read_record, set_state
 from server.strategy import CoordinatorStrategy, fedavg
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ class Coordinator:
         if run.coord_dir:
             paths = CoordPaths(Path(run.coord_dir)).require()
             # Required: a coordinator without a writable audit log does not run (fail closed).
-            self.audit = AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator")
+            # Shared: add-site, remove-site and stop append to the same chain while it runs.
+            key = keys.load_private_key(paths.key)
+            self.audit = AuditLog(paths.audit, key, "coordinator", shared=True)
             site_keys = site_public_keys(paths)
         state = self.dir.read_state()
         self.completed = int(state.get("completed_round", 0))
@@ -111,15 +114,14 @@ class Coordinator:
             arrays = initial_arrays(self.cfg)
             self.dir.write_checkpoint(0, arrays)
         remaining = self.cfg.num_server_rounds - self.completed
-        self.dir.write_json(
-            "run.json",
-            {
-                "run_id": self.run_id,
-                "config": self.cfg.to_run_config(),
-                "config_hash": self.hash,
-                "status": "running",
-                "resumed_from": self.completed,
-            },
+        set_state(
+            self.dir.root,
+            "running",
+            run_id=self.run_id,
+            config=self.cfg.to_run_config(),
+            config_hash=self.hash,
+            resumed_from=self.completed,
+            rounds=self.cfg.num_server_rounds,
         )
         if remaining > 0:
             record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
@@ -172,6 +174,7 @@ class Coordinator:
                 central_dp=summary["central_dp"],
             ),
         )
+        set_state(self.dir.root, "finished", run_id=self.run_id, rounds=last)
 
     def client_level_privacy(self, rounds: int) -> dict[str, Any] | None:
         """Epsilon of the central-DP Gaussian mechanism over ``rounds`` releases, honestly.
@@ -198,9 +201,14 @@ class Coordinator:
         """Leave a clear record of why the run stopped."""
         msg = f"{type(exc).__name__}: {exc}"
         log.error("run %s failed: %s", self.run_id, msg)
-        self.dir.write_json(
-            "status.json", {"status": "failed", "error": msg, "traceback": traceback.format_exc()}
-        )
+        if read_record(self.dir.root).get("status") != "stopped":  # stop says why itself
+            set_state(
+                self.dir.root,
+                "failed",
+                run_id=self.run_id,
+                error=msg,
+                traceback=traceback.format_exc(),
+            )
         try:
             self._audit("run.failed", "failed", {"error": msg[:500]})
         except Exception:  # the audit log itself may be what failed
