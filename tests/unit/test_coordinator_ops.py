@@ -80,8 +80,20 @@ def test_add_site_during_a_run_extends_the_runs_chain(coord, tmp_path):
     key = keys.load_private_key(coord.key)
     with AuditLog(coord.audit, key, "coordinator", shared=True) as run_log:  # the ServerApp's
         run_log.append("run.started", "run 1", "ok")
-        assert main(["add-site", "--dir", str(coord.root), "--name", "a", "--key",
-                     str(site_key(tmp_path, "a"))]) == 0  # fmt: off
+        assert (
+            main(
+                [
+                    "add-site",
+                    "--dir",
+                    str(coord.root),
+                    "--name",
+                    "a",
+                    "--key",
+                    str(site_key(tmp_path, "a")),
+                ]
+            )
+            == 0
+        )
         run_log.append("round.started", "run 1", "ok")
     assert "a" in load_sites(coord)
     report = verify_log(coord.audit, key.public_key())
@@ -108,8 +120,20 @@ def _busy(self, lock_file):
 
 
 def test_remove_site_whose_audit_entry_fails_keeps_the_site(coord, tmp_path, monkeypatch):
-    assert main(["add-site", "--dir", str(coord.root), "--name", "a", "--key",
-                 str(site_key(tmp_path, "a"))]) == 0  # fmt: off
+    assert (
+        main(
+            [
+                "add-site",
+                "--dir",
+                str(coord.root),
+                "--name",
+                "a",
+                "--key",
+                str(site_key(tmp_path, "a")),
+            ]
+        )
+        == 0
+    )
     monkeypatch.setattr("common.audit.AuditLog.append", _fail_append)
     assert main(["remove-site", "--dir", str(coord.root), "--name", "a"]) == 3
     assert "a" in load_sites(coord) and coord.site_key("a").is_file()
@@ -133,9 +157,17 @@ def test_run_into_an_existing_run_folder_says_resume_before_submitting(coord, tm
 
 def test_dp_with_batch_norm_is_one_line_before_submitting(coord, tmp_path, capsys):
     code = main(
-        ["run", "--dir", str(coord.root), "--out", str(tmp_path / "r"), "--run-config",
-         "dp.enabled=true", "dp.epsilon-per-round=8"]
-    )  # fmt: off
+        [
+            "run",
+            "--dir",
+            str(coord.root),
+            "--out",
+            str(tmp_path / "r"),
+            "--run-config",
+            "dp.enabled=true",
+            "dp.epsilon-per-round=8",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and 'norm="group"' in err[0] and "Opacus" in err[0]
     assert "run.submitted" not in coord.audit.read_text()
@@ -145,7 +177,7 @@ def test_run_help_lists_every_key_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = capsys.readouterr().out
-    for key, value in RunConfig().to_run_config().items():
+    for key in RunConfig().to_run_config():
         if key not in ("run-dir", "coord-dir", "resume", "sim-sites-dir"):
             assert f"  {key} = " in out, key
     assert '  norm = "batch"' in out and "  dp.enabled = false" in out
@@ -163,8 +195,20 @@ def test_states_keep_run_json_and_status_json_current(tmp_path):
 
 
 def test_status_without_a_superlink_says_so_and_shows_the_registry(coord, tmp_path, capsys):
-    assert main(["add-site", "--dir", str(coord.root), "--name", "st-mary", "--key",
-                 str(site_key(tmp_path, "m"))]) == 0  # fmt: off
+    assert (
+        main(
+            [
+                "add-site",
+                "--dir",
+                str(coord.root),
+                "--name",
+                "st-mary",
+                "--key",
+                str(site_key(tmp_path, "m")),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["status", "--dir", str(coord.root)]) == 0
     out = capsys.readouterr().out
