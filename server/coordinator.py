@@ -198,10 +198,14 @@ class Coordinator:
         }
 
     def fail(self, exc: BaseException) -> None:
-        """Leave a clear record of why the run stopped."""
+        """Leave a clear record of why the run ended early (stopped by the coordinator, or not)."""
         msg = f"{type(exc).__name__}: {exc}"
-        log.error("run %s failed: %s", self.run_id, msg)
-        if read_record(self.dir.root).get("status") != "stopped":  # stop says why itself
+        if read_record(self.dir.root).get("status") == "stopped":  # `idc-server stop` did it
+            done = int(self.dir.read_state().get("completed_round", 0))
+            log.info("run %s stopped by the coordinator after round %d", self.run_id, done)
+            action, outcome, details = "run.ended", "stopped", {"completed_round": done}
+        else:
+            log.error("run %s failed: %s", self.run_id, msg)
             set_state(
                 self.dir.root,
                 "failed",
@@ -209,10 +213,11 @@ class Coordinator:
                 error=msg,
                 traceback=traceback.format_exc(),
             )
+            action, outcome, details = "run.failed", "failed", {"error": msg[:500]}
         try:
-            self._audit("run.failed", "failed", {"error": msg[:500]})
+            self._audit(action, outcome, details)
         except Exception:  # the audit log itself may be what failed
-            log.exception("could not record the failure in the audit log")
+            log.exception("could not record the end of the run in the audit log")
 
     def close(self) -> None:  # noqa: D102
         if self.audit is not None:

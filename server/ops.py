@@ -17,7 +17,7 @@ from common.paths import CoordPaths
 from common.protocol import RoundRow
 from common.rundir import RunDir
 from server.link import connection, require_superlink
-from server.runrecord import read_record, run_id_of, set_state
+from server.runrecord import latest, read_record, run_id_of, set_state
 
 if TYPE_CHECKING:
     from common.audit import AuditLog
@@ -88,10 +88,11 @@ def follow(paths: CoordPaths, run_dir: Path, run_id: int, timeout: float) -> int
     return EXIT_OK
 
 
-def _target(arg: str) -> tuple[Path | None, int]:
-    """RUN (a run folder, or a run id) as (folder or None, run id)."""
+def _target(paths: CoordPaths, arg: str) -> tuple[Path | None, int]:
+    """RUN (a run folder, or a run id) as (its folder, or None when unknown; run id)."""
     if arg.isdigit() and not Path(arg).is_dir():
-        return None, int(arg)
+        found = latest(paths)
+        return (found[0] if found and found[1] == int(arg) else None), int(arg)
     run_dir = Path(arg).resolve()
     return run_dir, run_id_of(run_dir)
 
@@ -108,7 +109,7 @@ def attach(args: argparse.Namespace) -> int:
 def stop(args: argparse.Namespace) -> int:
     """``idc-server stop``: ask the SuperLink to stop a run, and record who stopped it."""
     paths = CoordPaths(args.dir).require()
-    run_dir, run_id = _target(args.run)
+    run_dir, run_id = _target(paths, args.run)
     conn = connection(paths)
     status = flowerctl.run_status(conn, run_id)
     if status.finished:
@@ -118,9 +119,16 @@ def stop(args: argparse.Namespace) -> int:
         audit.append(
             "run.stopped", f"run {run_id}", "ok", {"run_id": str(run_id), "by": "coordinator"}
         )
-    flowerctl.stop_run(conn, run_id)
+    # Before the stop: the ServerApp, interrupted, must find it was stopped, not failed.
+    before = read_record(run_dir).get("status", "running") if run_dir else None
     if run_dir is not None:
         set_state(run_dir, "stopped", run_id=str(run_id), by="coordinator")
+    try:
+        flowerctl.stop_run(conn, run_id)
+    except flowerctl.FlowerProcError:
+        if run_dir is not None and before is not None:
+            set_state(run_dir, before, run_id=str(run_id))
+        raise
     print(f"run {run_id} stopped; the sites stop training after their current step")
     if run_dir is not None:
         print(f"continue it with: idc-server run --dir {paths.root} --resume {run_dir}")

@@ -19,7 +19,7 @@ SLOW_RUN = ["local-epochs=1", "batch-size=32", 'norm="group"', "round-timeout=30
 
 
 def test_status_detach_attach_and_stop_a_live_run(fed, tmp_path):
-    synthesize(tmp_path / "all", SynthSpec(patients=4, sites=2, patches_per_patient=(40, 50)))
+    synthesize(tmp_path / "all", SynthSpec(patients=8, sites=2, patches_per_patient=(30, 40)))
     folders = split_synth_by_site(tmp_path / "all", tmp_path)
     fed.init()
     for i in range(2):
@@ -85,3 +85,22 @@ def test_status_detach_attach_and_stop_a_live_run(fed, tmp_path):
     assert verify_log(log, load_public_key(fed.coord / "coordinator.pub")).ok
     actions = [json.loads(line)["action"] for line in log.read_text().splitlines()]
     assert "run.started" in actions and "site.registered" in actions and "run.stopped" in actions
+    assert "run.failed" not in actions  # the ServerApp knew it was stopped
+    assert "failed 0" in fed.output("attach")  # every site evaluated
+
+    # A resume makes status.json current again; stop by run id finds the folder itself.
+    resumed = fed.spawn(
+        "resume", "idc-server", "run", "--dir", str(fed.coord), "--resume", str(run_dir)
+    )
+    wait_for(
+        lambda: json.loads((run_dir / "status.json").read_text())["status"] == "running",
+        300,
+        "the resumed run to start",
+        [resumed],
+    )
+    new_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert new_id != str(run_id)
+    fed.cli("idc-server", "stop", "--dir", str(fed.coord), new_id)
+    assert resumed.wait(300) == 4, fed.output("resume")
+    assert f"--resume {run_dir}" in fed.output("resume")
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "stopped"
