@@ -200,6 +200,7 @@ class Coordinator:
     def fail(self, exc: BaseException) -> None:
         """Leave a clear record of why the run ended early (stopped by the coordinator, or not)."""
         msg = f"{type(exc).__name__}: {exc}"
+        details: dict[str, Any]
         if read_record(self.dir.root).get("status") == "stopped":  # `idc-server stop` did it
             done = int(self.dir.read_state().get("completed_round", 0))
             log.info("run %s stopped by the coordinator after round %d", self.run_id, done)
