@@ -38,9 +38,10 @@ def require_superlink(paths: CoordPaths, run_dir: Path) -> None:
     live = paths.root / LIVE_FILE
     pid = json.loads(live.read_text())["pid"] if live.is_file() else None
     if pid is None or not flowerctl.alive(int(pid)):
-        raise RuntimeError(
-            f"the SuperLink of {paths.root} stopped during the run; start it again "
-            f"(`idc-server start`), then continue with `idc-server run --resume {run_dir}`"
+        raise flowerctl.SuperLinkUnreachable(
+            f"the SuperLink of {paths.root} is unreachable: it stopped during the run; start it "
+            f"again (`idc-server start --dir {paths.root}`), then continue with "
+            f"`idc-server run --dir {paths.root} --resume {run_dir}`"
         )
 
 

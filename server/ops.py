@@ -64,6 +64,9 @@ def follow(paths: CoordPaths, run_dir: Path, run_id: int, timeout: float) -> int
 
     try:
         status = flowerctl.follow_run(conn, run_id, timeout, on_poll=progress)
+    except flowerctl.FlowerProcError as exc:  # the SuperLink is gone, or the run timed out
+        set_state(run_dir, "failed", run_id=str(run_id), error=str(exc))
+        raise
     except KeyboardInterrupt:
         print(
             f"\ndetached from run {run_id}; it goes on at the SuperLink\n"

@@ -82,7 +82,7 @@ def site_lines(sites: dict[str, dict[str, str]], nodes: list[Any] | None) -> lis
     return lines
 
 
-def run_lines(paths: CoordPaths) -> list[str]:
+def run_lines(paths: CoordPaths, superlink_up: bool) -> list[str]:
     """The latest run: id, state, round, and each site's epsilon spent."""
     found = latest(paths)
     if found is None:
@@ -93,6 +93,11 @@ def run_lines(paths: CoordPaths) -> list[str]:
     rounds = (record.get("config") or {}).get("num-server-rounds", "?")
     done = int(RunDir(run_dir).read_state().get("completed_round", 0))
     lines = [f"run {run_id}: {state}, {done} of {rounds} round(s) completed, in {run_dir}"]
+    if state in ("submitted", "running") and not superlink_up:
+        lines.append(
+            "  the SuperLink is not running, so neither is this run: start it, then "
+            f"`idc-server run --dir {paths.root} --resume {run_dir}`"
+        )
     if state == "failed":
         lines.append(f"  error: {read_record(run_dir, 'status.json').get('error')}")
     spent: dict[str, tuple[int, float]] = {}
@@ -111,7 +116,8 @@ def status(args: argparse.Namespace) -> int:
     head, nodes = _superlink(paths)
     print(f"coordinator: {paths.root}")
     print(head)
-    for line in site_lines(load_sites(paths), nodes) + run_lines(paths):
+    up = head.startswith("SuperLink: running")
+    for line in site_lines(load_sites(paths), nodes) + run_lines(paths, up):
         print(line)
     return EXIT_OK
 

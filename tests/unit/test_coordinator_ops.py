@@ -216,3 +216,15 @@ def test_status_without_a_superlink_says_so_and_shows_the_registry(coord, tmp_pa
     fingerprint = load_sites(coord)["st-mary"]["fingerprint"][:16]
     assert "st-mary" in out and fingerprint in out
     assert "run: none submitted yet" in out
+
+
+def test_status_of_a_run_whose_superlink_is_gone_says_how_to_continue(coord, tmp_path, capsys):
+    from server.runrecord import note_latest
+
+    run_dir = tmp_path / "r1"
+    set_state(run_dir, "running", run_id="12", config={"num-server-rounds": 5})
+    note_latest(coord, run_dir, 12)
+    assert main(["status", "--dir", str(coord.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"run 12: running, 0 of 5 round(s) completed, in {run_dir}" in out
+    assert f"--resume {run_dir}" in out
