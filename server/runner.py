@@ -21,7 +21,7 @@ from server import ops
 from server import status as server_status
 from server.link import connection
 from server.ops import follow, open_audit
-from server.runrecord import note_latest, set_state
+from server.runrecord import note_latest, read_record, set_state
 
 log = logging.getLogger(__name__)
 _SET_BY_RUN = {"run_dir", "coord_dir", "resume", "sim_sites_dir"}  # not the user's to set
@@ -124,13 +124,14 @@ def _run(args: argparse.Namespace) -> int:
             {"app_hash": digest, "resume": bool(args.resume), "config_hash": run.digest()},
         )
     run_id = flowerctl.submit_run(conn, PROJECT_ROOT, run.to_run_config())
-    set_state(
-        run_dir,
-        "submitted",
-        run_id=str(run_id),
-        config=run.to_run_config(),
-        config_hash=run.digest(),
-    )
+    if read_record(run_dir).get("run_id") != str(run_id):  # the ServerApp may be first
+        set_state(
+            run_dir,
+            "submitted",
+            run_id=str(run_id),
+            config=run.to_run_config(),
+            config_hash=run.digest(),
+        )
     note_latest(paths, run_dir, run_id)
     print(
         f"run {run_id} submitted; results in {run_dir} (Ctrl-C detaches; the run goes on)",
