@@ -55,12 +55,16 @@ def how_to_return(paths: CoordPaths, run_dir: Path) -> str:
 def follow(paths: CoordPaths, run_dir: Path, run_id: int, timeout: float) -> int:
     """Print the run's rounds as they commit until it ends; Ctrl-C detaches cleanly."""
     conn = connection(paths)
-    shown = 0
+    shown, sites = 0, ""
 
     def progress() -> None:
-        nonlocal shown
+        nonlocal shown, sites
         shown = print_progress(run_dir, shown)
         require_superlink(paths, run_dir)
+        now = _sites_line(paths, conn)
+        if now and now != sites:  # a site came or went: say so once, by name
+            print(now, flush=True)
+            sites = now
 
     try:
         status = flowerctl.follow_run(conn, run_id, timeout, on_poll=progress)
@@ -89,6 +93,18 @@ def follow(paths: CoordPaths, run_dir: Path, run_id: int, timeout: float) -> int
         return EXIT_FEDERATION
     print(f"final model: {RunDir(run_dir).final_model}")
     return EXIT_OK
+
+
+def _sites_line(paths: CoordPaths, conn: flowerctl.Connection) -> str:
+    """``sites online: a, b; offline: c`` now, or "" when the SuperLink cannot say."""
+    from server.status import online_sites
+
+    try:
+        online, offline = online_sites(paths, conn)
+    except (flowerctl.FlowerProcError, ValueError):
+        return ""
+    line = f"sites online: {', '.join(online) or '(none)'}"
+    return f"{line}; offline: {', '.join(offline)}" if offline else line
 
 
 def _target(paths: CoordPaths, arg: str) -> tuple[Path | None, int]:

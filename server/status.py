@@ -110,6 +110,18 @@ def run_lines(paths: CoordPaths, superlink_up: bool) -> list[str]:
     return lines
 
 
+def online_sites(paths: CoordPaths, conn: flowerctl.Connection) -> tuple[list[str], list[str]]:
+    """Registered sites online now, and those not, by name (from the SuperLink's node list)."""
+    sites = load_sites(paths)
+    by_key = {info["fingerprint"]: name for name, info in sites.items()}
+    online = {
+        by_key.get(node_key_fingerprint(bytes(n.public_key)))
+        for n in flowerctl.list_nodes(conn)
+        if n.status == "online"
+    }
+    return sorted(s for s in sites if s in online), sorted(s for s in sites if s not in online)
+
+
 def status(args: argparse.Namespace) -> int:
     """``idc-server status``: print sites, the SuperLink and the latest run."""
     paths = CoordPaths(args.dir).require()

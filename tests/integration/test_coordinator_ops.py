@@ -52,6 +52,7 @@ def test_status_detach_attach_and_stop_a_live_run(fed, tmp_path):
     assert run.wait(120) == 130
     out = fed.output("run")
     assert "Traceback" not in out and "detached from run" in out
+    assert "sites online: hosp0, hosp1\n" in out
     assert f"idc-server attach --dir {fed.coord} {run_dir}" in out
     assert f"idc-server stop --dir {fed.coord} {run_dir}" in out
     run_id = int(json.loads((run_dir / "run.json").read_text())["run_id"])
@@ -78,6 +79,7 @@ def test_status_detach_attach_and_stop_a_live_run(fed, tmp_path):
     assert f"run {run_id} stopped" in stop.stdout and "--resume" in stop.stdout
     assert attach.wait(300) == 4, fed.output("attach")
     assert "finished:stopped" in fed.output("attach")
+    assert "sites online: hosp0, hosp1; offline: hosp9" in fed.output("attach")
     assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "stopped"
 
