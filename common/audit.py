@@ -12,8 +12,12 @@ on in a fresh file. Reopening continues from the last entry, which must parse an
 key's signature (only the tail is checked; :mod:`common.audit_verify` checks all). Each
 append is fsync-ed; any ``OSError`` becomes :class:`AuditError` and the log refuses further
 appends, so an audited run stops (fail closed). A thread lock serialises appends and a
-``flock`` on ``<name>.lock`` refuses a second writer. Files are owner-only (0600), a folder
-the log creates 0700.
+``flock`` on ``<name>.lock`` refuses a second writer. A log opened with ``shared=True`` holds
+that ``flock`` only while it appends (waiting up to ``lock_wait`` seconds for it) and first
+re-reads the tail another process may have added, so several short-lived processes (the
+coordinator's ServerApp and its ``add-site``) extend one chain; an exclusive writer still
+shuts every other writer out (after waiting up to ``lock_wait``, 0 by default). Files are
+owner-only (0600), a folder the log creates 0700.
 
 Limits: the chain proves order and completeness only up to the last entry present. Lines
 cut cleanly off the end leave a shorter valid chain, and the key holder can rewrite the whole
@@ -170,9 +174,13 @@ class AuditLog:
         Written into every entry (a site's name, or the coordinator's).
     max_bytes : int
         Size past which the live file is rotated.
-    lock_wait : float
-        Seconds to wait for another writer to close the log (0: refuse at once). The
-        ServerApp waits for ``idc-server run``, which holds the log while it submits the run.
+    shared : bool
+        Take the writer lock per append (other shared writers may append in between) instead
+        of for the log's lifetime.
+    lock_wait : float or None
+        Seconds to wait for the writer lock before :class:`AuditError` (default: 30 for a
+        shared writer, 0, refuse at once, for an exclusive one). The ServerApp waits for
+        ``idc-server run``, which holds the log while it submits the run.
 
     Raises
     ------
@@ -187,7 +195,9 @@ class AuditLog:
         private_key: keys.PrivateKey,
         actor: str,
         max_bytes: int = 50_000_000,
-        lock_wait: float = 0.0,
+        *,
+        shared: bool = False,
+        lock_wait: float | None = None,
     ) -> None:
         if not isinstance(actor, str) or not actor:
             raise ValueError(f"actor must be a non-empty string, got {actor!r}")
@@ -202,15 +212,18 @@ class AuditLog:
         self._lock = threading.Lock()
         self._file: io.FileIO | None = None
         self._lock_file: io.FileIO | None = None
-        self._lock_wait = lock_wait
         self._failure: str | None = None
         self._size = 0
+        self._shared = shared
+        self._lock_wait = (30.0 if shared else 0.0) if lock_wait is None else lock_wait
         try:
             # Owner-only: the log names sites, runs and digests (0700 folder, 0600 files).
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock_file = self._take_writer_lock()
             self._head, self._last_time = self._read_tail()
             self._open_live()
+            if shared:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
         except OSError as exc:
             self.close()
             raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
@@ -230,19 +243,48 @@ class AuditLog:
 
     def _take_writer_lock(self) -> io.FileIO:
         lock_file = io.FileIO(self.path.with_name(self.path.name + ".lock"), "a", opener=_private)
+        try:
+            self._flock(lock_file)
+        except AuditError:
+            lock_file.close()
+            raise
+        return lock_file
+
+    def _flock(self, lock_file: io.FileIO) -> None:
+        """Take the writer lock now, or within ``lock_wait`` seconds for a shared writer."""
         deadline = time.monotonic() + self._lock_wait
         while True:
             try:
                 fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return lock_file
+                return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    lock_file.close()
                     raise AuditError(
                         f"audit log {self.path} is already open for writing (by this or "
                         "another process); two writers would fork the chain"
                     ) from None
                 time.sleep(0.05)
+
+    def _catch_up(self) -> io.FileIO:
+        """Shared writer, lock held: continue from whatever another writer appended."""
+        assert self._file is not None and self._lock_file is not None
+        mine = os.fstat(self._file.fileno())
+        try:
+            live = os.stat(self.path)
+        except FileNotFoundError:
+            live = None
+        if live is not None and (live.st_ino, live.st_size) == (mine.st_ino, self._size):
+            return self._file
+        head, last_time = self._read_tail()
+        self._head = head
+        if last_time is not None and (self._last_time is None or last_time > self._last_time):
+            self._last_time = last_time
+        if live is None or live.st_ino != mine.st_ino:  # rotated by another writer
+            self._file.close()
+            self._file = None
+            return self._open_live()
+        self._size = live.st_size
+        return self._file
 
     def _read_tail(self) -> tuple[LogHead | None, datetime | None]:
         source = self.path
@@ -298,18 +340,35 @@ class AuditLog:
         with self._lock:
             if self._failure is not None or self._file is None:
                 raise AuditError(f"audit log {self.path} is unusable ({self._failure or 'closed'})")
-            entry = self._next_entry(action, object, outcome, clean)
-            line = canonical_json(entry) + b"\n"
+            if not self._shared:
+                return self._append_locked(action, object, outcome, clean)
+            assert self._lock_file is not None
+            self._flock(self._lock_file)
             try:
-                handle = self._file
-                if self._size and self._size + len(line) > self.max_bytes:
-                    handle = self._rotate(handle)
-                self._write(handle, line)
-            except OSError as exc:
-                self._failure = f"write failed: {exc}"
-                raise AuditError(f"cannot write audit log {self.path}: {exc}") from exc
-            self._head = LogHead(entry["seq"], entry_hash(entry))
-            self._size += len(line)
+                try:
+                    self._catch_up()
+                except OSError as exc:
+                    raise AuditError(f"cannot read audit log {self.path}: {exc}") from exc
+                return self._append_locked(action, object, outcome, clean)
+            finally:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+
+    def _append_locked(
+        self, action: str, object: str, outcome: str, clean: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        assert self._file is not None
+        entry = self._next_entry(action, object, outcome, clean)
+        line = canonical_json(entry) + b"\n"
+        try:
+            handle = self._file
+            if self._size and self._size + len(line) > self.max_bytes:
+                handle = self._rotate(handle)
+            self._write(handle, line)
+        except OSError as exc:
+            self._failure = f"write failed: {exc}"
+            raise AuditError(f"cannot write audit log {self.path}: {exc}") from exc
+        self._head = LogHead(entry["seq"], entry_hash(entry))
+        self._size += len(line)
         return entry
 
     def _next_entry(

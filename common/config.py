@@ -158,7 +158,12 @@ class RunConfig:
             f"one of {CENTRAL_DP_MODES}",
         )
         if self.dp_enabled:
-            _check(self.norm == "group", "norm", self.norm, "'group' when dp.enabled (Opacus)")
+            if self.norm != "group":  # the README's DP example must not fail after submission
+                raise ValueError(
+                    f"config key 'norm' is {self.norm!r} but dp.enabled needs norm=\"group\" "
+                    "(Opacus clips each sample's gradient; batch norm mixes samples): add "
+                    'norm="group"'
+                )
             _check(
                 self.dp_noise_multiplier > 0 or self.dp_epsilon_per_round > 0,
                 "dp.noise-multiplier",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.cli_util import add_audit_commands, add_command, dispatch, new_parser
 from common.errors import EXIT_CHECK_FAILED, EXIT_OK
+from common.fileio import atomic_write
 from common.paths import CoordPaths
 
 if TYPE_CHECKING:
@@ -17,10 +20,31 @@ if TYPE_CHECKING:
 
 
 def _open_audit(paths: CoordPaths) -> AuditLog:
-    from common import keys
-    from common.audit import AuditLog
+    from server.ops import open_audit
 
-    return AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator")
+    return open_audit(paths)
+
+
+@contextlib.contextmanager
+def _registry_change(paths: CoordPaths, name: str) -> Iterator[AuditLog]:
+    """Registry and audit entry together or not at all: a failed entry undoes the change.
+
+    The log is opened first (a damaged or busy log refuses before anything changes); the
+    registry files are restored when the body (the change, then its entry) raises.
+    """
+    saved = {
+        p: p.read_bytes() if p.is_file() else None for p in (paths.sites, paths.site_key(name))
+    }
+    with _open_audit(paths) as audit:
+        try:
+            yield audit
+        except BaseException:
+            for path, data in saved.items():
+                if data is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    atomic_write(path, data, mode=0o600)
+            raise
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -57,9 +81,9 @@ def _add_site(args: argparse.Namespace) -> int:
     from common.registry import add_site
 
     paths = CoordPaths(args.dir).require()
-    info = add_site(paths, args.name, args.key, args.patches)
-    details = {"fingerprint": info["fingerprint"], "patches": info.get("patches")}
-    with _open_audit(paths) as audit:
+    with _registry_change(paths, args.name) as audit:
+        info = add_site(paths, args.name, args.key, args.patches)
+        details = {"fingerprint": info["fingerprint"], "patches": info.get("patches")}
         audit.append("site.registered", args.name, "ok", details)
     bound = f", at most {args.patches} examples per update" if args.patches else ""
     print(f"site {args.name!r} registered (key fingerprint {info['fingerprint']}{bound})")
@@ -94,8 +118,8 @@ def _remove_site(args: argparse.Namespace) -> int:
     from common.registry import remove_site
 
     paths = CoordPaths(args.dir).require()
-    info = remove_site(paths, args.name)
-    with _open_audit(paths) as audit:
+    with _registry_change(paths, args.name) as audit:
+        info = remove_site(paths, args.name)
         audit.append("site.removed", args.name, "ok", {"fingerprint": info["fingerprint"]})
     print(f"site {args.name!r} removed")
     _sync_live(paths)

@@ -27,6 +27,7 @@ from common.plots import plot_round_curves
 from common.provenance import run_metadata, save_model
 from common.registry import declared_patches, site_public_keys
 from common.rundir import RunDir
+from server.runrecord import read_record, set_state
 from server.strategy import CoordinatorStrategy, fedavg
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,12 @@ class Coordinator:
         if run.coord_dir:
             paths = CoordPaths(Path(run.coord_dir)).require()
             # Required: a coordinator without a writable audit log does not run (fail closed).
+            # Shared: add-site, remove-site and stop append to the same chain while it runs;
             # `idc-server run` holds the log until it has recorded the submission: wait for it.
             key = keys.load_private_key(paths.key)
-            self.audit = AuditLog(paths.audit, key, "coordinator", lock_wait=AUDIT_LOCK_WAIT)
+            self.audit = AuditLog(
+                paths.audit, key, "coordinator", shared=True, lock_wait=AUDIT_LOCK_WAIT
+            )
             site_keys, declared = site_public_keys(paths), declared_patches(paths)
         state = self.dir.read_state()
         self.completed = int(state.get("completed_round", 0))
@@ -119,15 +123,14 @@ class Coordinator:
             arrays = initial_arrays(self.cfg)
             self.dir.write_checkpoint(0, arrays)
         remaining = self.cfg.num_server_rounds - self.completed
-        self.dir.write_json(
-            "run.json",
-            {
-                "run_id": self.run_id,
-                "config": self.cfg.to_run_config(),
-                "config_hash": self.hash,
-                "status": "running",
-                "resumed_from": self.completed,
-            },
+        set_state(
+            self.dir.root,
+            "running",
+            run_id=self.run_id,
+            config=self.cfg.to_run_config(),
+            config_hash=self.hash,
+            resumed_from=self.completed,
+            rounds=self.cfg.num_server_rounds,
         )
         if remaining > 0:
             record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
@@ -180,6 +183,7 @@ class Coordinator:
                 central_dp=summary["central_dp"],
             ),
         )
+        set_state(self.dir.root, "finished", run_id=self.run_id, rounds=last)
 
     def client_level_privacy(self, rounds: int) -> dict[str, Any] | None:
         """Epsilon of the central-DP Gaussian mechanism over ``rounds`` releases, honestly.
@@ -203,29 +207,41 @@ class Coordinator:
         }
 
     def fail(self, exc: BaseException) -> None:
-        """Leave a clear record of why the run stopped.
+        """Leave a clear record of why the run ended early.
 
+        Stopped by ``idc-server stop`` (the run record says so first): ``run.ended`` stopped.
         Flower stops a ServerApp with SIGTERM, which its handler turns into ``SystemExit``
         (code 0 for a graceful stop): that is a stop from outside, recorded as
-        ``run.stopped``, never as a failure.
+        ``run.stopped``, never as a failure. Anything else is a failure.
         """
-        if isinstance(exc, SystemExit | KeyboardInterrupt):
+        msg = f"{type(exc).__name__}: {exc}"
+        details: dict[str, Any]
+        if read_record(self.dir.root).get("status") == "stopped":  # `idc-server stop` did it
+            done = int(self.dir.read_state().get("completed_round", 0))
+            log.info("run %s stopped by the coordinator after round %d", self.run_id, done)
+            action, outcome, details = "run.ended", "stopped", {"completed_round": done}
+        elif isinstance(exc, SystemExit | KeyboardInterrupt):
             self._stopped(type(exc).__name__)
             return
-        msg = f"{type(exc).__name__}: {exc}"
-        log.error("run %s failed: %s", self.run_id, msg)
-        self.dir.write_json(
-            "status.json", {"status": "failed", "error": msg, "traceback": traceback.format_exc()}
-        )
+        else:
+            log.error("run %s failed: %s", self.run_id, msg)
+            set_state(
+                self.dir.root,
+                "failed",
+                run_id=self.run_id,
+                error=msg,
+                traceback=traceback.format_exc(),
+            )
+            action, outcome, details = "run.failed", "failed", {"error": msg[:500]}
         try:
-            self._audit("run.failed", "failed", {"error": msg[:500]})
+            self._audit(action, outcome, details)
         except Exception:  # the audit log itself may be what failed
-            log.exception("could not record the failure in the audit log")
+            log.exception("could not record the end of the run in the audit log")
 
     def _stopped(self, how: str) -> None:
         last = int(self.dir.read_state().get("completed_round", 0))
         log.warning("run %s %s (after round %d)", self.run_id, STOPPED, last)
-        self.dir.write_json("status.json", {"status": "stopped", "error": f"run {STOPPED}"})
+        set_state(self.dir.root, "stopped", run_id=self.run_id, error=f"run {STOPPED}")
         try:
             details = {"by": "unknown", "how": how, "completed_round": last, "reason": STOPPED}
             self._audit("run.stopped", "stopped", details)

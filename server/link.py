@@ -39,8 +39,9 @@ def require_superlink(paths: CoordPaths, run_dir: Path) -> None:
     pid = json.loads(live.read_text())["pid"] if live.is_file() else None
     if pid is None or not flowerctl.alive(int(pid)):
         raise flowerctl.SuperLinkUnreachable(
-            f"the SuperLink of {paths.root} is unreachable: it stopped during the run; start "
-            f"it again (`idc-server start`), then `idc-server run --resume {run_dir}`"
+            f"the SuperLink of {paths.root} is unreachable: it stopped during the run; start it "
+            f"again (`idc-server start --dir {paths.root}`), then continue with "
+            f"`idc-server run --dir {paths.root} --resume {run_dir}`"
         )
 
 

@@ -5,21 +5,35 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import sys
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 
+import tomli_w
+
 import flowerctl
-from common.cli_util import add_command
+from common import keys
+from common.audit import AuditLog
+from common.cli_util import DefaultsFormatter, add_command
 from common.config import RunConfig, Scalar
-from common.errors import EXIT_FEDERATION, EXIT_OK
 from common.fileio import read_json
 from common.paths import CoordPaths
-from common.protocol import RoundRow
 from common.rundir import RunDir
-from server.link import connection, require_superlink
+from server import ops
+from server import status as server_status
+from server.link import connection
+from server.ops import follow
+from server.runrecord import note_latest, read_record, set_state
 
 log = logging.getLogger(__name__)
+SUBMIT_LOCK_WAIT = 30.0  # a shared writer (a running ServerApp, add-site) may be appending
+_SET_BY_RUN = {"run_dir", "coord_dir", "resume", "sim_sites_dir"}  # not the user's to set
+
+
+class RunHelpFormatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults on options, and the run-config key list kept one key a line."""
+
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,33 +96,33 @@ def run_config(args: argparse.Namespace, paths: CoordPaths, run_dir: Path) -> Ru
     return RunConfig.from_run_config(config)
 
 
-def _print_progress(run_dir: Path, shown: int) -> int:
-    rows = RunDir(run_dir).read_rounds()
-    for row in map(RoundRow.from_row, rows[shown:]):
-        bacc = row.evaluate.get("balanced-accuracy", float("nan"))
-        print(
-            f"round {row.round}: {len(row.sites)} site(s), eval balanced accuracy {bacc:.4f}, "
-            f"rejected {len(row.rejected)}, failed {len(row.failures)}",
-            flush=True,
+def refuse_existing_out(run_dir: Path, paths: CoordPaths) -> None:
+    """A new run's --out must not hold a run already (before anything is submitted)."""
+    if (run_dir / "run.json").is_file() or RunDir(run_dir).read_state().get("completed_round"):
+        done = int(RunDir(run_dir).read_state().get("completed_round", 0))
+        raise FileExistsError(
+            f"--out {run_dir} already holds a run ({done} completed round(s)); continue it with "
+            f"`idc-server run --dir {paths.root} --resume {run_dir}`, or give a new --out"
         )
-    return len(rows)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from common import keys
-    from common.audit import AuditLog
-
     paths = CoordPaths(args.dir).require()
+    if args.resume and args.out:
+        raise ValueError("give either --out RUN_DIR (a new run) or --resume RUN_DIR, not both")
     run_dir = args.resume or args.out
     if run_dir is None:
         raise ValueError("give --out RUN_DIR for a new run or --resume RUN_DIR")
     run_dir = run_dir.resolve()
+    if not args.resume:
+        refuse_existing_out(run_dir, paths)
     run = run_config(args, paths, run_dir)
     conn = connection(paths)
     digest = app_hash()
-    # Held across the submission so that run.submitted (written only once the SuperLink
-    # accepted the run, with its id) precedes the ServerApp's entries; the ServerApp waits.
-    with AuditLog(paths.audit, keys.load_private_key(paths.key), "coordinator") as audit:
+    # Held (exclusively) across the submission so that run.submitted, written only once the
+    # SuperLink accepted the run and with its id, precedes the ServerApp's entries (it waits).
+    key = keys.load_private_key(paths.key)
+    with AuditLog(paths.audit, key, "coordinator", lock_wait=SUBMIT_LOCK_WAIT) as audit:
         run_id = flowerctl.submit_run(conn, PROJECT_ROOT, run.to_run_config())
         audit.append(
             "run.submitted",
@@ -121,26 +135,35 @@ def _run(args: argparse.Namespace) -> int:
                 "config_hash": run.digest(),
             },
         )
-    print(f"run {run_id} submitted; results in {run_dir}", flush=True)
-    shown = 0
+    if read_record(run_dir).get("run_id") != str(run_id):  # the ServerApp may be first
+        set_state(
+            run_dir,
+            "submitted",
+            run_id=str(run_id),
+            config=run.to_run_config(),
+            config_hash=run.digest(),
+        )
+    note_latest(paths, run_dir, run_id)
+    print(
+        f"run {run_id} submitted; results in {run_dir} (Ctrl-C detaches; the run goes on)",
+        flush=True,
+    )
+    return follow(paths, run_dir, run_id, args.timeout)
 
-    def progress() -> None:
-        nonlocal shown
-        shown = _print_progress(run_dir, shown)
-        require_superlink(paths, run_dir)
 
-    status = flowerctl.follow_run(conn, run_id, args.timeout, on_poll=progress)
-    _print_progress(run_dir, shown)
-    print(f"run {run_id}: {status.text}")
-    if status.sub_status != "completed":
-        failure = run_dir / "status.json"
-        if failure.is_file():
-            print(f"error: {read_json(failure)['error']}", file=sys.stderr)
-        else:
-            print(flowerctl.run_logs(conn, run_id)[-3000:], file=sys.stderr)
-        return EXIT_FEDERATION
-    print(f"final model: {RunDir(run_dir).final_model}")
-    return EXIT_OK
+def config_help() -> str:
+    """Every run-config key with its default, for ``run --help``."""
+    lines = ["run-config keys (--run-config KEY=VALUE), with their defaults:"]
+    for f in fields(RunConfig):
+        if f.name in _SET_BY_RUN:
+            continue
+        value = tomli_w.dumps({"v": f.default}).partition("=")[2].strip()
+        lines.append(f"  {RunConfig.key(f.name)} = {value}")
+    lines.append(
+        'dp.enabled=true needs norm="group": Opacus clips each sample\'s gradient, and batch '
+        "norm mixes samples"
+    )
+    return "\n".join(lines)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -163,10 +186,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true", help="plain HTTP, no auth (testing only)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
     p = add_command(sub, "run", _run, "submit a training run and follow it to the end")
+    p.formatter_class = RunHelpFormatter
+    p.epilog = config_help()
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument("--out", type=Path, default=None, help="new run folder")
     p.add_argument("--resume", type=Path, default=None, help="continue this run folder")
-    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="sets num-server-rounds")
     p.add_argument(
         "--run-config",
         nargs="*",
@@ -175,3 +200,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="overrides of [tool.flwr.app.config], e.g. local-epochs=2",
     )
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after seconds")
+    ops.add_parsers(sub)
+    server_status.add_parser(sub)

@@ -23,6 +23,7 @@ from common.paths import CoordPaths
 from common.registry import load_sites
 from flowerctl.gateway import start_gateway
 from server.link import LIVE_FILE, connection, node_key_fingerprint, tls_paths
+from server.lock import StartLock
 
 log = logging.getLogger(__name__)
 REFUSED_LOG = "gateway-refused.log"  # under COORD/logs: one line per refused request
@@ -109,6 +110,18 @@ def start(args: argparse.Namespace) -> int:
     local_port = args.local_port
     while not local_port or local_port == port:
         local_port = flowerctl.free_port()
+    # Before anything is started or written: a second start must leave the first's files be.
+    lock = StartLock(paths, args.address)
+    try:
+        return _serve(args, paths, local_port, tls)
+    finally:
+        lock.release()
+
+
+def _serve(
+    args: argparse.Namespace, paths: CoordPaths, local_port: int, tls: flowerctl.TlsPaths | None
+) -> int:
+    host, port = _split(args.address)
     local, logs = f"127.0.0.1:{local_port}", paths.logs
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     ca = tls.ca_cert if tls else None
