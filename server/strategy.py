@@ -214,9 +214,16 @@ class CoordinatorStrategy(Strategy):
 
     def _record_silent(self, r: int, nodes: set[int]) -> None:
         assert self.current is not None
+        waited = time.monotonic() - self.round_started
+        named = {f["site"] for f in self.current.failures}
         for node in sorted(nodes):
             name = self.vetter.name_of(node)
-            reason = f"no reply within {self.run.round_timeout:.0f} s (disconnected or timed out)"
+            if name in named:  # its error reply is recorded already: one line per site
+                continue
+            reason = (
+                f"no reply after {waited:.0f} s (disconnected or timed out); the run goes on "
+                "without it, and `idc-server run --resume` continues a stopped run"
+            )
             self.current.failures.append({"site": name, "reason": reason})
             log.warning("round %d: %s failed: %s", r, name, reason)
             self._audit("site.failed", name, "error", {"round": r, "reason": reason})
