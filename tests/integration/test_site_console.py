@@ -54,9 +54,18 @@ def exited(fed, name: str) -> str:
 def test_bad_address_is_refused_before_anything_starts(fed, data):
     site = fed.add_site("hosp0", register=False)
     res = fed.cli(
-        "idc-client", "start", "--dir", str(site), "--server", "coord.example.org",
-        "--ca", str(site / "site.pub"), "--data", str(data), check=False,
-    )  # fmt: skip
+        "idc-client",
+        "start",
+        "--dir",
+        str(site),
+        "--server",
+        "coord.example.org",
+        "--ca",
+        str(site / "site.pub"),
+        "--data",
+        str(data),
+        check=False,
+    )
     assert res.returncode == 2, res
     assert res.stderr.strip().splitlines() == [
         "idc-client start: error: --server 'coord.example.org' has no port: "
@@ -80,9 +89,18 @@ def test_unreachable_coordinator_then_a_second_start_is_refused(fed, data):
     assert "Connection refused" in out
     clean(out)
     second = fed.cli(
-        "idc-client", "start", "--dir", str(site), "--server", fed.address,
-        "--ca", str(fed.coord / "tls" / "ca.pem"), "--data", str(data), check=False,
-    )  # fmt: skip
+        "idc-client",
+        "start",
+        "--dir",
+        str(site),
+        "--server",
+        fed.address,
+        "--ca",
+        str(fed.coord / "tls" / "ca.pem"),
+        "--data",
+        str(data),
+        check=False,
+    )
     assert second.returncode == 2
     assert f"is already running, pid {proc.pid}" in second.stderr, second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
@@ -102,10 +120,20 @@ def test_console_of_a_real_dp_round_and_each_failure(fed, data):
     fed.start_site("hosp0", data, "--max-epsilon", "50", "--delta", "1e-3")
     fed.start_site("stranger", data)
     fed.spawn(
-        "badca", "idc-client", "start", "--dir", str(fed.root / "badca"), "--server",
-        fed.address, "--ca", str(other / "tls" / "ca.pem"), "--data", str(data),
-        "--port", str(free_port()),
-    )  # fmt: skip
+        "badca",
+        "idc-client",
+        "start",
+        "--dir",
+        str(fed.root / "badca"),
+        "--server",
+        fed.address,
+        "--ca",
+        str(other / "tls" / "ca.pem"),
+        "--data",
+        str(data),
+        "--port",
+        str(free_port()),
+    )
 
     fingerprint = public_key_fingerprint(load_public_key(stranger / "site.pub"))
     out = exited(fed, "stranger")
