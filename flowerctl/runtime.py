@@ -53,6 +53,10 @@ from flowerctl.errors import FlowerProcError
 log = logging.getLogger(__name__)
 FLOWER_SERIES = "1.42."
 MESSAGE_WAIT_S = 120.0  # for the SuperNode to store a task's message (seconds normally)
+# For a message's objects. Flower's own default is 2 hours: a message the SuperNode dropped
+# half-way (its run stopped while the SuperLink was down) would hold the executor that long,
+# with the next run's tasks queued behind it.
+OBJECTS_WAIT_S = 60.0
 PULL_BACKOFF_S = (0.05, 0.5)  # first and longest wait for a message object still in transit
 COMPONENT = "flwr-clientapp"  # what the SuperNode's version check expects of a ClientApp
 
@@ -148,9 +152,16 @@ class RuntimeTask:
         """The task's message with its content: records of arrays and values, never code."""
         tree = self._pull_head().message_object_trees[0]
         node = Node(node_id=context.node_id)
+        pull = make_pull_object_fn_protobuf(self.client.PullObject, node, context.run_id)
+
+        def pull_unless_lost(object_id: str) -> bytes:
+            if self.lost.is_set():  # the SuperNode gave up on this task: stop waiting for it
+                raise FlowerProcError("the SuperNode dropped the task while its message arrived")
+            return pull(object_id)
+
         message = pull_and_inflate_object_from_tree(
             tree,
-            make_pull_object_fn_protobuf(self.client.PullObject, node, context.run_id),
+            pull_unless_lost,
             make_confirm_message_received_fn_protobuf(
                 self.client.ConfirmMessageReceived, node, context.run_id
             ),
@@ -159,6 +170,7 @@ class RuntimeTask:
             # backoff (1 s doubling to 10 s) would idle for seconds on loopback.
             initial_backoff=PULL_BACKOFF_S[0],
             backoff_cap=PULL_BACKOFF_S[1],
+            max_time=OBJECTS_WAIT_S,
         )
         message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's ClientApp does
         return message
