@@ -126,19 +126,17 @@ def _remove_site(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _pinned_key(
-    args: argparse.Namespace, paths: CoordPaths, site: str | None
-) -> tuple[PublicKey, str]:
+def _pinned_key(given: Path | None, paths: CoordPaths, site: str | None) -> tuple[PublicKey, str]:
     """The key a log is checked against, and where it comes from: never from beside the log.
 
-    An explicit ``--key`` file; else a site's key as registered (``--site``); else the public
+    An explicit key file (``given``); else a site's key as registered (``--site``); else the public
     half of this coordinator's own signing key in ``--dir``.
     """
     from common import keys
     from common.registry import site_public_keys
 
-    if args.key is not None:
-        return keys.load_public_key(args.key), f"given: {args.key}"
+    if given is not None:
+        return keys.load_public_key(given), f"given: {given}"
     if site is not None:
         registered = site_public_keys(paths)
         if site not in registered:
@@ -153,7 +151,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
     paths = CoordPaths(args.dir).require()
     expect = parse_head(args.expect_head) if args.expect_head else None
-    key, source = _pinned_key(args, paths, args.site)
+    key, source = _pinned_key(args.key, paths, args.site)
     report = verify_log(args.log, key, expect_head=expect)
     print(f"{format_verify_report(report, key)} ({source})")
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
@@ -163,10 +161,8 @@ def _cross_check(args: argparse.Namespace) -> int:
     from common.audit_verify import cross_check, format_cross_check
 
     paths = CoordPaths(args.dir).require()
-    args.key = args.server_key
-    server_key, _ = _pinned_key(args, paths, None)
-    args.key = args.site_key
-    site_key, _ = _pinned_key(args, paths, args.site)
+    server_key, _ = _pinned_key(args.server_key, paths, None)
+    site_key, _ = _pinned_key(args.site_key, paths, args.site)
     report = cross_check(args.server_log, server_key, args.site_log, site_key, args.site)
     print(
         format_cross_check(report, [("coordinator", server_key), (f"site {args.site}", site_key)])
