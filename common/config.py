@@ -21,7 +21,9 @@ Norm = Literal["batch", "group"]
 Accountant = Literal["rdp", "prv"]
 CentralDPMode = Literal["none", "client-fixed", "server-fixed"]
 SmallPolicy = Literal["pad", "skip"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedavgm"]
 CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDPMode)
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 Scalar = str | int | float | bool  # what a Flower run-config value may be
 # Where this run's results go and whether it continues one: not part of what the run is.
 _NOT_DIGESTED = ("run-dir", "resume")
@@ -63,6 +65,11 @@ class RunConfig:
     norm: Norm = "batch"
     max_examples_per_site: int = 1_000_000  # weight bound of sites that declared no count
     max_update_norm: float = 0.0  # 0: no bound on an update's L2 distance from the model
+    # Flower's aggregation strategy (server/aggregators.py); the coordinator's checks wrap it.
+    strategy: StrategyName = "fedavg"
+    proximal_mu: float = 0.01  # fedprox: weight of (mu/2)||w - w_global||^2 in local training
+    server_learning_rate: float = 0.0  # fedadam, fedavgm; 0: Flower's (0.1 and 1.0)
+    server_momentum: float = 0.9  # fedavgm (Flower's 0.0 would make it plain FedAvg)
     dp_enabled: bool = False
     dp_noise_multiplier: float = 0.0  # 0 means: derive it from dp_epsilon_per_round
     # The epsilon of ONE round at each site (noise calibrated per round), not of the run: every
@@ -157,6 +164,7 @@ class RunConfig:
             self.central_dp_mode,
             f"one of {CENTRAL_DP_MODES}",
         )
+        self._check_strategy()
         if self.dp_enabled:
             if self.norm != "group":  # the README's DP example must not fail after submission
                 raise ValueError(
@@ -172,6 +180,19 @@ class RunConfig:
             )
             _check(self.dp_max_grad_norm > 0, "dp.max-grad-norm", self.dp_max_grad_norm, "> 0")
             _check(0 < self.dp_delta < 1, "dp.delta", self.dp_delta, "in (0, 1)")
+
+    def _check_strategy(self) -> None:
+        _check(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
+        mu, lr, momentum = self.proximal_mu, self.server_learning_rate, self.server_momentum
+        _check(mu >= 0 and math.isfinite(mu), "proximal-mu", mu, ">= 0")
+        _check(lr >= 0 and math.isfinite(lr), "server-learning-rate", lr, ">= 0 (0: Flower's)")
+        _check(0 <= momentum < 1, "server-momentum", momentum, "in [0, 1)")
+        if self.strategy == "fedprox" and self.dp_enabled:  # fail closed, never silently FedAvg
+            raise ValueError(
+                "config key 'strategy' is 'fedprox' but dp.enabled is true: Opacus builds the "
+                "update from per-sample gradients only, so the proximal term would be dropped; "
+                'use strategy="fedavg", "fedadam" or "fedavgm" with DP-SGD'
+            )
 
 
 def sim_site_dir(sites_dir: Path, partition_id: int) -> Path:

@@ -24,6 +24,7 @@ METRICS = "metrics"
 SITE = "site"
 CONFIG = "config"
 SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"  # in CONFIG, put there by Flower's FedProx.configure_train
 
 # Keys of the reply's SITE ConfigRecord.
 SITE_NAME = "site"

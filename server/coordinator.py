@@ -27,8 +27,9 @@ from common.plots import plot_round_curves
 from common.provenance import run_metadata, save_model
 from common.registry import declared_patches, site_public_keys
 from common.rundir import RunDir
+from server.aggregators import flower_strategy
 from server.runrecord import read_record, set_state
-from server.strategy import CoordinatorStrategy, fedavg
+from server.strategy import CoordinatorStrategy
 
 log = logging.getLogger(__name__)
 AUDIT_LOCK_WAIT = 120.0  # seconds the ServerApp waits for `idc-server run` to close the log
@@ -49,7 +50,7 @@ def initial_arrays(run: RunConfig) -> dict[str, np.ndarray]:
 
 
 def central_dp(run: RunConfig, strategy: Strategy, sites: int) -> Strategy:
-    """Wrap FedAvg in Flower's central-DP wrapper when the run asks for client-level DP.
+    """Wrap the strategy in Flower's central-DP wrapper when the run asks for client-level DP.
 
     The noise is calibrated to ``sites`` sampled per round (all registered sites); the
     guarantee is client-level (one whole hospital's update), accounted in the summary.
@@ -93,7 +94,7 @@ class Coordinator:
         self.hash = run.digest()
         if self.completed and state.get("config_hash") not in (None, self.hash):
             raise ValueError(f"cannot resume {run_dir}: the run settings changed")
-        inner = central_dp(run, fedavg(run), len(site_keys))
+        inner = central_dp(run, flower_strategy(run), len(site_keys))
         self.strategy = CoordinatorStrategy(
             inner, run, self.dir, run_id, self.completed, site_keys, self.audit, declared
         )

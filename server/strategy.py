@@ -18,16 +18,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from common import keys, protocol
+from common import keys
 from common.audit import AuditLog, digest_update
 from common.config import RunConfig
 from common.errors import FederationError
 from common.protocol import RoundRow
 from common.rundir import RunDir
+from server.aggregators import base_kwargs
 from server.sitegrid import SiteGrid
 from server.vetting import Vetter, same_metric_keys
 
@@ -52,21 +53,8 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def fedavg(run: RunConfig) -> FedAvg:
-    """Flower's FedAvg with the run's site minimums.
-
-    Weighted by ``num-examples``; under central DP by ``uniform-weight`` (1 per site), since
-    the client-level guarantee of Flower's wrappers assumes every site weighs the same.
-    """
-    weight = protocol.NUM_EXAMPLES if run.central_dp_mode == "none" else protocol.UNIFORM_WEIGHT
-    return FedAvg(
-        weighted_by_key=weight,
-        arrayrecord_key=protocol.ARRAYS,
-        fraction_train=run.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=run.min_sites,
-        min_evaluate_nodes=run.min_sites,
-        min_available_nodes=run.min_sites,
-    )
+    """Flower's FedAvg with the run's site minimums and weighting (:mod:`server.aggregators`)."""
+    return FedAvg(**base_kwargs(run))
 
 
 class CoordinatorStrategy(Strategy):
@@ -198,6 +186,7 @@ class CoordinatorStrategy(Strategy):
         agg, metrics = self.inner.aggregate_train(r, same_metric_keys(accepted))
         if agg is None:
             raise TooFewSites(f"round {r}: aggregation produced no model")
+        agg = self._as_global_dtypes(agg)
         self.current.train = _floats(metrics)
         self._audit(
             "aggregate.computed",
@@ -211,6 +200,18 @@ class CoordinatorStrategy(Strategy):
             },
         )
         return agg, metrics
+
+    def _as_global_dtypes(self, agg: ArrayRecord) -> ArrayRecord:
+        """``agg`` in the global model's dtypes (FedAdam's float64 step would change them).
+
+        The sites reply in the dtypes they were sent, and vetting refuses any other: a model
+        that drifted to float64 would have every later reply rejected.
+        """
+        arrays = to_numpy(agg)
+        if all(arrays[k].dtype == v.dtype for k, v in self.global_arrays.items() if k in arrays):
+            return agg
+        cast = {k: v.astype(self.global_arrays[k].dtype) for k, v in arrays.items()}
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in cast.items()})
 
     def _record_silent(self, r: int, nodes: set[int]) -> None:
         assert self.current is not None
