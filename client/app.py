@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,6 +27,16 @@ def _round(msg: Message) -> int:
     return int(msg.content.config_records[protocol.CONFIG][protocol.SERVER_ROUND])  # type: ignore[arg-type]
 
 
+def _proximal_mu(msg: Message) -> float:
+    """FedProx's mu from the train config (0 when absent); anything but a number >= 0 fails."""
+    value = msg.content.config_records[protocol.CONFIG].get(protocol.PROXIMAL_MU, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"train config {protocol.PROXIMAL_MU!r} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"train config {protocol.PROXIMAL_MU!r} must be >= 0, got {value!r}")
+    return float(value)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on this site's own patients and reply with signed weights and metrics."""
@@ -35,9 +46,10 @@ def train(msg: Message, context: Context) -> Message:
 
     run = RunConfig.from_run_config(context.run_config)
     site_cfg = SiteConfig.from_context(context.node_config, run)
-    run_id, server_round = str(msg.metadata.run_id), _round(msg)
+    run_id, server_round, mu = str(msg.metadata.run_id), _round(msg), _proximal_mu(msg)
     with open_audit(site_cfg) as audit:
-        audit.append("message.received", run_id, "ok", {"round": server_round, "action": "train"})
+        asked = {"round": server_round, "action": "train"}
+        audit.append("message.received", run_id, "ok", asked | ({"proximal_mu": mu} if mu else {}))
         site = Site.open(site_cfg, run.seed)
         audit.append(
             "data.read",
@@ -51,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
             },
         )
         try:
-            outcome = train_round(site, run, _arrays(msg), run_id, server_round, audit)
+            outcome = train_round(site, run, _arrays(msg), run_id, server_round, audit, mu)
         except Exception as exc:  # recorded, then the coordinator sees the error reply
             reason = f"{type(exc).__name__}: {exc}"[:500]
             audit.append("round.failed", run_id, "error", {"round": server_round, "reason": reason})

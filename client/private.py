@@ -68,9 +68,18 @@ def train_round(
     run_id: str,
     server_round: int,
     audit: AuditLog,
+    proximal_mu: float = 0.0,
 ) -> RoundOutcome:
-    """Train one round as the run asks, privately when DP is on, refusing what the site bars."""
+    """Train one round as the run asks, privately when DP is on, refusing what the site bars.
+
+    ``proximal_mu`` (FedProx) is refused with DP-SGD: Opacus would drop the term silently.
+    """
     cfg = site.config
+    if proximal_mu > 0 and run.dp_enabled:
+        raise ValueError(
+            f"the round asks for FedProx (proximal-mu {proximal_mu:g}) with DP-SGD; Opacus "
+            "builds the update from per-sample gradients only and would drop the proximal term"
+        )
     ledger = PrivacyLedger(SitePaths(cfg.state_dir).ledger)
     try:
         check_ledger(cfg.state_dir)
@@ -86,7 +95,7 @@ def train_round(
         spent = accounting.epsilon(history(ledger.entries()), cfg.delta)
         return _refuse(site, ledger, audit, run_id, server_round, str(exc), spent)
     if not run.dp_enabled:
-        new, metrics = local_train(site, run, arrays, server_round)
+        new, metrics = local_train(site, run, arrays, server_round, proximal_mu)
         return RoundOutcome(OK, "", metrics, new)
     return _private_round(site, run, arrays, run_id, server_round, audit, ledger)
 

@@ -20,7 +20,14 @@ from common.model import build_model
 from common.paths import SitePaths
 from common.protocol import EvalMetrics, TrainMetrics
 from common.site_data import Site, model_arrays, set_weights
-from common.training import TrainConfig, TrainResult, evaluate, resolve_device, train
+from common.training import (
+    ExtraLoss,
+    TrainConfig,
+    TrainResult,
+    evaluate,
+    resolve_device,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +38,39 @@ def open_audit(config: SiteConfig) -> AuditLog:
     return AuditLog(paths.audit, keys.load_private_key(paths.key), actor=config.site_name)
 
 
+def proximal_term(model: torch.nn.Module, mu: float) -> ExtraLoss:
+    """FedProx's (mu/2)||w - w_global||^2 (Li et al. 2020), ``w_global`` = ``model`` now."""
+    reference = [p.detach().clone() for p in model.parameters()]
+    on_device: dict[torch.device, list[torch.Tensor]] = {}  # train() may move the model
+
+    def term(current: torch.nn.Module) -> torch.Tensor:
+        params = list(current.parameters())
+        device = params[0].device
+        refs = on_device.setdefault(device, [r.to(device) for r in reference])
+        squared = torch.stack([((p - r) ** 2).sum() for p, r in zip(params, refs, strict=True)])
+        return 0.5 * mu * squared.sum()
+
+    return term
+
+
 def local_train(
     site: Site,
     run: RunConfig,
     arrays: Mapping[str, np.ndarray],
     server_round: int,
+    proximal_mu: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], TrainMetrics]:
-    """Train the global model on this site's training patients; return weights and metrics."""
+    """Train the global model on this site's training patients; return weights and metrics.
+
+    ``proximal_mu`` > 0 adds FedProx's proximal term to the local loss.
+    """
     model = build_model(run.norm, seed=run.seed)
     set_weights(model, arrays)
     seed = run.seed + server_round
     cfg = TrainConfig(epochs=run.local_epochs, lr=run.learning_rate, patience=None)
-    result = train(model, site.loader("train", run.batch_size, seed, train=True), cfg)
+    extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
+    loader = site.loader("train", run.batch_size, seed, train=True)
+    result = train(model, loader, cfg, extra_loss=extra)
     return model_arrays(model), train_metrics(site, run, model, result, seed)
 
 

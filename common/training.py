@@ -23,6 +23,8 @@ from common.metrics import Evaluation, score
 
 log = logging.getLogger(__name__)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+# A term added to every step's loss, computed from the model alone (FedProx's proximal term).
+ExtraLoss = Callable[[nn.Module], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,13 @@ def train_epoch(
     device: torch.device,
     desc: str = "",
     progress: bool = False,
+    extra_loss: ExtraLoss | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, accuracy, steps and examples."""
+    """One pass over ``loader``; returns mean loss, accuracy, steps and examples.
+
+    ``extra_loss`` is added to each step's loss for the gradient only; the reported loss
+    stays the data's.
+    """
     model.train()
     # Sums stay on the device: reading them every step would stall a GPU once per batch.
     loss_sum = torch.zeros((), device=device)
@@ -97,7 +104,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = _loss(logits, y)
-        loss.backward()
+        (loss + extra_loss(model) if extra_loss is not None else loss).backward()
         optimizer.step()
         steps += 1
         seen += len(y)
@@ -144,12 +151,13 @@ def train(
     val_loader: Batches | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    extra_loss: ExtraLoss | None = None,
 ) -> TrainResult:
     """Train for ``config.epochs``, early-stopping on validation loss with the best restored.
 
     ``model`` is moved to the configured device. ``optimizer`` defaults to Adam at
     ``config.lr``; a privacy engine passes its DP optimizer (and its wrapped model and
-    loader) instead.
+    loader) instead. ``extra_loss`` is passed to :func:`train_epoch`.
     """
     device = resolve_device(config.device)
     model.to(device)
@@ -159,7 +167,9 @@ def train(
     best_loss, best_state, stale = math.inf, None, 0
     for epoch in range(1, config.epochs + 1):
         desc = f"epoch {epoch}/{config.epochs}"
-        stats = train_epoch(model, train_loader, optimizer, device, desc, config.progress)
+        stats = train_epoch(
+            model, train_loader, optimizer, device, desc, config.progress, extra_loss
+        )
         result.steps += int(stats["steps"])
         result.examples += int(stats["examples"])
         row = {
