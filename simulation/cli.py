@@ -85,8 +85,11 @@ def _say(message: str) -> None:
 
 def _plan(args: argparse.Namespace, seed: int | None = None) -> SimPlan:
     from simulation.plan import SimPlan
-    from simulation.sim_runtime import Resources
+    from simulation.sim_runtime import Resources, auto_gpus_per_site
 
+    gpus = args.gpus_per_site
+    if gpus is None:
+        gpus = auto_gpus_per_site(args.sites, args.ray_address)
     return SimPlan(
         data=args.data,
         sites=args.sites,
@@ -101,7 +104,13 @@ def _plan(args: argparse.Namespace, seed: int | None = None) -> SimPlan:
         alpha=args.alpha,
         exponent=args.exponent,
         timeout=args.timeout,
-        resources=Resources(cpus_per_site=args.cpus_per_site),
+        resources=Resources(
+            cpus_per_site=args.cpus_per_site, gpus_per_site=gpus, ray_address=args.ray_address
+        ),
+        strategy=args.strategy,
+        proximal_mu=args.proximal_mu,
+        server_learning_rate=args.server_learning_rate,
+        server_momentum=args.server_momentum,
     )
 
 
@@ -140,6 +149,30 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_strategy_arguments(p: argparse.ArgumentParser) -> None:
+    from common.config import STRATEGIES, RunConfig
+
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=RunConfig.strategy,
+        help="Flower's aggregation strategy (the run config's `strategy` key)",
+    )
+    p.add_argument("--proximal-mu", type=float, default=RunConfig.proximal_mu, help="fedprox: mu")
+    p.add_argument(
+        "--server-learning-rate",
+        type=float,
+        default=RunConfig.server_learning_rate,
+        help="fedadam, fedavgm (0: Flower's default, 0.1 and 1.0)",
+    )
+    p.add_argument(
+        "--server-momentum",
+        type=float,
+        default=RunConfig.server_momentum,
+        help="fedavgm's server momentum",
+    )
+
+
 def _add_site_arguments(p: argparse.ArgumentParser) -> None:
     from simulation.partitioners import PARTITIONS
 
@@ -166,6 +199,22 @@ def _add_site_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="Ray CPUs per ClientApp: how many virtual sites train at once",
     )
+    p.add_argument(
+        "--gpus-per-site",
+        type=float,
+        default=None,
+        metavar="F",
+        help="fraction of a GPU per virtual site (Ray's num_gpus); default: 0 without a GPU, "
+        "else min(1, GPUs / sites)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default="",
+        metavar="HOST:PORT",
+        help="run on this existing Ray cluster (`ray start --head` prints it) instead of a "
+        "private Ray on this machine; every node needs this project installed",
+    )
+    _add_strategy_arguments(p)
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds per FedAvg run")
     p.add_argument("--out", type=Path, required=True, help="results folder (replaced if ours)")
 

@@ -34,6 +34,12 @@ from simulation.plan import DPSpec, SimPlan, noise_for_plan, plan_facts
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
 HEADLINE = (ACCURACY, BALANCED_ACCURACY, F1, AUC)
+STRATEGY_NAMES = {
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedadam": "FedAdam",
+    "fedavgm": "FedAvgM",
+}
 
 
 @dataclass
@@ -237,8 +243,9 @@ def fedavg_result(
 ) -> dict[str, Any]:
     """Run FedAvg (with DP-SGD when ``spec`` is given) and score it; folder ``root``."""
     noise = noise_for_plan(plan, sites, spec) if spec else 0.0
+    name = STRATEGY_NAMES[plan.strategy] + (" + DP-SGD" if spec else "")
     say(
-        f"FedAvg{' + DP-SGD' if spec else ''}: {plan.sites} sites x {plan.rounds} rounds x "
+        f"{name}: {plan.sites} sites x {plan.rounds} rounds x "
         f"{plan.local_epochs} local epoch(s) in Flower's simulation engine"
         + (f", noise multiplier {noise:.3f}" if spec else "")
         + " ..."
@@ -269,6 +276,8 @@ def run_compare(
     runs = dict(fedavg_runs or {"fedavg": None})
     if any(runs.values()):  # DP-SGD needs group norm; every model uses it then, like for like
         plan = replace(plan, norm="group")
+    for spec in runs.values():  # every run's settings (fedprox with DP...) before any work
+        plan.run_config(out, out, out, None if spec is None else (spec, 1.0))
     from simulation import report
 
     out = sim_runtime.fresh_output(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from common.accounting import loader_batches, noise_for_target, schedule
-from common.config import Accountant, Norm, RunConfig
+from common.config import Accountant, Norm, RunConfig, StrategyName
 from common.site_data import Site
 from simulation.centralized import BaselineConfig
 from simulation.partitioners import PARTITIONS
@@ -55,6 +55,11 @@ class SimPlan:
     exponent: float = 1.0
     timeout: float = 24 * 3600.0
     resources: Resources = field(default_factory=Resources)
+    # Flower's aggregation strategy and its settings; defaults are the run config's.
+    strategy: StrategyName = RunConfig.strategy
+    proximal_mu: float = RunConfig.proximal_mu
+    server_learning_rate: float = RunConfig.server_learning_rate
+    server_momentum: float = RunConfig.server_momentum
 
     def __post_init__(self) -> None:
         if self.partition not in PARTITIONS:
@@ -63,6 +68,16 @@ class SimPlan:
             raise ValueError(
                 f"rounds and local epochs must be >= 1, got {self.rounds}, {self.local_epochs}"
             )
+        self.strategy_config().check()  # a bad strategy setting fails before any work
+
+    def strategy_config(self) -> RunConfig:
+        """The run config's strategy keys as this plan sets them (every other key default)."""
+        return RunConfig(
+            strategy=self.strategy,
+            proximal_mu=self.proximal_mu,
+            server_learning_rate=self.server_learning_rate,
+            server_momentum=self.server_momentum,
+        )
 
     def run_config(
         self, run_dir: Path, coord: Path, sites_dir: Path, dp: tuple[DPSpec, float] | None = None
@@ -77,6 +92,10 @@ class SimPlan:
             round_timeout=min(self.timeout, 24 * 3600.0),
             seed=self.seed,
             norm=self.norm,
+            strategy=self.strategy,
+            proximal_mu=self.proximal_mu,
+            server_learning_rate=self.server_learning_rate,
+            server_momentum=self.server_momentum,
             run_dir=str(run_dir),
             coord_dir=str(coord),
             sim_sites_dir=str(sites_dir),

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -126,27 +128,93 @@ def make_run_sites(sites: Path, count: int, run_root: Path) -> tuple[Path, Path]
     return virtual, coord.root
 
 
+def visible_gpus() -> int:
+    """GPUs torch sees on this machine (what a ClientApp here would train on)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def auto_gpus_per_site(sites: int, ray_address: str = "") -> float:
+    """The default share: none without a local GPU (or on a cluster: say it), else all at once.
+
+    With ``g`` GPUs here, each of ``sites`` virtual sites gets ``min(1, g / sites)``, so every
+    site can train at the same time when CPUs allow.
+    """
+    gpus = 0 if ray_address else visible_gpus()
+    return min(1.0, gpus / max(sites, 1)) if gpus else 0.0
+
+
+def check_ray_address(address: str, wait: float = 5.0) -> None:
+    """Raise ValueError unless ``address`` is HOST:PORT and something listens there.
+
+    Checked before any work: Ray's own failure would surface only after the sites are
+    decoded, as the simulated run's error.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in host:
+        raise ValueError(
+            f"--ray-address {address!r} is not HOST:PORT: give the head node's address as "
+            "`ray start --head --port PORT` printed it"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=wait).close()
+    except OSError as exc:
+        raise ValueError(
+            f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start "
+            "the cluster (`ray start --head --port PORT`) or fix the address"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class Resources:
-    """Ray's share of the machine: ``total_cpus`` over ``cpus_per_site`` ClientApps at once."""
+    """Ray's share: ``cpus_per_site`` CPUs and ``gpus_per_site`` of a GPU per ClientApp.
+
+    ``total_cpus`` bounds a Ray instance started here; with ``ray_address`` the run joins that
+    existing Ray cluster instead (its size is the cluster's), through ``RAY_ADDRESS``, which
+    Flower's Ray backend passes on to ``ray.init``.
+    """
 
     cpus_per_site: int = 1
     total_cpus: int = max(os.cpu_count() or 1, 1)
+    gpus_per_site: float = 0.0
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus_per_site <= self.total_cpus:
             raise ValueError(
                 f"cpus per site must be in [1, {self.total_cpus}], got {self.cpus_per_site}"
             )
+        gpus = self.gpus_per_site
+        if not (0 <= gpus <= 1 and math.isfinite(gpus)):
+            raise ValueError(f"--gpus-per-site must be in [0, 1] (a fraction), got {gpus}")
+        if self.ray_address:
+            check_ray_address(self.ray_address)
+        elif gpus > 0 and visible_gpus() == 0:
+            raise ValueError(
+                f"--gpus-per-site {gpus:g} needs a GPU, but none is visible on this machine "
+                "(torch sees 0 CUDA devices); use --gpus-per-site 0 on a CPU-only machine"
+            )
 
     def federation_config(self, sites: int) -> dict[str, flowerctl.ConfigValue]:
         """``flwr run --federation-config`` entries for ``sites`` virtual SuperNodes."""
-        return {
+        config: dict[str, flowerctl.ConfigValue] = {
             "num-supernodes": sites,
             "client-resources-num-cpus": self.cpus_per_site,
-            "init-args-num-cpus": self.total_cpus,
+            "client-resources-num-gpus": float(self.gpus_per_site),
             "init-args-logging-level": "WARNING",
         }
+        if not self.ray_address:  # Ray refuses a size when it joins an existing cluster
+            config["init-args-num-cpus"] = self.total_cpus
+        return config
+
+    def engine_env(self) -> dict[str, str]:
+        """The SuperLink's extra environment: which Ray to use (empty: start a private one).
+
+        Set either way, so a ``RAY_ADDRESS`` in the caller's environment is never joined by
+        accident (Ray ignores an empty one).
+        """
+        return {"RAY_ADDRESS": self.ray_address}
 
 
 class RunFailed(FederationError, RuntimeError):
@@ -166,7 +234,10 @@ class SimEngine:
     def __enter__(self) -> SimEngine:
         port = flowerctl.free_port()
         self.proc = flowerctl.start_sim_superlink(
-            self.work / "superlink", port, self.work / "logs" / "superlink.log"
+            self.work / "superlink",
+            port,
+            self.work / "logs" / "superlink.log",
+            env=self.resources.engine_env(),
         )
         try:
             flowerctl.wait_superlink_ready(f"127.0.0.1:{port}", None, 60, self.proc)
