@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from common import protocol
 from common.config import RunConfig
 from server.aggregators import flower_strategy
+from server.runner import parse_overrides
 from tests.unit.test_validation import REF, Federation, flower_task  # noqa: F401
 
 MEAN_A = 2.0  # the honest replies of the harness: a = 1 and a = 3, equal weights; b unchanged
@@ -112,3 +113,26 @@ def test_fedprox_under_dp_sgd_is_refused_before_submission():
     cfg = {"strategy": "fedprox", "dp.enabled": True, "norm": "group"}
     with pytest.raises(ValueError, match="proximal term would be dropped"):
         RunConfig.from_run_config({**cfg, "dp.noise-multiplier": 1.0})
+
+
+@pytest.mark.parametrize(
+    "items, named",
+    [
+        (["strategy=fedyogi"], "'strategy'"),
+        (["proximal-mu=-1"], "'proximal-mu'"),
+        (["server-momentum=0.99", "server-learning-rate=-0.1"], "'server-learning-rate'"),
+        (
+            ["strategy=fedprox", "dp.enabled=true", 'norm="group"', "dp.noise-multiplier=1.0"],
+            "'strategy'",
+        ),
+    ],
+)
+def test_idc_server_run_checks_the_strategy_keys_before_submission(items, named):
+    with pytest.raises(ValueError, match=named):
+        parse_overrides(items)
+
+
+def test_idc_server_run_takes_a_strategy_and_its_settings():
+    out = parse_overrides(["strategy=fedadam", "server-learning-rate=0.01"])
+    run = RunConfig.from_run_config(out)
+    assert run.strategy == "fedadam" and flower_strategy(run).eta == 0.01
