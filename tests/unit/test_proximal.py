@@ -8,6 +8,7 @@ from torch import nn
 
 from client.site import proximal_term
 from common.training import TrainConfig, train
+from tests.unit.test_site_privacy import DP_RUN, _audit, cfg, trained  # noqa: F401
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -38,17 +39,61 @@ def test_the_term_is_half_mu_times_the_squared_distance_from_the_global_model():
 
 
 def test_a_large_mu_keeps_local_training_near_the_global_model():
-    cfg = TrainConfig(epochs=3, lr=0.05, patience=None, device="cpu")
+    recipe = TrainConfig(epochs=3, lr=0.05, patience=None, device="cpu")
     start = _model()
     free, held = _model(), _model()
-    train(free, _batches(), cfg)
-    train(held, _batches(), cfg, extra_loss=proximal_term(held, 50.0))
+    train(free, _batches(), recipe)
+    train(held, _batches(), recipe, extra_loss=proximal_term(held, 50.0))
     assert 0 < _distance(held, start) < 0.2 * _distance(free, start)
 
 
 def test_the_extra_loss_moves_the_gradient_only_never_the_reported_loss():
-    cfg = TrainConfig(epochs=2, lr=0.05, patience=None, device="cpu")
+    recipe = TrainConfig(epochs=2, lr=0.05, patience=None, device="cpu")
     plain, padded = _model(), _model()
-    a = train(plain, _batches(), cfg)
-    constant = train(padded, _batches(), cfg, extra_loss=lambda m: 100.0 + 0 * m[1].bias.sum())
+    a = train(plain, _batches(), recipe)
+    constant = train(padded, _batches(), recipe, extra_loss=lambda m: 100.0 + 0 * m[1].bias.sum())
     assert [r["train_loss"] for r in constant.history] == [r["train_loss"] for r in a.history]
+
+
+def _train_message(arrays: dict, config: dict):
+    import time
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+
+    from common import protocol
+
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1, **config}),
+        }
+    )
+    meta = Metadata(7, "m1", 0, 1, "", "", time.time(), 600.0, "train", 1, 2)
+    return Message(content, metadata=meta)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus's secure-RNG notice
+@pytest.mark.parametrize("mu", [0.1, -1.0, "a lot"])
+def test_the_site_fails_closed_on_a_proximal_term_it_cannot_honour(request, mu):
+    """Under DP-SGD Opacus would drop the term; a bad mu is no mu: no weights leave, no budget."""
+    site = request.getfixturevalue("cfg")  # a DP-ready site folder (test_site_privacy's)
+    from flwr.app import Context, RecordDict
+
+    from client.app import train as train_handler
+    from common.ledger import PrivacyLedger
+    from common.model import build_model
+    from common.paths import SitePaths
+    from common.site_data import model_arrays
+
+    node = {
+        "site-name": site.site_name,
+        "data-dir": str(site.data_dir),
+        "state-dir": str(site.state_dir),
+        "cache-dir": str(site.cache_dir),
+    }
+    ledger = PrivacyLedger(SitePaths(site.state_dir).ledger)
+    before = len(ledger.entries())
+    msg = _train_message(model_arrays(build_model("group", seed=DP_RUN.seed)), {"proximal-mu": mu})
+    with pytest.raises(ValueError, match="proximal"):
+        train_handler(msg, Context(7, 1, node, RecordDict(), DP_RUN.to_run_config()))
+    assert len(ledger.entries()) == before and not _audit(site, "update.sent")
