@@ -127,6 +127,8 @@ def run_sweep(
     spec = spec or DPSpec(epsilon=1.0)
     from simulation import report
 
+    if any(math.isfinite(e) for e in epsilons):  # a DP point's settings, before any work
+        plan.run_config(out, out, out, (spec, 1.0))
     out = sim_runtime.fresh_output(out)
     prep = prepare(plan, out, say)
     points = []
