@@ -1,9 +1,11 @@
 """The coordinator's duties as a strategy wrapper: wait with a deadline, vet, audit, commit.
 
-Flower's FedAvg does the sampling and weighted averaging (optionally inside Flower's own
-central-DP wrapper); :class:`CoordinatorStrategy` wraps whichever it is given, the way Flower
-adds DP by wrapping. Round numbers continue after a resume; a round waits for the minimum
-number of *registered* sites with a deadline instead of forever; FedAvg samples from a view
+Flower's strategy does the sampling and aggregation (FedAvg or the run's choice of FedProx,
+FedAdam, FedAvgM: :mod:`server.aggregators`; optionally inside Flower's own central-DP
+wrapper); :class:`CoordinatorStrategy` wraps whichever it is given, the way Flower adds DP by
+wrapping, and keeps the aggregate in the global model's dtypes. Round numbers continue after
+a resume; a round waits for the minimum number of *registered* sites with a deadline instead
+of forever; the strategy samples from a view
 of the grid that holds only nodes whose key is registered (:mod:`server.sitegrid`), for
 training and evaluation alike; every reply, training or evaluation, is vetted on its own
 (:mod:`server.vetting`) and only rebuilt canonical replies reach FedAvg; and a round is
