@@ -5,11 +5,11 @@ FedAdam, FedAvgM: :mod:`server.aggregators`; optionally inside Flower's own cent
 wrapper); :class:`CoordinatorStrategy` wraps whichever it is given, the way Flower adds DP by
 wrapping, and keeps the aggregate in the global model's dtypes. Round numbers continue after
 a resume; a round waits for the minimum number of *registered* sites with a deadline instead
-of forever; the strategy samples from a view
-of the grid that holds only nodes whose key is registered (:mod:`server.sitegrid`), for
-training and evaluation alike; every reply, training or evaluation, is vetted on its own
-(:mod:`server.vetting`) and only rebuilt canonical replies reach FedAvg; and a round is
-committed to disk (checkpoint, metrics line, resume state) once its evaluation is in.
+of forever; the strategy samples from a view of the grid that holds only nodes whose key is
+registered (:mod:`server.sitegrid`), for training and evaluation alike; every reply,
+training or evaluation, is vetted on its own (:mod:`server.vetting`) and only rebuilt
+canonical replies reach the strategy; and a round is committed to disk (checkpoint, metrics
+line, resume state) once its evaluation is in.
 """
 
 from __future__ import annotations
