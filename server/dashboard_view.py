@@ -95,7 +95,7 @@ def run_state(paths: CoordPaths) -> tuple[dict[str, Any] | None, list[dict[str, 
     rd = RunDir(run_dir)
     rows = rd.read_rounds()
     run = {
-        "id": run_id,
+        "id": str(run_id),  # Flower's ids are 64-bit: a JS number would round them
         "dir": str(run_dir),
         "status": record.get("status", "unknown"),
         "rounds": (record.get("config") or {}).get("num-server-rounds"),

@@ -77,7 +77,7 @@ def test_source_names_patches_sites_and_round() -> None:
 
 def _eval(pos: list[int] | None, neg: list[int] | None) -> EvalMetrics:
     hist = {} if pos is None else {"val_positives": tuple(pos), "val_negatives": tuple(neg or [])}
-    return EvalMetrics(10, 0.5, 0.8, 0.75, 0.7, math.nan, **hist)  # type: ignore[arg-type]
+    return EvalMetrics(10, 0.5, 0.8, 0.75, 0.7, math.nan, **hist)
 
 
 def test_histograms_travel_and_are_strict() -> None:
