@@ -172,6 +172,8 @@ class Coordinator:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         summary["central_dp"] = self.client_level_privacy(last)
+        threshold = decision_threshold(rows, last)
+        summary["threshold"] = threshold.record()
         self.dir.write_json("summary.json", summary)
         if rows:
             plot_round_curves(rows, self.dir.root / "curves.png", f"run {self.run_id}")
@@ -189,7 +191,7 @@ class Coordinator:
                 head,
                 config_hash=self.hash,
                 central_dp=summary["central_dp"],
-                **decision_threshold(rows, last).record(),
+                **threshold.record(),
             ),
         )
         set_state(self.dir.root, "finished", run_id=self.run_id, rounds=last)

@@ -93,7 +93,10 @@ def bind(port: int) -> socket.socket:
         sock.bind((HOST, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"--port {port}: cannot listen on {HOST}:{port} ({exc.strerror})") from None
+        raise OSError(
+            f"--port {port}: cannot listen on {HOST}:{port} ({exc.strerror}); choose another "
+            "--port, or --port 0 for a free one"
+        ) from None
     sock.listen(64)
     return sock
 
