@@ -127,33 +127,36 @@ def snapshot(root: Path) -> dict[str, Any]:
 def _per_site(ax: Any, rows: Sequence[Mapping[str, Any]], part: str, key: str) -> int:
     """One line per site for ``rows[*][part][site][key]``; returns how many were drawn."""
     names = sorted({n for r in rows for n in (r.get(part) or {})})
+    drawn = 0
     for name in names:
         pts = [(r["round"], r[part][name][key]) for r in rows if key in r[part].get(name, {})]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-    return len(names)
+            drawn += 1
+    return drawn
 
 
 def curves_svg(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     """Evaluation balanced accuracy and training loss per round, per site, as SVG text."""
     from matplotlib.ticker import MaxNLocator
 
-    from common.plots import CHANCE, CHANCE_LABEL, MAX_LABELLED_TICKS, plt  # Agg: set there
+    from common.plots import CHANCE, MAX_LABELLED_TICKS, plt  # Agg: set there
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     _per_site(left, rows, "evaluations", "balanced-accuracy")
     mean = [(r["round"], r["evaluate"]["balanced-accuracy"]) for r in rows if r.get("evaluate")]
     if mean:
         left.plot(*zip(*mean, strict=True), "k-", linewidth=2.5, label="all sites (weighted)")
-    left.axhline(CHANCE, color="grey", linestyle="--", linewidth=1, label=CHANCE_LABEL)
+    left.axhline(CHANCE, color="grey", linestyle="--", linewidth=1, label="chance (0.5)")
     left.set_ylim(-0.02, 1.02)
     left.set_title("evaluation: balanced accuracy (global model, test patients)", fontsize=10)
     left.set_ylabel("balanced accuracy")
     drawn = _per_site(right, rows, "sites", "train-loss")
     right.set_title("training: loss (each site's local training)", fontsize=10)
     right.set_ylabel("cross-entropy")
-    if not drawn:
-        right.text(0.5, 0.5, "no rounds yet", ha="center", transform=right.transAxes)
+    if not drawn:  # DP rounds send no training loss: say so rather than draw nothing
+        why = "not reported (DP rounds send none)" if rows else "no rounds yet"
+        right.text(0.5, 0.5, why, ha="center", transform=right.transAxes)
     rounds = sorted({int(r["round"]) for r in rows})
     for ax in (left, right):
         ax.set_xlabel("round")

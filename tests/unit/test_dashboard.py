@@ -16,7 +16,7 @@ from common.protocol import RoundRow
 from common.rundir import RunDir
 from server.cli import main as server_main
 from server.dashboard import bind, make_app
-from server.dashboard_view import privacy_rows, round_progress
+from server.dashboard_view import curves_svg, privacy_rows, round_progress
 from server.runrecord import note_latest, set_state
 
 RUN_ID = 2430552125801590235  # 64-bit, as Flower makes them
@@ -149,3 +149,9 @@ def test_no_rows_and_no_audit_entries_for_the_run() -> None:
 def test_round_progress_of_another_run_is_not_shown(coord: Path) -> None:
     assert round_progress(CoordPaths(coord), 1) is None
     assert json.loads(json.dumps(round_progress(CoordPaths(coord), RUN_ID)))["round"] == 3
+
+
+def test_dp_rounds_without_training_loss_say_so_in_the_figure() -> None:
+    row = RoundRow(1, sites={"a": {"num-examples": 3.0, "dp": 1.0}}, evaluate={})
+    svg = curves_svg([row.to_row()], "run 1")
+    assert "not reported (DP rounds send none)" in svg and "chance (0.5)" in svg
