@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test lint typecheck pytest bench clean
+.PHONY: setup browser demo test lint typecheck pytest bench clean
 
 setup: $(STAMP)
 
@@ -14,6 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# Debian's chromium for the dashboard's browser test; installed only when missing (needs root
+# or sudo, and apt's package source). Nothing is downloaded by the browser or the tests.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+	@chromium --version 2>/dev/null
 
 demo: setup
 	$(VENV)/bin/idc-sim demo

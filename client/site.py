@@ -20,11 +20,13 @@ from common.model import build_model
 from common.paths import SitePaths
 from common.protocol import EvalMetrics, TrainMetrics
 from common.site_data import Site, model_arrays, set_weights
+from common.threshold import histograms
 from common.training import (
     ExtraLoss,
     TrainConfig,
     TrainResult,
     evaluate,
+    predict,
     resolve_device,
     train,
 )
@@ -91,10 +93,18 @@ def train_metrics(
 
 
 def local_evaluate(site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray]) -> EvalMetrics:
-    """Evaluate the global model on this site's held-out test patients."""
+    """Evaluate the global model on this site's held-out test patients.
+
+    The reply also carries two histograms of P(IDC) on the site's validation patients
+    (counts per bin, no per-patch data): the coordinator chooses the decision threshold
+    on their sum (:mod:`common.threshold`), never on test patients.
+    """
     model = build_model(run.norm, seed=run.seed)
     set_weights(model, arrays)
-    res = evaluate(model, site.loader("test", run.batch_size, run.seed), resolve_device())
+    device = resolve_device()
+    res = evaluate(model, site.loader("test", run.batch_size, run.seed), device)
+    labels, probs, _ = predict(model, site.loader("val", run.batch_size, run.seed), device)
+    positives, negatives = histograms(labels, probs)
     return EvalMetrics(
         num_examples=float(res.examples),
         loss=res.loss,
@@ -102,6 +112,8 @@ def local_evaluate(site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray])
         balanced_accuracy=res.balanced_accuracy,
         f1=res.f1,
         auc=res.auc,
+        val_positives=tuple(positives),
+        val_negatives=tuple(negatives),
     )
 
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from common.threshold import check_counts
+
 # Record keys (``arrayrecord_key`` and ``weighted_by_key`` of Flower's FedAvg take these).
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -42,6 +44,9 @@ NUM_EXAMPLES = "num-examples"
 UNIFORM_WEIGHT = "uniform-weight"  # 1 per site: the weight under client-level (central) DP
 EPSILON_ROUND = "epsilon-round"
 EPSILON_TOTAL = "epsilon-total"
+# An evaluation's validation histograms of P(IDC) (counts only): see common.threshold.
+VAL_POSITIVES = "val-positives"
+VAL_NEGATIVES = "val-negatives"
 NO_CAP = -1.0  # epsilon-cap of a site that set no cap
 
 
@@ -100,6 +105,8 @@ class EvalMetrics:
     """The numbers of an evaluation reply (the site's held-out test patients).
 
     ``auc`` is NaN when a site's test patients hold one class only (ROC AUC is undefined).
+    ``val_positives`` / ``val_negatives``: counts of the site's validation patches per P(IDC)
+    bin (:mod:`common.threshold`), both or neither (a site of an older idc-fl sends neither).
     """
 
     num_examples: float
@@ -108,19 +115,45 @@ class EvalMetrics:
     balanced_accuracy: float
     f1: float
     auc: float
+    val_positives: tuple[int, ...] | None = None
+    val_negatives: tuple[int, ...] | None = None
 
-    def to_record(self) -> dict[str, float]:
-        """The MetricRecord content."""
-        return {_wire(k): float(v) for k, v in asdict(self).items()}
+    def scalars(self) -> dict[str, float]:
+        """The numbers without the histograms (what rounds.jsonl and FedAvg's mean take)."""
+        return {
+            _wire(f.name): float(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in _HISTOGRAMS
+        }
+
+    def to_record(self) -> dict[str, float | list[int]]:
+        """The MetricRecord content (histograms only when present)."""
+        record: dict[str, float | list[int]] = dict(self.scalars())
+        if self.val_positives is not None and self.val_negatives is not None:
+            record[VAL_POSITIVES] = list(self.val_positives)
+            record[VAL_NEGATIVES] = list(self.val_negatives)
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> EvalMetrics:
-        """Expected keys only, all required, finite numbers; ValueError names the bad key."""
-        values = {
+        """Expected keys only, finite numbers, whole counts; ValueError names the bad key."""
+        values: dict[str, Any] = {
             f.name: _finite(record, _wire(f.name), required=True, allow_nan=f.name == "auc")
             for f in fields(cls)
+            if f.name not in _HISTOGRAMS
         }
-        return cls(**values)  # type: ignore[arg-type]  # required=True never gives None
+        present = [k for k in (VAL_POSITIVES, VAL_NEGATIVES) if k in record]
+        if len(present) == 1:
+            raise ValueError(f"metric {present[0]!r} comes without its pair")
+        for key in present:
+            value = record[key]
+            if not isinstance(value, list | tuple):
+                raise ValueError(f"metric {key!r} must be a list, got {type(value).__name__}")
+            values[key.replace("-", "_")] = tuple(check_counts(key, value))
+        return cls(**values)
+
+
+_HISTOGRAMS = ("val_positives", "val_negatives")
 
 
 @dataclass
@@ -132,6 +165,8 @@ class RoundRow:
     evaluate: dict[str, float] = field(default_factory=dict)  # aggregated evaluation
     sites: dict[str, dict[str, float]] = field(default_factory=dict)  # accepted updates
     evaluations: dict[str, dict[str, float]] = field(default_factory=dict)  # per site
+    # Validation histograms summed over the sites that sent them: positives, negatives, sites.
+    validation: dict[str, Any] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)  # site, reason, kind
     failures: list[dict[str, Any]] = field(default_factory=list)  # site, reason[, phase]
     seconds: float = 0.0
@@ -145,6 +180,18 @@ class RoundRow:
         """Read a line back (unknown keys from older versions are ignored)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in row.items() if k in names})
+
+    def add_validation(self, site: str, metrics: EvalMetrics) -> None:
+        """Add one site's validation histograms (if it sent them) to the round's sums."""
+        if metrics.val_positives is None or metrics.val_negatives is None:
+            return
+        v = self.validation
+        if not v:
+            v.update(positives=[0] * len(metrics.val_positives), sites=[])
+            v["negatives"] = [0] * len(metrics.val_negatives)
+        v["positives"] = [a + b for a, b in zip(v["positives"], metrics.val_positives, strict=True)]
+        v["negatives"] = [a + b for a, b in zip(v["negatives"], metrics.val_negatives, strict=True)]
+        v["sites"] = sorted({*v["sites"], site})
 
     def epsilon_by_site(self) -> dict[str, float]:
         """Each accepted site's total epsilon (0 when it trained without DP)."""

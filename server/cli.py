@@ -210,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--name", required=True)
     _add_audit(sub)
-    from server import runner
+    from server import dashboard, runner
 
     runner.add_parsers(sub)
+    dashboard.add_parser(sub)
     return parser
 
 

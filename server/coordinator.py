@@ -27,6 +27,7 @@ from common.plots import plot_round_curves
 from common.provenance import run_metadata, save_model
 from common.registry import declared_patches, site_public_keys
 from common.rundir import RunDir
+from common.threshold import Choice, choose
 from server.aggregators import flower_strategy
 from server.runrecord import read_record, set_state
 from server.strategy import CoordinatorStrategy
@@ -63,6 +64,13 @@ def central_dp(run: RunConfig, strategy: Strategy, sites: int) -> Strategy:
         else DifferentialPrivacyServerSideFixedClipping
     )
     return wrapper(strategy, run.central_dp_noise, run.central_dp_clip, max(sites, 1))
+
+
+def decision_threshold(rows: list[dict[str, Any]], last: int) -> Choice:
+    """The final model's threshold, chosen on round ``last``'s summed validation histograms."""
+    row = next((r for r in rows if int(r.get("round", -1)) == last), None)
+    v = (row or {}).get("validation") or {}
+    return choose(v.get("positives"), v.get("negatives"), len(v.get("sites", [])), last)
 
 
 class Coordinator:
@@ -165,6 +173,8 @@ class Coordinator:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         summary["central_dp"] = self.client_level_privacy(last)
+        threshold = decision_threshold(rows, last)
+        summary["threshold"] = threshold.record()
         self.dir.write_json("summary.json", summary)
         if rows:
             plot_round_curves(rows, self.dir.root / "curves.png", f"run {self.run_id}")
@@ -182,6 +192,7 @@ class Coordinator:
                 head,
                 config_hash=self.hash,
                 central_dp=summary["central_dp"],
+                **threshold.record(),
             ),
         )
         set_state(self.dir.root, "finished", run_id=self.run_id, rounds=last)

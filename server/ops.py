@@ -92,6 +92,9 @@ def follow(paths: CoordPaths, run_dir: Path, run_id: int, timeout: float) -> int
         print(f"continue it with: idc-server run --dir {paths.root} --resume {run_dir}")
         return EXIT_FEDERATION
     print(f"final model: {RunDir(run_dir).final_model}")
+    chosen = read_record(run_dir, "summary.json").get("threshold") or {}
+    if chosen:
+        print(f"decision threshold: {chosen['threshold']:g} ({chosen['threshold_source']})")
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ from server.link import LIVE_FILE, connection, node_key_fingerprint
 from server.runrecord import latest, read_record
 
 
-def _superlink(paths: CoordPaths) -> tuple[str, list[Any] | None]:
+def superlink_state(paths: CoordPaths) -> tuple[str, list[Any] | None]:
     """A line about the SuperLink, and its nodes (None when it cannot be asked)."""
     live = read_record(paths.root, LIVE_FILE)
     pid = live.get("pid")
@@ -46,8 +46,14 @@ def _seen(node: Any) -> str:
     return f"last seen {node.last_deactivated_at or node.last_activated_at or 'unknown'}"
 
 
-def site_lines(sites: dict[str, dict[str, str]], nodes: list[Any] | None) -> list[str]:
-    """One line per registered site (status, last seen, key), then revoked keys, strangers."""
+def site_states(
+    sites: dict[str, dict[str, str]], nodes: list[Any] | None
+) -> tuple[list[dict[str, str]], list[str], list[str]]:
+    """Each registered site's status, last seen and key; revoked names; unregistered nodes.
+
+    Status is ``online``, ``offline``, ``revoked``, ``not admitted`` or (no node list)
+    ``unknown``.
+    """
     by_key = {info["fingerprint"]: name for name, info in sites.items()}
     state: dict[str, Any] = {}
     revoked: list[str] = []
@@ -61,10 +67,8 @@ def site_lines(sites: dict[str, dict[str, str]], nodes: list[Any] | None) -> lis
             revoked.append(name)
         else:
             state[name] = node
-    lines = [f"sites ({len(sites)} registered):"]
-    width = max((len(n) for n in sites), default=4)
+    rows = []
     for name in sorted(sites):
-        key = sites[name]["fingerprint"][:16]
         node = state.get(name)
         if nodes is None:
             status, seen = "unknown", ""
@@ -72,8 +76,20 @@ def site_lines(sites: dict[str, dict[str, str]], nodes: list[Any] | None) -> lis
             status, seen = ("revoked" if name in revoked else "not admitted"), ""
         else:
             status, seen = ("online" if node.status == "online" else "offline"), _seen(node)
-        lines.append(f"  {name:<{width}}  {status:<12}  key {key}  {seen}".rstrip())
-    for name in sorted(set(revoked) - state.keys()):
+        key = sites[name]["fingerprint"]
+        rows.append({"site": name, "status": status, "seen": seen, "key": key})
+    return rows, sorted(set(revoked) - state.keys()), strangers
+
+
+def site_lines(sites: dict[str, dict[str, str]], nodes: list[Any] | None) -> list[str]:
+    """One line per registered site (status, last seen, key), then revoked keys, strangers."""
+    rows, revoked, strangers = site_states(sites, nodes)
+    lines = [f"sites ({len(sites)} registered):"]
+    width = max((len(n) for n in sites), default=4)
+    for row in rows:
+        name, status, key = row["site"], row["status"], row["key"][:16]
+        lines.append(f"  {name:<{width}}  {status:<12}  key {key}  {row['seen']}".rstrip())
+    for name in revoked:
         lines.append(
             f"  revoked key: site {name!r}: rotate it (`idc-client init` at the site, "
             "then remove-site and add-site)"
@@ -125,7 +141,7 @@ def online_sites(paths: CoordPaths, conn: flowerctl.Connection) -> tuple[list[st
 def status(args: argparse.Namespace) -> int:
     """``idc-server status``: print sites, the SuperLink and the latest run."""
     paths = CoordPaths(args.dir).require()
-    head, nodes = _superlink(paths)
+    head, nodes = superlink_state(paths)
     print(f"coordinator: {paths.root}")
     print(head)
     up = head.startswith("SuperLink: running")

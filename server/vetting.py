@@ -233,8 +233,9 @@ class Vetter:
             log.warning("round %d: evaluation from %s rejected: %s", r, name, reason)
             self._audit(EVALUATION_REJECTED, name, "rejected", {"round": r, "reason": reason})
             return None
-        record = metrics.to_record()
+        record = metrics.scalars()  # histograms are summed here, never averaged by FedAvg
         row.evaluations[name] = record
+        row.add_validation(name, metrics)
         if self.run.central_dp_mode != "none":  # FedAvg then weighs evaluations by this key
             record = {**record, protocol.UNIFORM_WEIGHT: 1.0}
         content = RecordDict({protocol.METRICS: MetricRecord(dict(record))})

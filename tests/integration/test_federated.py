@@ -96,6 +96,9 @@ def test_two_rounds_over_tls_with_registered_sites_only(fed, site_data):
     before = balanced_accuracy(RunDir(run_dir).read_checkpoint(0), heldout)
     after = balanced_accuracy(load_model(RunDir(run_dir).final_model)[0], heldout)
     assert after > before, (before, after)
+    # the decision threshold was chosen on the sites' validation histograms of the last round
+    source = load_model(RunDir(run_dir).final_model)[1]["threshold_source"]
+    assert source.startswith("validation: ") and source.endswith(", round 2"), source
     # the SuperLink never admitted the intruder: no node of its key, before or after the run
     assert intruder not in listed_keys(fed)
     # audit: every log verifies; the good sites' sent updates are the ones received

@@ -133,6 +133,11 @@ def test_fedavg_simulation_learns_compares_and_leaves_nothing_running(
     before = heldout_metrics(run_dir.read_checkpoint(0), heldout)
     after = heldout_metrics(load_model(run_dir.final_model)[0], heldout)
     assert after.loss < before.loss and after.auc > before.auc, (before, after)
+    record = load_model(run_dir.final_model)[1] or {}
+    assert (
+        record["threshold_source"].startswith("validation: ")
+        and "3 sites" in record["threshold_source"]
+    ), record  # the same ServerApp chooses the threshold in simulation
 
     # every site's patients once, none copied; all three scored on the same held-out patients
     partition = json.loads((out / "partition.json").read_text())["sites"]

@@ -1,0 +1,95 @@
+"""The decision threshold chosen on validation, from histograms that hold no per-patch data.
+
+Each site bins P(IDC) of its validation patches into :data:`BINS` equal bins on [0, 1] (bin
+``i`` holds ``i/BINS <= p < (i+1)/BINS``, the last bin also ``p = 1``), once for positives and
+once for negatives, and sends the two count vectors with its evaluation. The coordinator sums
+them over sites and picks the bin edge ``t`` that maximises balanced accuracy of
+``p >= t`` on the summed counts: with counts per bin that is exact for every edge, so the
+choice is as good as one over the pooled patches restricted to those edges (a step of
+1/BINS), while no single patch's probability leaves its site.
+
+Without both classes (or without any histogram, e.g. sites of an older idc-fl) there is
+nothing to choose on: the default 0.5 is kept and the source says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BINS = 50
+DEFAULT = 0.5
+
+
+def histograms(labels: np.ndarray, probs: np.ndarray) -> tuple[list[int], list[int]]:
+    """Counts of positives and of negatives per P(IDC) bin (:data:`BINS` bins on [0, 1])."""
+    labels = np.asarray(labels)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
+    edges = np.linspace(0.0, 1.0, BINS + 1)
+    pos, _ = np.histogram(probs[labels == 1], bins=edges)
+    neg, _ = np.histogram(probs[labels == 0], bins=edges)
+    return [int(c) for c in pos], [int(c) for c in neg]
+
+
+def check_counts(name: str, counts: Sequence[float]) -> list[int]:
+    """A histogram from another party: :data:`BINS` whole non-negative counts, else ValueError."""
+    if len(counts) != BINS:
+        raise ValueError(f"{name!r} must hold {BINS} counts, got {len(counts)}")
+    out = []
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, int | float):
+            raise ValueError(f"{name!r} must hold numbers, got {type(c).__name__}")
+        if not (np.isfinite(c) and c >= 0 and float(c).is_integer()):
+            raise ValueError(f"{name!r} must hold whole counts >= 0, got {c!r}")
+        out.append(int(c))
+    return out
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen threshold, where it comes from, and its balanced accuracy there (or None)."""
+
+    threshold: float
+    source: str
+    balanced_accuracy: float | None = None
+
+    def record(self) -> dict[str, object]:
+        """The model record's keys (``threshold``, ``threshold_source``)."""
+        return {"threshold": self.threshold, "threshold_source": self.source}
+
+
+def best_edge(positives: Sequence[int], negatives: Sequence[int]) -> tuple[float, float] | None:
+    """The bin edge maximising balanced accuracy of ``p >= edge``, and that accuracy.
+
+    Ties go to the edge nearest the default 0.5; None without both classes.
+    """
+    pos, neg = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
+    if pos.sum() == 0 or neg.sum() == 0:
+        return None
+    k = np.arange(1, BINS)  # interior edges: 0 and 1 call (nearly) everything one class
+    recall = pos[::-1].cumsum()[::-1][k] / pos.sum()  # positives at or above edge k
+    specificity = neg.cumsum()[k - 1] / neg.sum()  # negatives below edge k
+    bacc = (recall + specificity) / 2
+    best = np.flatnonzero(np.isclose(bacc, bacc.max(), rtol=0, atol=1e-12))
+    edges = k / BINS
+    i = best[np.argmin(np.abs(edges[best] - DEFAULT))]
+    return float(edges[i]), float(bacc[i])
+
+
+def choose(
+    positives: Sequence[int] | None, negatives: Sequence[int] | None, sites: int, round_: int
+) -> Choice:
+    """The threshold for a final model from the summed validation histograms of ``round_``."""
+    if positives is None or negatives is None or sites == 0:
+        return Choice(
+            DEFAULT, f"default {DEFAULT:g}: no site sent validation histograms (older idc-fl)"
+        )
+    patches = int(sum(positives) + sum(negatives))
+    where = f"{patches} patches, {sites} site{'s' if sites != 1 else ''}, round {round_}"
+    found = best_edge(positives, negatives)
+    if found is None:
+        return Choice(DEFAULT, f"default {DEFAULT:g}: validation held one class only ({where})")
+    edge, bacc = found
+    return Choice(edge, f"validation: {where}", bacc)
