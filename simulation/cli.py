@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     from simulation.reproduce_cli import add_reproduce
 
-    add_reproduce(sub)
+    add_threads_argument(add_reproduce(sub))
     return parser
 
 

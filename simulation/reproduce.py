@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from common.data import PatchRecord, load_patches, scan
 from simulation import recipe, sim_runtime
 from simulation.centralized import BaselineConfig, run_centralized
 from simulation.federated import run_compare
 from simulation.plan import DPSpec, SimPlan
+from simulation.reproduce_cohort import Cohort, link_balanced, make_cohort
 from simulation.sweep import run_sweep
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Schedule:
     local_epochs: int
     site_counts: tuple[int, ...]
     skews: tuple[str, ...]  # partitions at the first site count besides iid
-    local_only: bool
+    local_only: tuple[str, ...]  # partitions whose comparison also trains each site alone
     dp_epsilons: tuple[float, ...]
     dp_rounds: int
     candidates: int  # how many of recipe.CENTRAL_CANDIDATES row 2 tries
@@ -73,92 +73,31 @@ FULL = Schedule(
     local_epochs=2,
     site_counts=(5, 10),
     skews=("label-skew", "size-skew"),
-    local_only=True,
+    local_only=("iid", "label-skew", "size-skew"),
     dp_epsilons=(1.0, 3.0, 8.0),
     dp_rounds=10,
     candidates=len(recipe.CENTRAL_CANDIDATES),
 )
+# About 30-40 min on an idle 2-core CPU for the shared real patches (estimate: README of the
+# reproduction, from CPU time per epoch measured on a subsample).
 QUICK = Schedule(
     name="quick",
-    patients=40,
-    paper_epochs=3,
+    patients=60,
+    paper_epochs=8,
     rounds=2,
-    local_epochs=1,
-    site_counts=(5,),
-    skews=(),
-    local_only=True,
-    dp_epsilons=(8.0,),
+    local_epochs=2,
+    site_counts=(5, 10),
+    skews=("label-skew", "size-skew"),
+    local_only=("iid",),
+    dp_epsilons=(3.0, 8.0),
     dp_rounds=2,
     candidates=1,
 )
 
 
-@dataclass
-class Cohort:
-    """The patients every row works on, linked under ``OUT/cohort``, and their facts."""
-
-    source: Path
-    data: Path
-    cache: Path  # the decoded cohort, reused by the pooled rows
-    facts: dict[str, Any]
-
-
-def _choose_patients(records: Sequence[PatchRecord], keep: int | None, seed: int) -> list[str]:
-    ids = sorted({r.patient for r in records})
-    if keep is None or keep >= len(ids):
-        return ids
-    rng = np.random.default_rng(seed)
-    return sorted(rng.choice(np.array(ids), size=keep, replace=False).tolist())
-
-
-def make_cohort(source: Path, out: Path, keep: int | None, seed: int) -> Cohort:
-    """Link the chosen patients of ``source`` into ``out/cohort``; decode them once."""
-    records, report = scan(source)
-    if not records:
-        raise ValueError(
-            f"--data {source}: no labelled patch in the Kaggle layout "
-            "(PATIENT/0|1/PATIENT_idx5_xX_yY_classC.png); point --data at the patches' folder"
-        )
-    chosen = _choose_patients(records, keep, seed)
-    sites = sim_runtime.build_sites(source, records, [np.array(chosen)], out / "cohort")
-    folder = sites / "site-000"
-    patches = load_patches(folder / "data", cache_dir=folder / "cache", workers=2)
-    facts = {
-        "path": str(report.root),
-        "source_patches": len(records),
-        "source_patients": len({r.patient for r in records}),
-        "patients": len(chosen),
-        "patches": len(patches),
-        "idc_patches": int(patches.labels.sum()),
-        "digest": patches.fingerprint,
-        "subsample_seed": seed if keep is not None else None,
-    }
-    return Cohort(source=source, data=folder / "data", cache=folder / "cache", facts=facts)
-
-
-def _link_balanced(cohort: Cohort, out: Path, seed: int) -> tuple[Path, dict[str, int]]:
-    """The paper's balanced set: every minority patch and as many random majority ones."""
-    records, _ = scan(cohort.data)
-    labels = np.array([r.label for r in records])
-    by_class = [np.flatnonzero(labels == c) for c in (0, 1)]
-    n = min(len(idx) for idx in by_class)
-    if n == 0:
-        raise ValueError(
-            f"--data {cohort.source}: one class has no patch; the paper row needs both"
-        )
-    rng = np.random.default_rng(seed)
-    keep = np.sort(np.concatenate([rng.choice(idx, n, replace=False) for idx in by_class]))
-    root = cohort.data.resolve()
-    for i in keep.tolist():
-        dst = out / records[i].path
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to((root / records[i].path).resolve())
-    return out, {"per_class": int(n), "patches": int(2 * n)}
-
-
 def row_paper(cohort: Cohort, sched: Schedule, out: Path, seed: int) -> dict[str, Any]:
     """Row 1: balanced classes, random 70/30 patch split, Adam 1e-4, inputs /255."""
-    data, balanced = _link_balanced(cohort, out / "balanced-data", seed)
+    data, balanced = link_balanced(cohort, out / "balanced-data", seed)
     config = BaselineConfig(
         split="random", epochs=sched.paper_epochs, batch_size=sched.batch_size, seed=seed
     )
@@ -226,7 +165,7 @@ def row_fedavg(cohort: Cohort, sched: Schedule, out: Path, seed: int, say: Say) 
     for name, sites, part in fed_configs(sched):
         say(f"[fedavg {name}] {sites} sites, {part}, {sched.rounds} rounds ...")
         plan = recipe.with_recipe(_plan(cohort, sched, sites, part, seed), rec)
-        res = run_compare(plan, out / name, local=sched.local_only, say=say)
+        res = run_compare(plan, out / name, local=part in sched.local_only, say=say)
         results["runs"][name] = {"folder": str(out / name), **res}
     return results
 
@@ -242,7 +181,13 @@ def row_dp(
     """Row 4: DP-SGD at every site, whole-run epsilon per site, per model and seed."""
     sites = sched.site_counts[0]
     spec = DPSpec(epsilon=1.0, max_grad_norm=recipe.DP_CLIP, delta=recipe.DP_DELTA)
-    out_rows: dict[str, Any] = {"seeds": list(seeds), "sites": sites, "models": {}}
+    out_rows: dict[str, Any] = {
+        "seeds": list(seeds),
+        "sites": sites,
+        "delta": spec.delta,
+        "clip": spec.max_grad_norm,
+        "models": {},
+    }
     for model in dp_models():
         layer = {"model": model} if recipe.supports("model") else {}
         rec = recipe.Recipe.of(recipe.BASE, recipe.DP, layer)

@@ -58,9 +58,8 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_reproduce(sub: argparse._SubParsersAction) -> None:
-    """Register ``idc-sim reproduce``."""
-    from simulation.cli import add_threads_argument
+def add_reproduce(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``idc-sim reproduce``; returns its parser."""
     from simulation.reproduce import ROWS
 
     p = add_command(
@@ -83,4 +82,4 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         default=math.inf,
         help="start no row after this many minutes; the report names the rows skipped",
     )
-    add_threads_argument(p)
+    return p

@@ -198,9 +198,14 @@ def _dp(row: Mapping[str, Any], out: Path) -> str:
     fig.savefig(out / "figures" / "dp-epsilon.png", dpi=100)
     plt.close(fig)
     header = ["model", "epsilon", "noise", "max epsilon spent", *HEAD]
+    recipes = "; ".join(
+        f"{model}: " + ", ".join(f"{k}={v}" for k, v in res["recipe"]["applied"].items())
+        for model, res in row["models"].items()
+    )
     return f"""Sample-level DP-SGD at each of {row["sites"]} iid sites; the noise is set offline so
-each site's total epsilon over the whole run stays within the budget. Mean ± sd over seeds
-{row["seeds"]} (each seed: its own site splits, init and sampling).
+each site's total epsilon over the whole run stays within the budget (delta
+{row["delta"]:g}, clipping norm {row["clip"]:g}). Mean ± sd over seeds {row["seeds"]} (each
+seed: its own site splits, init and sampling). Recipe overrides sent: {recipes}.
 
 {md_table(header, rows)}
 
