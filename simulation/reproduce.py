@@ -57,6 +57,8 @@ class Schedule:
     dp_epsilons: tuple[float, ...]
     dp_rounds: int
     candidates: int  # how many of recipe.CENTRAL_CANDIDATES row 2 tries
+    # Other Flower strategies tried on the skewed partitions (only where RunConfig knows them)
+    alt_strategies: tuple[str, ...] = ()
     batch_size: int = 64
 
     @property
@@ -77,6 +79,7 @@ FULL = Schedule(
     dp_epsilons=(1.0, 3.0, 8.0),
     dp_rounds=10,
     candidates=len(recipe.CENTRAL_CANDIDATES),
+    alt_strategies=("fedprox", "fedadam", "fedavgm"),
 )
 # About 30-40 min on an idle 2-core CPU for the shared real patches (estimate: README of the
 # reproduction, from CPU time per epoch measured on a subsample).
@@ -151,22 +154,32 @@ def _plan(cohort: Cohort, sched: Schedule, sites: int, partition: str, seed: int
     )
 
 
-def fed_configs(sched: Schedule) -> list[tuple[str, int, str]]:
-    """(name, sites, partition) of every FedAvg row of ``sched``."""
-    rows = [(f"iid-{n}", n, "iid") for n in sched.site_counts]
+FedRow = tuple[str, int, str, dict[str, Any]]
+
+
+def fed_configs(sched: Schedule) -> list[FedRow]:
+    """(name, sites, partition, strategy overrides) of every federated row of ``sched``."""
+    rows: list[FedRow] = [(f"iid-{n}", n, "iid", {}) for n in sched.site_counts]
     first = sched.site_counts[0]
-    return rows + [(f"{p}-{first}", first, p) for p in sched.skews]
+    for p in sched.skews:
+        rows.append((f"{p}-{first}", first, p, {}))
+        for name in sched.alt_strategies:
+            if recipe.supports("strategy", name):
+                rows.append((f"{p}-{first}-{name}", first, p, recipe.strategy(name)))
+    return rows
 
 
 def row_fedavg(cohort: Cohort, sched: Schedule, out: Path, seed: int, say: Say) -> dict[str, Any]:
     """Row 3: FedAvg per partition beside its pooled baseline on the same patients."""
-    rec = recipe.Recipe.of(recipe.BASE)
-    results: dict[str, Any] = {"recipe": rec.facts(), "seed": seed, "runs": {}}
-    for name, sites, part in fed_configs(sched):
+    base = recipe.Recipe.of(recipe.BASE)
+    results: dict[str, Any] = {"recipe": base.facts(), "seed": seed, "runs": {}}
+    for name, sites, part, layer in fed_configs(sched):
         say(f"[fedavg {name}] {sites} sites, {part}, {sched.rounds} rounds ...")
+        rec = recipe.Recipe.of(recipe.BASE, layer)
         plan = recipe.with_recipe(_plan(cohort, sched, sites, part, seed), rec)
-        res = run_compare(plan, out / name, local=part in sched.local_only, say=say)
-        results["runs"][name] = {"folder": str(out / name), **res}
+        local = part in sched.local_only and not layer  # one local-only contrast per split
+        res = run_compare(plan, out / name, local=local, say=say)
+        results["runs"][name] = {"folder": str(out / name), "recipe": rec.facts(), **res}
     return results
 
 
