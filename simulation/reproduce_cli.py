@@ -47,6 +47,14 @@ def run(args: argparse.Namespace) -> int:
         rows=tuple(r.strip() for r in args.rows.split(",")),
         max_minutes=args.max_minutes,
     )
+    if not args.quick:
+        import torch
+
+        if not torch.cuda.is_available():
+            _say(
+                "note: the full schedule is meant for a GPU and none is visible; on this CPU "
+                "it takes many hours (--quick is the CPU schedule; --max-minutes bounds it)"
+            )
     results = reproduce(req, say=_say)
     _say(f"report: {req.out / 'report.md'} (numbers: results.json, figures: figures/)")
     failed = [name for name, row in results["rows"].items() if "error" in row]

@@ -131,6 +131,8 @@ def _central(row: Mapping[str, Any]) -> str:
     return f"""Patients split once by seed {row["seed"]} into train/validation/test (60/10/30).
 Each candidate's test patients were scored once; the chosen one has the best validation
 balanced accuracy (at its lowest-validation-loss epoch); the test played no part in choosing.
+Rows 3 and 4 split patients per site, so each of their comparisons trains its own pooled
+baseline on the same sites' patients and scores it on the same test patients as FedAvg.
 
 {md_table(header, rows)}
 """
@@ -224,7 +226,8 @@ def _targets_md(results: Mapping[str, Any]) -> str:
 def _section(title: str, row: Mapping[str, Any] | None, body: Any, out: Path) -> str:
     status = _status(row)
     text = f"_{status}_\n" if status else body(row, out)
-    return f"## {title}\n\n{text}"
+    took = f" ({row['seconds'] / 60:.1f} min)" if row and "seconds" in row else ""
+    return f"## {title}{took}\n\n{text}"
 
 
 def _header(r: Mapping[str, Any]) -> str:
