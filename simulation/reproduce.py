@@ -35,67 +35,13 @@ from simulation.centralized import BaselineConfig, run_centralized
 from simulation.federated import run_compare
 from simulation.plan import DPSpec, SimPlan
 from simulation.reproduce_cohort import Cohort, link_balanced, make_cohort
+from simulation.reproduce_schedule import FULL, QUICK, Schedule
 from simulation.sweep import run_sweep
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
 ROWS = ("paper", "central", "fedavg", "dp")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How much of the matrix runs and for how long; ``quick`` is labelled in the report."""
-
-    name: str
-    patients: int | None  # a seeded subsample of the patients; None: all of them
-    paper_epochs: int  # upper bound; early stopping on the (random) validation patches
-    rounds: int  # FedAvg rounds; the pooled baselines get rounds x local_epochs epochs
-    local_epochs: int
-    site_counts: tuple[int, ...]
-    skews: tuple[str, ...]  # partitions at the first site count besides iid
-    local_only: tuple[str, ...]  # partitions whose comparison also trains each site alone
-    dp_epsilons: tuple[float, ...]
-    dp_rounds: int
-    candidates: int  # how many of recipe.CENTRAL_CANDIDATES row 2 tries
-    # Other Flower strategies tried on the skewed partitions (only where RunConfig knows them)
-    alt_strategies: tuple[str, ...] = ()
-    batch_size: int = 64
-
-    @property
-    def epochs(self) -> int:
-        """Total local epochs of every FedAvg run and of its pooled baseline."""
-        return self.rounds * self.local_epochs
-
-
-FULL = Schedule(
-    name="full",
-    patients=None,
-    paper_epochs=40,
-    rounds=10,
-    local_epochs=2,
-    site_counts=(5, 10),
-    skews=("label-skew", "size-skew"),
-    local_only=("iid", "label-skew", "size-skew"),
-    dp_epsilons=(1.0, 3.0, 8.0),
-    dp_rounds=10,
-    candidates=len(recipe.CENTRAL_CANDIDATES),
-    alt_strategies=("fedprox", "fedadam", "fedavgm"),
-)
-# About 30-40 min on an idle 2-core CPU for the shared real patches (estimate: README of the
-# reproduction, from CPU time per epoch measured on a subsample).
-QUICK = Schedule(
-    name="quick",
-    patients=60,
-    paper_epochs=8,
-    rounds=2,
-    local_epochs=2,
-    site_counts=(5, 10),
-    skews=("label-skew", "size-skew"),
-    local_only=("iid",),
-    dp_epsilons=(3.0, 8.0),
-    dp_rounds=2,
-    candidates=1,
-)
+__all__ = ["FULL", "QUICK", "ROWS", "Request", "Schedule", "reproduce"]
 
 
 def row_paper(cohort: Cohort, sched: Schedule, out: Path, seed: int) -> dict[str, Any]:
@@ -169,11 +115,19 @@ def fed_configs(sched: Schedule) -> list[FedRow]:
     return rows
 
 
-def row_fedavg(cohort: Cohort, sched: Schedule, out: Path, seed: int, say: Say) -> dict[str, Any]:
+Late = Callable[[], bool]  # whether --max-minutes has passed
+
+
+def row_fedavg(
+    cohort: Cohort, sched: Schedule, out: Path, seed: int, say: Say, late: Late
+) -> dict[str, Any]:
     """Row 3: FedAvg per partition beside its pooled baseline on the same patients."""
     base = recipe.Recipe.of(recipe.BASE)
-    results: dict[str, Any] = {"recipe": base.facts(), "seed": seed, "runs": {}}
+    results: dict[str, Any] = {"recipe": base.facts(), "seed": seed, "runs": {}, "not_run": []}
     for name, sites, part, layer in fed_configs(sched):
+        if late():
+            results["not_run"].append(name)
+            continue
         say(f"[fedavg {name}] {sites} sites, {part}, {sched.rounds} rounds ...")
         rec = recipe.Recipe.of(recipe.BASE, layer)
         plan = recipe.with_recipe(_plan(cohort, sched, sites, part, seed), rec)
@@ -189,7 +143,7 @@ def dp_models() -> list[str]:
 
 
 def row_dp(
-    cohort: Cohort, sched: Schedule, out: Path, seeds: Sequence[int], say: Say
+    cohort: Cohort, sched: Schedule, out: Path, seeds: Sequence[int], say: Say, late: Late
 ) -> dict[str, Any]:
     """Row 4: DP-SGD at every site, whole-run epsilon per site, per model and seed."""
     sites = sched.site_counts[0]
@@ -200,8 +154,12 @@ def row_dp(
         "delta": spec.delta,
         "clip": spec.max_grad_norm,
         "models": {},
+        "not_run": [],
     }
     for model in dp_models():
+        if late():
+            out_rows["not_run"].append(model)
+            continue
         layer = {"model": model} if recipe.supports("model") else {}
         rec = recipe.Recipe.of(recipe.BASE, recipe.DP, layer)
         plan = replace(_plan(cohort, sched, sites, "iid", seeds[0]), rounds=sched.dp_rounds)
@@ -234,20 +192,24 @@ class Request:
             raise ValueError(f"--max-minutes must be > 0, got {self.max_minutes}")
 
 
-def _one_row(name: str, cohort: Cohort, req: Request, say: Say) -> dict[str, Any]:
+def _one_row(name: str, cohort: Cohort, req: Request, say: Say, late: Late) -> dict[str, Any]:
     folder, seed = req.out / name, req.seeds[0]
     if name == "paper":
         return row_paper(cohort, req.schedule, folder, seed)
     if name == "central":
         return row_central(cohort, req.schedule, folder, seed)
     if name == "fedavg":
-        return row_fedavg(cohort, req.schedule, folder, seed, say)
-    return row_dp(cohort, req.schedule, folder, req.seeds, say)
+        return row_fedavg(cohort, req.schedule, folder, seed, say, late)
+    return row_dp(cohort, req.schedule, folder, req.seeds, say, late)
 
 
 def run_rows(req: Request, cohort: Cohort, say: Say, started: float) -> dict[str, Any]:
     """Every requested row in order; a failed row is recorded, a late one skipped."""
     rows: dict[str, Any] = {}
+
+    def late() -> bool:
+        return (time.monotonic() - started) / 60 >= req.max_minutes
+
     for i, name in enumerate(req.rows, 1):
         minutes = (time.monotonic() - started) / 60
         if minutes >= req.max_minutes:
@@ -257,7 +219,7 @@ def run_rows(req: Request, cohort: Cohort, say: Say, started: float) -> dict[str
         say(f"[{i}/{len(req.rows)}] {name}: starting at {minutes:.1f} min ...")
         t0 = time.monotonic()
         try:
-            rows[name] = _one_row(name, cohort, req, say)
+            rows[name] = _one_row(name, cohort, req, say, late)
         except Exception as exc:  # one row's failure is reported; the others still run
             log.exception("row %s failed", name)
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -138,6 +138,12 @@ baseline on the same sites' patients and scores it on the same test patients as 
 """
 
 
+def _skipped_md(row: Mapping[str, Any]) -> str:
+    if not row.get("not_run"):
+        return ""
+    return f"**Not run, --max-minutes reached: {', '.join(row['not_run'])}.**\n\n"
+
+
 def _fedavg(row: Mapping[str, Any], out: Path) -> str:
     rows = []
     for name, run in row["runs"].items():
@@ -150,11 +156,11 @@ def _fedavg(row: Mapping[str, Any], out: Path) -> str:
             rows.append(_metrics_row(f"{name}: local-only, mean ± sd", loc["union"]))
     _plot_rounds(row, out / "figures" / "fedavg-rounds.png")
     applied = ", ".join(f"{k}={v}" for k, v in row["recipe"]["applied"].items()) or "none"
-    return f"""Each partition is its own comparison: FedAvg and a pooled baseline trained for the
-same total local epochs on the same training patients, scored on the union of the sites' own
-test patients (details, per-site tables and curves in each folder's report.md). Recipe
-overrides sent to the ServerApp: {applied}; not accepted by this checkout:
-{row["recipe"]["not_accepted_here"] or "none"}.
+    return f"""{_skipped_md(row)}Each partition is its own comparison: FedAvg and a pooled
+baseline trained for the same total local epochs on the same training patients, scored on
+the union of the sites' own test patients (details, per-site tables and curves in each
+folder's report.md). Recipe overrides sent to the ServerApp: {applied}; not accepted by this
+checkout: {row["recipe"]["not_accepted_here"] or "none"}.
 
 {md_table(["model", *HEAD], rows)}
 
@@ -204,8 +210,8 @@ def _dp(row: Mapping[str, Any], out: Path) -> str:
         f"{model}: " + ", ".join(f"{k}={v}" for k, v in res["recipe"]["applied"].items())
         for model, res in row["models"].items()
     )
-    return f"""Sample-level DP-SGD at each of {row["sites"]} iid sites; the noise is set offline so
-each site's total epsilon over the whole run stays within the budget (delta
+    return f"""{_skipped_md(row)}Sample-level DP-SGD at each of {row["sites"]} iid sites; the
+noise is set offline so each site's total epsilon over the whole run stays within the budget (delta
 {row["delta"]:g}, clipping norm {row["clip"]:g}). Mean ± sd over seeds {row["seeds"]} (each
 seed: its own site splits, init and sampling). Recipe overrides sent: {recipes}.
 
