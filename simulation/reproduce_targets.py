@@ -90,7 +90,17 @@ def _dp(rows: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# A target of the issue that this command does not measure: said so, never left out.
+DP_STEP_TIME = {
+    "row": "4",
+    "what": "DP-SGD step time / plain step at the chosen batch",
+    "target": "<= 2.0",
+    "measured": None,
+    "verdict": "not measured here (benchmarks/dp_overhead.py)",
+}
+
+
 def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every target of the issue this command measures, in row order."""
+    """Every target of the issue, in row order; measured ones from ``results``."""
     rows = results["rows"]
-    return [*_paper_central(rows), *_fedavg(rows), *_dp(rows)]
+    return [*_paper_central(rows), *_fedavg(rows), *_dp(rows), dict(DP_STEP_TIME)]
