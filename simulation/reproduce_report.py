@@ -158,9 +158,10 @@ def _fedavg(row: Mapping[str, Any], out: Path) -> str:
     applied = ", ".join(f"{k}={v}" for k, v in row["recipe"]["applied"].items()) or "none"
     return f"""{_skipped_md(row)}Each partition is its own comparison: FedAvg and a pooled
 baseline trained for the same total local epochs on the same training patients, scored on
-the union of the sites' own test patients (details, per-site tables and curves in each
-folder's report.md). Recipe overrides sent to the ServerApp: {applied}; not accepted by this
-checkout: {row["recipe"]["not_accepted_here"] or "none"}.
+the union of the sites' own test patients (per-site tables and curves in
+`fedavg/NAME/report.md`, the ServerApp's rounds in `fedavg/NAME/fedavg/run/`). Recipe
+overrides sent to the ServerApp: {applied}; not accepted by this checkout:
+{row["recipe"]["not_accepted_here"] or "none"}.
 
 {md_table(["model", *HEAD], rows)}
 
