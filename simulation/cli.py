@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_budget_arguments(p)
     _add_demo(sub)
+    from simulation.reproduce_cli import add_reproduce
+
+    add_threads_argument(add_reproduce(sub))
     return parser
 
 

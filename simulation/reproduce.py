@@ -1,0 +1,254 @@
+"""idc-sim reproduce: the issue's whole matrix on the same patients, one command, one report.
+
+Rows (each one a call to an existing runner; no second training loop):
+
+1. ``paper``: the paper's protocol (balanced classes, random patch split, Adam, up to the
+   schedule's epochs) with :func:`simulation.centralized.run_centralized`.
+2. ``central``: patients split once by seed into train/validation/test; each candidate of
+   :data:`simulation.recipe.CENTRAL_CANDIDATES` is trained and scored on the test patients
+   once; the one reported is chosen on validation patients only.
+3. ``fedavg``: :func:`simulation.federated.run_compare` per partition (iid by patient at each
+   site count, label skew, size skew), FedAvg with the same total local epochs as its pooled
+   baseline on the same patients, local-only for contrast.
+4. ``dp``: :func:`simulation.sweep.run_sweep` at each total epsilon and seed, per model.
+
+Every row works on one cohort: the source's patients (or a seeded subsample of them, for
+``--quick``) linked once into ``OUT/cohort``. A row that fails is recorded with its error and
+the others go on; the command then exits non-zero. ``--max-minutes`` skips the rows that
+would start after the deadline, and says so in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulation import recipe, sim_runtime
+from simulation.centralized import BaselineConfig, run_centralized
+from simulation.federated import run_compare
+from simulation.plan import DPSpec, SimPlan
+from simulation.reproduce_cohort import Cohort, link_balanced, make_cohort
+from simulation.reproduce_schedule import FULL, QUICK, Schedule
+from simulation.sweep import run_sweep
+
+log = logging.getLogger(__name__)
+Say = Callable[[str], None]
+ROWS = ("paper", "central", "fedavg", "dp")
+__all__ = ["FULL", "QUICK", "ROWS", "Request", "Schedule", "reproduce"]
+
+
+def row_paper(cohort: Cohort, sched: Schedule, out: Path, seed: int) -> dict[str, Any]:
+    """Row 1: balanced classes, random 70/30 patch split, Adam 1e-4, inputs /255."""
+    data, balanced = link_balanced(cohort, out / "balanced-data", seed)
+    config = BaselineConfig(
+        split="random", epochs=sched.paper_epochs, batch_size=sched.batch_size, seed=seed
+    )
+    summary = run_centralized(data, out / "run", config, out / "cache")
+    return {"balanced": balanced, "seed": seed, "folder": str(out / "run"), **summary}
+
+
+def _val_score(history: Sequence[dict[str, float]]) -> float:
+    """Validation balanced accuracy at the epoch the loop kept (lowest validation loss)."""
+    rows = [r for r in history if "val_loss" in r]
+    if not rows:
+        return float("nan")
+    return float(min(rows, key=lambda r: r["val_loss"])["val_balanced_accuracy"])
+
+
+def row_central(cohort: Cohort, sched: Schedule, out: Path, seed: int) -> dict[str, Any]:
+    """Row 2: patient split fixed by seed; candidates chosen on validation patients only."""
+    tried = []
+    for k, cand in enumerate(recipe.CENTRAL_CANDIDATES[: sched.candidates]):
+        rec = recipe.Recipe.of(recipe.BASE, cand)
+        config = replace(
+            BaselineConfig(split="patient", epochs=sched.epochs, batch_size=sched.batch_size),
+            seed=seed,
+            **rec.baseline(),
+        )
+        summary = run_centralized(cohort.data, out / f"candidate-{k}", config, cohort.cache)
+        tried.append(
+            {
+                "candidate": k,
+                "recipe": rec.facts(),
+                "folder": str(out / f"candidate-{k}"),
+                "val_balanced_accuracy": _val_score(summary["history"]),
+                **summary,
+            }
+        )
+    scores = [t["val_balanced_accuracy"] for t in tried]
+    best = int(np.nanargmax(scores)) if any(math.isfinite(s) for s in scores) else 0
+    return {"seed": seed, "chosen": best, "candidates": tried, "test": tried[best]["test"]}
+
+
+def _plan(cohort: Cohort, sched: Schedule, sites: int, partition: str, seed: int) -> SimPlan:
+    return SimPlan(
+        data=cohort.data,
+        sites=sites,
+        partition=partition,
+        rounds=sched.rounds,
+        local_epochs=sched.local_epochs,
+        batch_size=sched.batch_size,
+        seed=seed,
+        partition_seed=seed,
+    )
+
+
+FedRow = tuple[str, int, str, dict[str, Any]]
+
+
+def fed_configs(sched: Schedule) -> list[FedRow]:
+    """(name, sites, partition, strategy overrides) of every federated row of ``sched``."""
+    rows: list[FedRow] = [(f"iid-{n}", n, "iid", {}) for n in sched.site_counts]
+    first = sched.site_counts[0]
+    for p in sched.skews:
+        rows.append((f"{p}-{first}", first, p, {}))
+        for name in sched.alt_strategies:
+            if recipe.supports("strategy", name):
+                rows.append((f"{p}-{first}-{name}", first, p, recipe.strategy(name)))
+    return rows
+
+
+Late = Callable[[], bool]  # whether --max-minutes has passed
+
+
+def row_fedavg(
+    cohort: Cohort, sched: Schedule, out: Path, seed: int, say: Say, late: Late
+) -> dict[str, Any]:
+    """Row 3: FedAvg per partition beside its pooled baseline on the same patients."""
+    base = recipe.Recipe.of(recipe.BASE)
+    results: dict[str, Any] = {"recipe": base.facts(), "seed": seed, "runs": {}, "not_run": []}
+    for name, sites, part, layer in fed_configs(sched):
+        if late():
+            results["not_run"].append(name)
+            continue
+        say(f"[fedavg {name}] {sites} sites, {part}, {sched.rounds} rounds ...")
+        rec = recipe.Recipe.of(recipe.BASE, layer)
+        plan = recipe.with_recipe(_plan(cohort, sched, sites, part, seed), rec)
+        local = part in sched.local_only and not layer  # one local-only contrast per split
+        res = run_compare(plan, out / name, local=local, say=say)
+        results["runs"][name] = {"folder": str(out / name), "recipe": rec.facts(), **res}
+    return results
+
+
+def dp_models() -> list[str]:
+    """The paper's network, and the DP-friendly one when this checkout's RunConfig has it."""
+    return [m for m in recipe.DP_MODELS if m == "paper" or recipe.supports("model", m)]
+
+
+def row_dp(
+    cohort: Cohort, sched: Schedule, out: Path, seeds: Sequence[int], say: Say, late: Late
+) -> dict[str, Any]:
+    """Row 4: DP-SGD at every site, whole-run epsilon per site, per model and seed."""
+    sites = sched.site_counts[0]
+    spec = DPSpec(epsilon=1.0, max_grad_norm=recipe.DP_CLIP, delta=recipe.DP_DELTA)
+    out_rows: dict[str, Any] = {
+        "seeds": list(seeds),
+        "sites": sites,
+        "delta": spec.delta,
+        "clip": spec.max_grad_norm,
+        "models": {},
+        "not_run": [],
+    }
+    for model in dp_models():
+        if late():
+            out_rows["not_run"].append(model)
+            continue
+        layer = {"model": model} if recipe.supports("model") else {}
+        rec = recipe.Recipe.of(recipe.BASE, recipe.DP, layer)
+        plan = replace(_plan(cohort, sched, sites, "iid", seeds[0]), rounds=sched.dp_rounds)
+        say(f"[dp {model}] epsilon {list(sched.dp_epsilons)} x seeds {list(seeds)} ...")
+        res = run_sweep(
+            recipe.with_recipe(plan, rec), sched.dp_epsilons, seeds, out / model, spec, say=say
+        )
+        out_rows["models"][model] = {"recipe": rec.facts(), "folder": str(out / model), **res}
+    return out_rows
+
+
+@dataclass(frozen=True)
+class Request:
+    """One reproduce command: where, what and how long."""
+
+    data: Path
+    out: Path
+    schedule: Schedule
+    seeds: tuple[int, ...] = (0, 1, 2)
+    rows: tuple[str, ...] = ROWS
+    max_minutes: float = math.inf
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.rows if r not in ROWS]
+        if bad or not self.rows:
+            raise ValueError(f"--rows: {bad or 'none'} not among {', '.join(ROWS)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must be distinct integers, got {self.seeds}")
+        if not self.max_minutes > 0:
+            raise ValueError(f"--max-minutes must be > 0, got {self.max_minutes}")
+
+
+def _one_row(name: str, cohort: Cohort, req: Request, say: Say, late: Late) -> dict[str, Any]:
+    folder, seed = req.out / name, req.seeds[0]
+    if name == "paper":
+        return row_paper(cohort, req.schedule, folder, seed)
+    if name == "central":
+        return row_central(cohort, req.schedule, folder, seed)
+    if name == "fedavg":
+        return row_fedavg(cohort, req.schedule, folder, seed, say, late)
+    return row_dp(cohort, req.schedule, folder, req.seeds, say, late)
+
+
+def run_rows(req: Request, cohort: Cohort, say: Say, started: float) -> dict[str, Any]:
+    """Every requested row in order; a failed row is recorded, a late one skipped."""
+    rows: dict[str, Any] = {}
+
+    def late() -> bool:
+        return (time.monotonic() - started) / 60 >= req.max_minutes
+
+    for i, name in enumerate(req.rows, 1):
+        minutes = (time.monotonic() - started) / 60
+        if minutes >= req.max_minutes:
+            rows[name] = {"skipped": f"--max-minutes {req.max_minutes:g} reached"}
+            say(f"[{i}/{len(req.rows)}] {name}: skipped, {minutes:.1f} min used")
+            continue
+        say(f"[{i}/{len(req.rows)}] {name}: starting at {minutes:.1f} min ...")
+        t0 = time.monotonic()
+        try:
+            rows[name] = _one_row(name, cohort, req, say, late)
+        except Exception as exc:  # one row's failure is reported; the others still run
+            log.exception("row %s failed", name)
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        rows[name]["seconds"] = time.monotonic() - t0
+        say(f"[{i}/{len(req.rows)}] {name}: done in {rows[name]['seconds'] / 60:.1f} min")
+    return rows
+
+
+def reproduce(req: Request, say: Say = log.info) -> dict[str, Any]:
+    """Run the matrix of ``req``; write results.json, report.md and figures into ``req.out``."""
+    from simulation import reproduce_report
+
+    started, wall = time.monotonic(), time.time()
+    out = sim_runtime.fresh_output(req.out)
+    say(f"cohort: linking and decoding the patients of {req.data} ...")
+    cohort = make_cohort(req.data, out, req.schedule.patients, req.seeds[0])
+    say(f"cohort: {cohort.facts['patients']} patients, {cohort.facts['patches']} patches")
+    rows = run_rows(replace(req, out=out), cohort, say, started)
+    results = {
+        "label": req.schedule.name.upper(),
+        "schedule": asdict(req.schedule),
+        "seeds": list(req.seeds),
+        "rows_requested": list(req.rows),
+        "max_minutes": req.max_minutes,
+        "data": cohort.facts,
+        "machine": reproduce_report.machine(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall)),
+        "wall_seconds": time.monotonic() - started,
+        "rows": rows,
+    }
+    reproduce_report.write(out, results)
+    return results

@@ -1,0 +1,67 @@
+"""The reproduction's schedules: how much of the matrix runs, for how long, on how many patients.
+
+``FULL`` is meant for a GPU; ``QUICK`` for a 2-core CPU (about 30-40 min on the shared real
+patches, estimated as the README's reproduction section says) and is labelled in the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulation import recipe
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How much of the matrix runs and for how long; ``quick`` is labelled in the report."""
+
+    name: str
+    patients: int | None  # a seeded subsample of the patients; None: all of them
+    paper_epochs: int  # upper bound; early stopping on the (random) validation patches
+    rounds: int  # FedAvg rounds; the pooled baselines get rounds x local_epochs epochs
+    local_epochs: int
+    site_counts: tuple[int, ...]
+    skews: tuple[str, ...]  # partitions at the first site count besides iid
+    local_only: tuple[str, ...]  # partitions whose comparison also trains each site alone
+    dp_epsilons: tuple[float, ...]
+    dp_rounds: int
+    candidates: int  # how many of recipe.CENTRAL_CANDIDATES row 2 tries
+    # Other Flower strategies tried on the skewed partitions (only where RunConfig knows them)
+    alt_strategies: tuple[str, ...] = ()
+    batch_size: int = 64
+
+    @property
+    def epochs(self) -> int:
+        """Total local epochs of every FedAvg run and of its pooled baseline."""
+        return self.rounds * self.local_epochs
+
+
+FULL = Schedule(
+    name="full",
+    patients=None,
+    paper_epochs=40,
+    rounds=10,
+    local_epochs=2,
+    site_counts=(5, 10),
+    skews=("label-skew", "size-skew"),
+    local_only=("iid", "label-skew", "size-skew"),
+    dp_epsilons=(1.0, 3.0, 8.0),
+    dp_rounds=10,
+    candidates=len(recipe.CENTRAL_CANDIDATES),
+    alt_strategies=("fedprox", "fedadam", "fedavgm"),
+)
+# About 30-40 min on an idle 2-core CPU for the shared real patches (estimate: README of the
+# reproduction, from CPU time per epoch measured on a subsample).
+QUICK = Schedule(
+    name="quick",
+    patients=60,
+    paper_epochs=8,
+    rounds=2,
+    local_epochs=2,
+    site_counts=(5, 10),
+    skews=("label-skew", "size-skew"),
+    local_only=("iid",),
+    dp_epsilons=(3.0, 8.0),
+    dp_rounds=2,
+    candidates=1,
+)

@@ -1,0 +1,53 @@
+"""The reproduction's recipe: filtered to the keys RunConfig knows, carried into run configs;
+and its targets: a row that did not run is never 'met'."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.config import RunConfig
+from simulation.plan import SimPlan
+from simulation.recipe import Recipe, RecipePlan, known_keys, supports, with_recipe
+from simulation.reproduce_targets import targets
+
+
+def test_unknown_keys_and_bad_values_are_kept_aside_never_sent():
+    rec = Recipe.of(
+        {"learning-rate": 1e-4, "no-such-lever": 3, "norm": "sparkly"},
+        {"learning-rate": 3e-4, "max-update-norm": 5.0},
+    )
+    assert rec.applied == {"learning-rate": 3e-4, "max-update-norm": 5.0}
+    assert rec.skipped == {"no-such-lever": 3, "norm": "sparkly"}
+    assert rec.facts()["not_accepted_here"] == rec.skipped
+    assert rec.baseline() == {"lr": 3e-4}
+    assert "learning-rate" in known_keys() and not supports("no-such-lever")
+
+
+def test_recipe_plan_carries_overrides_into_every_run_config(tmp_path: Path):
+    plan = SimPlan(data=tmp_path, sites=3, rounds=2, lr=1e-4, batch_size=64)
+    rec = Recipe.of({"learning-rate": 3e-4, "batch-size": 32, "max-update-norm": 5.0})
+    rplan = with_recipe(plan, rec)
+    assert isinstance(rplan, RecipePlan) and rplan.lr == 3e-4 and rplan.batch_size == 32
+    run = rplan.run_config(tmp_path / "r", tmp_path / "c", tmp_path / "s")
+    assert isinstance(run, RunConfig)
+    assert run.max_update_norm == 5.0 and run.learning_rate == 3e-4 and run.batch_size == 32
+    assert run.num_server_rounds == 2 and run.min_sites == 3
+
+
+def test_targets_of_rows_that_did_not_run_are_not_run():
+    rows = {"paper": {"error": "boom"}, "central": {"skipped": "--max-minutes 1 reached"}}
+    verdicts = {t["verdict"] for t in targets({"rows": rows})}
+    assert verdicts == {"not run", "not measured here (benchmarks/dp_overhead.py)"}
+
+
+def test_targets_compare_fedavg_with_its_own_pooled_baseline():
+    run = {
+        "fedavg": {"fedavg": {"union": {"balanced_accuracy": 0.80}}},
+        "centralized": {"union": {"balanced_accuracy": 0.85}},
+    }
+    rows = {"fedavg": {"runs": {"iid-5": run, "label-skew-5": run}}}
+    got = {t["what"]: t for t in targets({"rows": rows}) if t["row"] == "3"}
+    iid = got["FedAvg iid-5 minus pooled on the same patients, BAC"]
+    skew = got["FedAvg label-skew-5 minus pooled on the same patients, BAC"]
+    assert abs(iid["measured"] + 0.05) < 1e-12 and iid["verdict"] == "NOT met"
+    assert skew["verdict"] == "NOT met"
