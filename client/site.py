@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from common import keys
+from common.accel import Accel
 from common.audit import UPDATE_SENT, AuditLog, digest_update
 from common.config import RunConfig, SiteConfig
 from common.model import build_model
@@ -31,6 +32,11 @@ def open_audit(config: SiteConfig) -> AuditLog:
     return AuditLog(paths.audit, keys.load_private_key(paths.key), actor=config.site_name)
 
 
+def run_accel(run: RunConfig) -> Accel:
+    """The run's precision and layout on this site's device."""
+    return Accel.resolve(resolve_device(), run.precision, run.channels_last)
+
+
 def local_train(
     site: Site,
     run: RunConfig,
@@ -41,7 +47,13 @@ def local_train(
     model = build_model(run.norm, seed=run.seed)
     set_weights(model, arrays)
     seed = run.seed + server_round
-    cfg = TrainConfig(epochs=run.local_epochs, lr=run.learning_rate, patience=None)
+    cfg = TrainConfig(
+        epochs=run.local_epochs,
+        lr=run.learning_rate,
+        patience=None,
+        precision=run.precision,
+        channels_last=run.channels_last,
+    )
     result = train(model, site.loader("train", run.batch_size, seed, train=True), cfg)
     return model_arrays(model), train_metrics(site, run, model, result, seed)
 
@@ -51,7 +63,9 @@ def train_metrics(
 ) -> TrainMetrics:
     """The reply's numbers after local training: last epoch's loss and validation metrics."""
     last = result.history[-1]
-    val = evaluate(model, site.loader("val", run.batch_size, seed), resolve_device())
+    accel = run_accel(run)
+    loader = site.eval_batches("val", seed, accel)
+    val = evaluate(model, loader, accel.device, accel)
     return TrainMetrics(
         num_examples=float(len(site.split.train)),
         train_loss=float(last["train_loss"]),
@@ -66,7 +80,9 @@ def local_evaluate(site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray])
     """Evaluate the global model on this site's held-out test patients."""
     model = build_model(run.norm, seed=run.seed)
     set_weights(model, arrays)
-    res = evaluate(model, site.loader("test", run.batch_size, run.seed), resolve_device())
+    accel = run_accel(run)
+    loader = site.eval_batches("test", run.seed, accel)
+    res = evaluate(model, loader, accel.device, accel)
     return EvalMetrics(
         num_examples=float(res.examples),
         loss=res.loss,
