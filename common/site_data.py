@@ -84,6 +84,30 @@ class Site:
         ds = PatchDataset(self.patches.images, self.patches.labels, idx, augment=train, seed=seed)
         return make_loader(ds, batch_size if train else EVAL_BATCH, shuffle=train, seed=seed)
 
+    def train_batches(
+        self, batch_size: int, seed: int, accel: Accel, augment_in_loop: bool = False
+    ) -> Loader | ResidentBatches:
+        """Shuffled training batches: on the GPU when they fit and the loop augments them.
+
+        ``augment_in_loop``: the training loop augments each batch on its device, so the
+        batches need not be augmented here; otherwise the loader augments them on the CPU.
+        """
+        idx = self.split.train
+        nbytes = len(idx) * self.patches.images[0].nbytes
+        if not augment_in_loop or accel.device.type != "cuda" or not fits(nbytes, accel.device):
+            return self.loader("train", batch_size, seed, train=True)
+        images, labels = self.patches.images, self.patches.labels
+        return ResidentBatches(
+            images,
+            labels,
+            batch_size,
+            accel.device,
+            idx,
+            shuffle=True,
+            seed=seed,
+            channels_last=accel.channels_last,
+        )
+
     def eval_batches(self, part: Part, seed: int, accel: Accel) -> Loader | ResidentBatches:
         """Evaluation batches of one part: from a copy on the GPU when it fits there.
 
