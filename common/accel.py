@@ -1,4 +1,4 @@
-"""How the loops use a device: numeric precision, memory layout, CPU threads.
+"""How the loops use a device: numeric precision and memory layout.
 
 One resolved :class:`Accel` is made per run from the run-config keys ``precision``
 (``auto`` | ``fp32`` | ``bf16``) and ``channels-last`` (``auto`` | ``on`` | ``off``) and the
@@ -8,9 +8,10 @@ way everywhere:
 - ``bf16``: the forward pass and the loss run under ``torch.autocast`` in bfloat16; weights,
   gradients and optimizer state stay float32 (the master weights), so no loss scaling is
   needed. ``auto`` picks it on a CUDA device that supports bfloat16, float32 elsewhere (on a
-  CPU bfloat16 is emulated and slower, but it runs, so tests exercise the path).
+  CPU it runs too, so tests exercise the path).
 - channels-last: the model and every batch use NHWC memory, the layout cuDNN's fastest
-  convolution kernels want. ``auto`` is on for CUDA only: on a CPU it was no faster here.
+  convolution kernels want. ``auto`` is on for CUDA only; on a CPU it stays off (not
+  measured to pay there).
 
 Differential privacy always trains in float32 (Opacus's per-sample gradients are not
 validated under autocast); :meth:`common.config.RunConfig.check` refuses ``bf16`` with DP.
@@ -86,12 +87,3 @@ class Accel:
         precision = "bf16 autocast" if self.autocast_dtype is not None else "fp32"
         layout = "channels-last" if self.channels_last else "contiguous"
         return f"{self.device} {precision} {layout}"
-
-
-def best_cpu_threads() -> int:
-    """Intra-op threads for the CPU loops: every core torch sees (2 here, by measurement).
-
-    benchmarks/train_throughput.py times 1 against 2 threads on this project's 2-core machine;
-    the figures and the choice are in its output and the README.
-    """
-    return max(1, torch.get_num_threads())
