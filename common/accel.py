@@ -10,8 +10,9 @@ way everywhere:
   needed. ``auto`` picks it on a CUDA device that supports bfloat16, float32 elsewhere (on a
   CPU it runs too, so tests exercise the path).
 - channels-last: the model and every batch use NHWC memory, the layout cuDNN's fastest
-  convolution kernels want. ``auto`` is on for CUDA only; on a CPU it stays off (not
-  measured to pay there).
+  convolution kernels want. ``auto`` is on for every device: on this project's 2-core CPU
+  (one thread, CPU time, real patches) channels-last predicted 151 patches/s against 107
+  contiguous, and trained at batch 64 at 107-114 img/s against 98-103.
 
 Differential privacy always trains in float32 (Opacus's per-sample gradients are not
 validated under autocast); :meth:`common.config.RunConfig.check` refuses ``bf16`` with DP.
@@ -57,7 +58,7 @@ class Accel:
         if channels_last not in CHANNELS_LAST:
             raise ValueError(f"channels-last must be one of {CHANNELS_LAST}, got {channels_last!r}")
         bf16 = precision == "bf16" or (precision == "auto" and _bf16_on_cuda(device))
-        layout = channels_last == "on" or (channels_last == "auto" and device.type == "cuda")
+        layout = channels_last != "off"  # auto: on everywhere, by measurement (see above)
         return cls(device, torch.bfloat16 if bf16 else None, layout)
 
     @property

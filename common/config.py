@@ -65,7 +65,7 @@ class RunConfig:
     round_timeout: float = 600.0
     seed: int = 42
     norm: Norm = "batch"
-    # auto: bf16 autocast (fp32 master weights) and channels-last on CUDA, fp32 on CPU
+    # auto: bf16 autocast (fp32 master weights) on CUDA, fp32 on CPU; channels-last on both
     precision: Precision = "auto"
     channels_last: ChannelsLast = "auto"
     max_examples_per_site: int = 1_000_000  # weight bound of sites that declared no count

@@ -107,9 +107,9 @@ def test_evaluate_on_resident_batches_equals_the_loader():
     assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.accuracy == b.accuracy
 
 
-def test_auto_is_fp32_contiguous_on_cpu_and_words_are_checked():
+def test_auto_is_fp32_channels_last_on_cpu_and_words_are_checked():
     auto = Accel.resolve(CPU)
-    assert auto.autocast_dtype is None and not auto.channels_last
+    assert auto.autocast_dtype is None and auto.channels_last
     with pytest.raises(ValueError, match="precision"):
         Accel.resolve(CPU, "fp16")
     with pytest.raises(ValueError, match="channels-last"):
