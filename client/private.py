@@ -215,7 +215,14 @@ def _private_round(
     optimizer = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
     private = make_private(model, optimizer, loader, dp, run.local_epochs, seed=None)
     try:
-        cfg_train = TrainConfig(epochs=run.local_epochs, lr=run.learning_rate, patience=None)
+        # fp32 and the default layout: Opacus's per-sample gradients are validated there only.
+        cfg_train = TrainConfig(
+            epochs=run.local_epochs,
+            lr=run.learning_rate,
+            patience=None,
+            precision="fp32",
+            channels_last="off",
+        )
         train(private.model, private.loader, cfg_train, optimizer=private.optimizer)
         steps = steps_taken(private)
     finally:

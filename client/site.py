@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from common import keys
+from common.accel import Accel
 from common.audit import UPDATE_SENT, AuditLog, digest_update
 from common.config import RunConfig, SiteConfig
 from common.model import build_model
@@ -55,6 +56,11 @@ def proximal_term(model: torch.nn.Module, mu: float) -> ExtraLoss:
     return term
 
 
+def run_accel(run: RunConfig) -> Accel:
+    """The run's precision and layout on this site's device."""
+    return Accel.resolve(resolve_device(), run.precision, run.channels_last)
+
+
 def local_train(
     site: Site,
     run: RunConfig,
@@ -69,7 +75,13 @@ def local_train(
     model = build_model(run.norm, seed=run.seed)
     set_weights(model, arrays)
     seed = run.seed + server_round
-    cfg = TrainConfig(epochs=run.local_epochs, lr=run.learning_rate, patience=None)
+    cfg = TrainConfig(
+        epochs=run.local_epochs,
+        lr=run.learning_rate,
+        patience=None,
+        precision=run.precision,
+        channels_last=run.channels_last,
+    )
     extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
     loader = site.loader("train", run.batch_size, seed, train=True)
     result = train(model, loader, cfg, extra_loss=extra)
@@ -81,7 +93,9 @@ def train_metrics(
 ) -> TrainMetrics:
     """The reply's numbers after local training: last epoch's loss and validation metrics."""
     last = result.history[-1]
-    val = evaluate(model, site.loader("val", run.batch_size, seed), resolve_device())
+    accel = run_accel(run)
+    loader = site.eval_batches("val", seed, accel)
+    val = evaluate(model, loader, accel.device, accel)
     return TrainMetrics(
         num_examples=float(len(site.split.train)),
         train_loss=float(last["train_loss"]),
@@ -101,9 +115,11 @@ def local_evaluate(site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray])
     """
     model = build_model(run.norm, seed=run.seed)
     set_weights(model, arrays)
-    device = resolve_device()
-    res = evaluate(model, site.loader("test", run.batch_size, run.seed), device)
-    labels, probs, _ = predict(model, site.loader("val", run.batch_size, run.seed), device)
+    accel = run_accel(run)
+    res = evaluate(model, site.eval_batches("test", run.seed, accel), accel.device, accel)
+    labels, probs, _ = predict(
+        model, site.eval_batches("val", run.seed, accel), accel.device, accel
+    )
     positives, negatives = histograms(labels, probs)
     return EvalMetrics(
         num_examples=float(res.examples),

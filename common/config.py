@@ -24,6 +24,10 @@ SmallPolicy = Literal["pad", "skip"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedavgm"]
 CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDPMode)
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
+Precision = Literal["auto", "fp32", "bf16"]  # applied by common.accel
+ChannelsLast = Literal["auto", "on", "off"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+CHANNELS_LAST: tuple[str, ...] = get_args(ChannelsLast)
 Scalar = str | int | float | bool  # what a Flower run-config value may be
 # Where this run's results go and whether it continues one: not part of what the run is.
 _NOT_DIGESTED = ("run-dir", "resume")
@@ -63,6 +67,9 @@ class RunConfig:
     round_timeout: float = 600.0
     seed: int = 42
     norm: Norm = "batch"
+    # auto: bf16 autocast (fp32 master weights) on CUDA, fp32 on CPU; channels-last on both
+    precision: Precision = "auto"
+    channels_last: ChannelsLast = "auto"
     max_examples_per_site: int = 1_000_000  # weight bound of sites that declared no count
     max_update_norm: float = 0.0  # 0: no bound on an update's L2 distance from the model
     # Flower's aggregation strategy (server/aggregators.py); the coordinator's checks wrap it.
@@ -148,6 +155,9 @@ class RunConfig:
         _check(self.min_sites >= 1, "min-sites", self.min_sites, ">= 1")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
         _check(self.norm in ("batch", "group"), "norm", self.norm, "'batch' or 'group'")
+        _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
+        cl = self.channels_last
+        _check(cl in CHANNELS_LAST, "channels-last", cl, f"one of {CHANNELS_LAST}")
         cap = self.max_examples_per_site
         _check(cap >= 0, "max-examples-per-site", cap, ">= 0 (0: no bound)")
         norm = self.max_update_norm
@@ -178,6 +188,9 @@ class RunConfig:
                 self.dp_noise_multiplier,
                 "> 0 (or set dp.epsilon-per-round > 0)",
             )
+            # Opacus's per-sample gradients are validated in float32 only: DP trains in fp32.
+            prec = self.precision
+            _check(prec != "bf16", "precision", prec, "'auto' or 'fp32' with DP")
             _check(self.dp_max_grad_norm > 0, "dp.max-grad-norm", self.dp_max_grad_norm, "> 0")
             _check(0 < self.dp_delta < 1, "dp.delta", self.dp_delta, "in (0, 1)")
 

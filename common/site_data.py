@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from common.accel import Accel
 from common.config import SiteConfig
 from common.data import LoadOptions, PatchSet, load_patches
 from common.dataset import PatchDataset, make_loader
 from common.partition import Split, split_by_patient
+from common.resident import ResidentBatches, fits
 
 SITE_FRACTIONS = (0.7, 0.1, 0.2)  # a site's own patients: train / validation / test
 EVAL_BATCH = 256
@@ -81,3 +83,41 @@ class Site:
         idx = getattr(self.split, part)
         ds = PatchDataset(self.patches.images, self.patches.labels, idx, augment=train, seed=seed)
         return make_loader(ds, batch_size if train else EVAL_BATCH, shuffle=train, seed=seed)
+
+    def train_batches(
+        self, batch_size: int, seed: int, accel: Accel, augment_in_loop: bool = False
+    ) -> Loader | ResidentBatches:
+        """Shuffled training batches: on the GPU when they fit and the loop augments them.
+
+        ``augment_in_loop``: the training loop augments each batch on its device, so the
+        batches need not be augmented here; otherwise the loader augments them on the CPU.
+        """
+        idx = self.split.train
+        nbytes = len(idx) * self.patches.images[0].nbytes
+        if not augment_in_loop or accel.device.type != "cuda" or not fits(nbytes, accel.device):
+            return self.loader("train", batch_size, seed, train=True)
+        images, labels = self.patches.images, self.patches.labels
+        return ResidentBatches(
+            images,
+            labels,
+            batch_size,
+            accel.device,
+            idx,
+            shuffle=True,
+            seed=seed,
+            channels_last=accel.channels_last,
+        )
+
+    def eval_batches(self, part: Part, seed: int, accel: Accel) -> Loader | ResidentBatches:
+        """Evaluation batches of one part: from a copy on the GPU when it fits there.
+
+        Training batches keep :meth:`loader` while augmentation runs inside it on the CPU.
+        """
+        idx = getattr(self.split, part)
+        gpu = accel.device.type == "cuda"
+        if not gpu or not fits(len(idx) * self.patches.images[0].nbytes, accel.device):
+            return self.loader(part, EVAL_BATCH, seed)
+        images, labels = self.patches.images, self.patches.labels
+        return ResidentBatches(
+            images, labels, EVAL_BATCH, accel.device, idx, channels_last=accel.channels_last
+        )

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from common.accel import Accel
 from common.metrics import Evaluation, score
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class TrainConfig:
     patience: int | None = 5  # epochs without a better validation loss; None turns it off
     device: str = "auto"
     progress: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16 (common.accel)
+    channels_last: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -44,6 +47,7 @@ class TrainConfig:
             raise ValueError(f"learning rate must be a positive number, got {self.lr}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        Accel.resolve(torch.device("cpu"), self.precision, self.channels_last)  # checks words
 
 
 @dataclass
@@ -65,12 +69,17 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def to_device(
-    x: torch.Tensor, y: torch.Tensor, device: torch.device
+    x: torch.Tensor, y: torch.Tensor, device: torch.device, accel: Accel | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move a batch to ``device``; uint8 patches become floats in [0, 1] there."""
+    """Move a batch to ``device``; uint8 patches become floats in [0, 1] there.
+
+    A batch already there (:class:`common.resident.ResidentBatches`) is not copied.
+    """
     x = x.to(device, non_blocking=True)
     if x.dtype == torch.uint8:
         x = x.float().div_(255.0)
+    if accel is not None:
+        x = accel.layout(x)
     return x, y.to(device, non_blocking=True)
 
 
@@ -87,28 +96,33 @@ def train_epoch(
     device: torch.device,
     desc: str = "",
     progress: bool = False,
+    accel: Accel | None = None,
     extra_loss: ExtraLoss | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy, steps and examples.
 
-    ``extra_loss`` is added to each step's loss for the gradient only; the reported loss
-    stays the data's.
+    ``accel`` (default: float32, contiguous) sets autocast and layout; the model must
+    already be in its layout (:meth:`common.accel.Accel.prepare`). ``extra_loss`` is added
+    to each step's loss for the gradient only; the reported loss stays the data's.
     """
+    accel = accel or Accel(device)
     model.train()
     # Sums stay on the device: reading them every step would stall a GPU once per batch.
     loss_sum = torch.zeros((), device=device)
     correct_sum = torch.zeros((), device=device, dtype=torch.long)
     seen, steps = 0, 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x, y = to_device(x, y, device)
+        x, y = to_device(x, y, device, accel)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = _loss(logits, y)
-        (loss + extra_loss(model) if extra_loss is not None else loss).backward()
+        with accel.autocast():
+            logits = model(x)
+            loss = _loss(logits, y)
+            full = loss + extra_loss(model) if extra_loss is not None else loss
+        full.backward()
         optimizer.step()
         steps += 1
         seen += len(y)
-        loss_sum += loss.detach() * len(y)
+        loss_sum += loss.detach().float() * len(y)
         correct_sum += (logits.detach().argmax(1) == y).sum()
     total_loss, correct = float(loss_sum), int(correct_sum)
     if seen and not math.isfinite(total_loss):
@@ -122,25 +136,36 @@ def train_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Batches, device: torch.device) -> tuple[np.ndarray, ...]:
-    """Return (labels, probability of IDC, summed cross-entropy) over ``loader``."""
-    model.eval()
-    labels, probs, loss = [], [], 0.0
+def predict(
+    model: nn.Module, loader: Batches, device: torch.device, accel: Accel | None = None
+) -> tuple[np.ndarray, ...]:
+    """Return (labels, probability of IDC, summed cross-entropy) over ``loader``.
+
+    Results stay on the device until the end: one read-back, not one per batch.
+    """
+    accel = accel or Accel(device)
+    accel.prepare(model).eval()
+    labels, probs = [], []
+    loss = torch.zeros((), device=device)
     for x, y in loader:
-        x, y = to_device(x, y, device)
-        logits = model(x)
+        x, y = to_device(x, y, device, accel)
+        with accel.autocast():
+            logits = model(x)
+        logits = logits.float()
         if len(y):
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        labels.append(y.cpu().numpy())
-        probs.append(torch.softmax(logits.float(), 1)[:, 1].cpu().numpy())
+            loss += F.cross_entropy(logits, y, reduction="sum")
+        labels.append(y)
+        probs.append(torch.softmax(logits, 1)[:, 1])
     if not labels:
         return np.zeros(0, np.int64), np.zeros(0), np.array(0.0)
-    return np.concatenate(labels), np.concatenate(probs), np.array(loss)
+    return torch.cat(labels).cpu().numpy(), torch.cat(probs).cpu().numpy(), np.array(float(loss))
 
 
-def evaluate(model: nn.Module, loader: Batches, device: torch.device) -> Evaluation:
+def evaluate(
+    model: nn.Module, loader: Batches, device: torch.device, accel: Accel | None = None
+) -> Evaluation:
     """Loss, accuracy, balanced accuracy, precision, recall, F1, ROC AUC, confusion matrix."""
-    labels, probs, loss = predict(model, loader, device)
+    labels, probs, loss = predict(model, loader, device, accel)
     return score(labels, probs, float(loss) / max(len(labels), 1))
 
 
@@ -160,7 +185,8 @@ def train(
     loader) instead. ``extra_loss`` is passed to :func:`train_epoch`.
     """
     device = resolve_device(config.device)
-    model.to(device)
+    accel = Accel.resolve(device, config.precision, config.channels_last)
+    accel.prepare(model)
     if optimizer is None:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     result = TrainResult()
@@ -168,7 +194,14 @@ def train(
     for epoch in range(1, config.epochs + 1):
         desc = f"epoch {epoch}/{config.epochs}"
         stats = train_epoch(
-            model, train_loader, optimizer, device, desc, config.progress, extra_loss
+            model,
+            train_loader,
+            optimizer,
+            device,
+            desc,
+            config.progress,
+            accel=accel,
+            extra_loss=extra_loss,
         )
         result.steps += int(stats["steps"])
         result.examples += int(stats["examples"])
@@ -178,7 +211,7 @@ def train(
             "train_accuracy": stats["accuracy"],
         }
         if val_loader is not None:
-            val = evaluate(model, val_loader, device)
+            val = evaluate(model, val_loader, device, accel)
             row["val_loss"] = val.loss
             row["val_accuracy"] = val.accuracy
             row["val_balanced_accuracy"] = val.balanced_accuracy
