@@ -19,6 +19,7 @@ from common.config import RunConfig, SiteConfig
 from common.model import build_model
 from common.paths import SitePaths
 from common.protocol import EvalMetrics, TrainMetrics
+from common.recipe import Recipe
 from common.site_data import Site, model_arrays, set_weights
 from common.training import TrainConfig, TrainResult, evaluate, resolve_device, train
 
@@ -38,12 +39,20 @@ def local_train(
     server_round: int,
 ) -> tuple[dict[str, np.ndarray], TrainMetrics]:
     """Train the global model on this site's training patients; return weights and metrics."""
-    model = build_model(run.norm, seed=run.seed)
+    model = build_model(run.norm, seed=run.seed, kind=run.model)
     set_weights(model, arrays)
     seed = run.seed + server_round
-    cfg = TrainConfig(epochs=run.local_epochs, lr=run.learning_rate, patience=None)
+    cfg = local_config(run, seed)
     result = train(model, site.loader("train", run.batch_size, seed, train=True), cfg)
     return model_arrays(model), train_metrics(site, run, model, result, seed)
+
+
+def local_config(run: RunConfig, seed: int) -> TrainConfig:
+    """One round's local training: the run's epochs, learning rate and recipe, no stopping."""
+    recipe = Recipe.from_run(run)
+    return TrainConfig(
+        epochs=run.local_epochs, lr=run.learning_rate, patience=None, recipe=recipe, seed=seed
+    )
 
 
 def train_metrics(
@@ -64,7 +73,7 @@ def train_metrics(
 
 def local_evaluate(site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray]) -> EvalMetrics:
     """Evaluate the global model on this site's held-out test patients."""
-    model = build_model(run.norm, seed=run.seed)
+    model = build_model(run.norm, seed=run.seed, kind=run.model)
     set_weights(model, arrays)
     res = evaluate(model, site.loader("test", run.batch_size, run.seed), resolve_device())
     return EvalMetrics(

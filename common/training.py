@@ -7,10 +7,9 @@ loader, and those objects are passed in here instead of the plain ones.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.metrics import Evaluation, score
+from common.recipe import Recipe, RecipeRun, make_optimizer
 
 log = logging.getLogger(__name__)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -34,6 +34,8 @@ class TrainConfig:
     patience: int | None = 5  # epochs without a better validation loss; None turns it off
     device: str = "auto"
     progress: bool = False
+    recipe: Recipe = Recipe()  # augmentation, weight decay, schedule, averaging: off
+    seed: int = 0  # of the augmentation draws
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -85,8 +87,14 @@ def train_epoch(
     device: torch.device,
     desc: str = "",
     progress: bool = False,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, accuracy, steps and examples."""
+    """One pass over ``loader``; returns mean loss, accuracy, steps and examples.
+
+    ``transform`` augments each batch on the device; ``after_step`` runs after each
+    optimizer step (the recipe's schedule and parameter average).
+    """
     model.train()
     # Sums stay on the device: reading them every step would stall a GPU once per batch.
     loss_sum = torch.zeros((), device=device)
@@ -94,11 +102,15 @@ def train_epoch(
     seen, steps = 0, 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x, y = to_device(x, y, device)
+        if transform is not None:
+            x = transform(x)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = _loss(logits, y)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         steps += 1
         seen += len(y)
         loss_sum += loss.detach() * len(y)
@@ -148,18 +160,31 @@ def train(
     """Train for ``config.epochs``, early-stopping on validation loss with the best restored.
 
     ``model`` is moved to the configured device. ``optimizer`` defaults to Adam at
-    ``config.lr``; a privacy engine passes its DP optimizer (and its wrapped model and
-    loader) instead.
+    ``config.lr`` (AdamW with the recipe's weight decay); a privacy engine passes its DP
+    optimizer (and its wrapped model and loader) instead. With averaging on, validation, the
+    best epoch and the returned model all use the averaged weights.
     """
     device = resolve_device(config.device)
     model.to(device)
     if optimizer is None:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        optimizer = make_optimizer(model.parameters(), config.lr, config.recipe)
+    steps = config.epochs * len(train_loader) if isinstance(train_loader, Sized) else 0
+    recipe = RecipeRun(config.recipe, model, optimizer, steps, config.seed)
+    augment = recipe.transform if config.recipe.augment != "none" else None
     result = TrainResult()
     best_loss, best_state, stale = math.inf, None, 0
     for epoch in range(1, config.epochs + 1):
         desc = f"epoch {epoch}/{config.epochs}"
-        stats = train_epoch(model, train_loader, optimizer, device, desc, config.progress)
+        stats = train_epoch(
+            model,
+            train_loader,
+            optimizer,
+            device,
+            desc,
+            config.progress,
+            augment,
+            recipe.after_step,
+        )
         result.steps += int(stats["steps"])
         result.examples += int(stats["examples"])
         row = {
@@ -168,7 +193,8 @@ def train(
             "train_accuracy": stats["accuracy"],
         }
         if val_loader is not None:
-            val = evaluate(model, val_loader, device)
+            with recipe.evaluating():
+                val = evaluate(model, val_loader, device)
             row["val_loss"] = val.loss
             row["val_accuracy"] = val.accuracy
             row["val_balanced_accuracy"] = val.balanced_accuracy
@@ -181,12 +207,14 @@ def train(
             continue
         if row["val_loss"] < best_loss:
             best_loss, stale, result.best_epoch = row["val_loss"], 0, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = recipe.snapshot()
         else:
             stale += 1
             if stale >= config.patience:
                 result.stopped_early = True
                 break
-    if best_state is not None and result.best_epoch != len(result.history):
+    if best_state is None or result.best_epoch == len(result.history):
+        best_state = recipe.final_state()
+    if best_state is not None:
         model.load_state_dict(best_state)
     return result
