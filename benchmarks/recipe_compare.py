@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import time
@@ -42,11 +43,13 @@ def main() -> None:
     p.add_argument("--val", type=int, default=400)
     p.add_argument("--test", type=int, default=1500)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--model", default="paper")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     p.add_argument("--recipe", action="append", required=True, help="augment,schedule,wd,ema")
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     patches = load_patches(args.data, workers=2)
@@ -60,6 +63,7 @@ def main() -> None:
         config = BaselineConfig(
             epochs=args.epochs,
             lr=args.lr,
+            batch_size=args.batch_size,
             patience=None,
             augment=augment,  # type: ignore[arg-type]  # checked by Recipe
             lr_schedule=schedule,  # type: ignore[arg-type]
@@ -75,6 +79,7 @@ def main() -> None:
             "model": args.model,
             "epochs": args.epochs,
             "lr": args.lr,
+            "batch_size": args.batch_size,
             "patches": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
             "patients": len(np.unique(patches.patients)),
             "data": str(args.data),

@@ -3,7 +3,8 @@ import torch
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 
-from common.model import build_model, count_parameters
+from common.model import IDCNet, build_model, count_parameters
+from common.provenance import ModelIntegrityError
 
 
 def test_batch_model_matches_table_2_totals():
@@ -61,3 +62,22 @@ def test_model_kind_is_read_back_from_the_weights():
         model_kind({"stem.0.weight": torch.zeros(32, 3, 3, 3)})
     with pytest.raises(ValueError, match="model"):
         build_model(kind="resnet")  # type: ignore[arg-type]
+
+
+def test_predict_rebuilds_the_variant_a_model_file_records(tmp_path):
+    from client.predict import load_network
+    from common.provenance import save_model
+    from common.site_data import model_arrays
+
+    arrays = model_arrays(build_model("group", seed=3, kind="gap"))
+    recorded = save_model(tmp_path / "model.idc", arrays, {"model": "gap", "norm": "group"})
+    model, record = load_network(recorded)
+    assert isinstance(model, IDCNet) and model.kind == "gap" and model.norm == "group"
+    assert record is not None and record["model"] == "gap"
+    torch.testing.assert_close(model.head[0].weight, torch.from_numpy(arrays["head.0.weight"]))
+    plain = tmp_path / "model.pt"  # the centralized baseline's weights: no record
+    torch.save(build_model("batch", kind="gap").state_dict(), plain)
+    assert load_network(plain, allow_unverified=True)[0].kind == "gap"
+    lying = save_model(tmp_path / "lying.idc", arrays, {"model": "paper"})
+    with pytest.raises(ModelIntegrityError, match="does not hold"):
+        load_network(lying)

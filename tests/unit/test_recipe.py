@@ -128,10 +128,10 @@ def test_weight_decay_switches_adam_to_adamw():
     assert adamw.param_groups[0]["weight_decay"] == 0.05
 
 
-def _batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(n: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [
-        (torch.rand(8, 3, 50, 50, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+        (torch.rand(4, 3, 50, 50, generator=gen), torch.randint(0, 2, (4,), generator=gen))
         for _ in range(n)
     ]
 
@@ -196,7 +196,7 @@ def test_the_returned_model_is_the_parameter_average():
 def test_validation_and_the_best_epoch_use_the_average():
     batches = _batches()
     model = build_model("batch", seed=0)
-    config = TrainConfig(epochs=3, lr=1e-3, patience=5, device="cpu", recipe=Recipe(ema=0.99))
+    config = TrainConfig(epochs=2, lr=1e-3, patience=5, device="cpu", recipe=Recipe(ema=0.99))
     rows: list[dict[str, float]] = []
     result = train(model, batches, config, val_loader=batches, on_epoch=rows.append)
     from common.training import evaluate
@@ -210,7 +210,7 @@ def test_validation_and_the_best_epoch_use_the_average():
 def _private(recipe: Recipe, lr: float = 1e-2):
     model = build_model("group", seed=0, kind="gap")
     opt = make_optimizer(model.parameters(), lr, recipe)
-    loader = make_loader(_dataset(64), batch_size=16, shuffle=True, seed=0)
+    loader = make_loader(_dataset(24), batch_size=6, shuffle=True, seed=0)
     return model, make_private(model, opt, loader, _dp(), epochs=2, seed=0)
 
 
