@@ -12,13 +12,30 @@ from torch import nn
 from common.augment import augment_batch, color_jitter, dihedral
 from common.config import RunConfig
 from common.dataset import make_loader
-from common.model import build_model
 from common.privacy import make_private, release
 from common.recipe import EMA_WARMUP, Recipe, make_optimizer
 from common.training import TrainConfig, train, train_epoch
 from tests.unit.test_privacy import _dataset, _dp
 
 CPU = torch.device("cpu")
+
+
+def _small(norm: str = "batch", seed: int = 0) -> nn.Module:
+    """A small conv net with a norm layer and dropout: what averaging must handle, fast.
+
+    Batch norm brings running statistics and a step counter into the state dict; group norm
+    keeps it Opacus-compatible.
+    """
+    torch.manual_seed(seed)
+    layer = nn.BatchNorm2d(4) if norm == "batch" else nn.GroupNorm(2, 4)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 5, stride=5),
+        layer,
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(4 * 10 * 10, 2),
+    )
 
 
 def _symmetries(x: torch.Tensor) -> list[torch.Tensor]:
@@ -128,10 +145,10 @@ def test_weight_decay_switches_adam_to_adamw():
     assert adamw.param_groups[0]["weight_decay"] == 0.05
 
 
-def _batches(n: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [
-        (torch.rand(4, 3, 50, 50, generator=gen), torch.randint(0, 2, (4,), generator=gen))
+        (torch.rand(8, 3, 50, 50, generator=gen), torch.randint(0, 2, (8,), generator=gen))
         for _ in range(n)
     ]
 
@@ -181,12 +198,10 @@ def _manual_average(model: nn.Module, batches, opt, decay: float, epochs: int) -
 
 def test_the_returned_model_is_the_parameter_average():
     batches = _batches()
-    torch.manual_seed(0)  # dropout masks, the same in both runs
-    plain = build_model("batch", seed=0)
+    plain = _small()  # seeds the global RNG: the same dropout masks in both runs
     opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     expected = _manual_average(plain, batches, opt, 0.9, epochs=2)
-    model = build_model("batch", seed=0)
-    torch.manual_seed(0)
+    model = _small()
     config = TrainConfig(epochs=2, lr=1e-3, patience=None, device="cpu", recipe=Recipe(ema=0.9))
     train(model, batches, config)
     for key, value in model.state_dict().items():
@@ -195,7 +210,7 @@ def test_the_returned_model_is_the_parameter_average():
 
 def test_validation_and_the_best_epoch_use_the_average():
     batches = _batches()
-    model = build_model("batch", seed=0)
+    model = _small()
     config = TrainConfig(epochs=2, lr=1e-3, patience=5, device="cpu", recipe=Recipe(ema=0.99))
     rows: list[dict[str, float]] = []
     result = train(model, batches, config, val_loader=batches, on_epoch=rows.append)
@@ -208,9 +223,9 @@ def test_validation_and_the_best_epoch_use_the_average():
 
 
 def _private(recipe: Recipe, lr: float = 1e-2):
-    model = build_model("group", seed=0, kind="gap")
+    model = _small("group")
     opt = make_optimizer(model.parameters(), lr, recipe)
-    loader = make_loader(_dataset(24), batch_size=6, shuffle=True, seed=0)
+    loader = make_loader(_dataset(64), batch_size=16, shuffle=True, seed=0)
     return model, make_private(model, opt, loader, _dp(), epochs=2, seed=0)
 
 
