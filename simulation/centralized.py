@@ -50,16 +50,20 @@ class BaselineConfig:
             raise ValueError(f"split must be 'patient' or 'random', got {self.split!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        self.recipe()  # a bad lever is named before any data is read
+
+    def recipe(self) -> Recipe:
+        """The recipe levers of this baseline."""
+        return Recipe(self.augment, self.weight_decay, self.lr_schedule, self.ema)
 
     def train_config(self) -> TrainConfig:
         """The loop's part of this config."""
-        recipe = Recipe(self.augment, self.weight_decay, self.lr_schedule, self.ema)
         return TrainConfig(
             epochs=self.epochs,
             lr=self.lr,
             patience=self.patience,
             progress=self.progress,
-            recipe=recipe,
+            recipe=self.recipe(),
             seed=self.seed,
         )
 

@@ -266,3 +266,12 @@ def test_cosine_augmentation_and_weight_decay_work_through_a_real_opacus_engine(
     assert type(private.optimizer.original_optimizer) is torch.optim.AdamW
     state = model.state_dict()
     assert any(not torch.equal(state[k], start[k]) for k in state)
+
+
+def test_the_centralized_baseline_names_a_bad_lever_before_reading_data():
+    from simulation.centralized import BaselineConfig
+
+    assert BaselineConfig().recipe() == Recipe(augment="dihedral+color")  # as it always trained
+    assert BaselineConfig(lr_schedule="cosine").train_config().recipe.lr_schedule == "cosine"
+    with pytest.raises(ValueError, match="ema"):
+        BaselineConfig(ema=1.5)
