@@ -171,20 +171,12 @@ def train(
     steps = config.epochs * len(train_loader) if isinstance(train_loader, Sized) else 0
     recipe = RecipeRun(config.recipe, model, optimizer, steps, config.seed)
     augment = recipe.transform if config.recipe.augment != "none" else None
+    hooks = (augment, recipe.after_step)
     result = TrainResult()
     best_loss, best_state, stale = math.inf, None, 0
     for epoch in range(1, config.epochs + 1):
         desc = f"epoch {epoch}/{config.epochs}"
-        stats = train_epoch(
-            model,
-            train_loader,
-            optimizer,
-            device,
-            desc,
-            config.progress,
-            augment,
-            recipe.after_step,
-        )
+        stats = train_epoch(model, train_loader, optimizer, device, desc, config.progress, *hooks)
         result.steps += int(stats["steps"])
         result.examples += int(stats["examples"])
         row = {
