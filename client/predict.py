@@ -65,13 +65,16 @@ def load_network(
     path: Path, allow_unverified: bool = False
 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """Read a model file (:func:`common.provenance.load_model`) into the right network."""
-    from common.model import build_model
+    from common.model import build_model, model_kind
     from common.provenance import ModelIntegrityError, detect_norm, load_model
     from common.site_data import set_weights
 
     arrays, metadata = load_model(path, allow_unverified)
     try:
-        model = set_weights(build_model(detect_norm(arrays), seed=0), arrays)
+        # The record names the network; plain weights (no record) are recognised by shape.
+        kind = metadata.get("model") if metadata else None
+        kind = kind or model_kind(arrays)
+        model = set_weights(build_model(detect_norm(arrays), seed=0, kind=kind), arrays)
     except ValueError as exc:
         raise ModelIntegrityError(f"{path} does not hold this project's model: {exc}") from exc
     return model.eval(), metadata

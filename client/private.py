@@ -24,13 +24,12 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from client.site import local_train
+from client.site import local_config, local_train
 from common import accounting
 from common.audit import AuditLog, rotated_files
 from common.config import Accountant, RunConfig, SiteConfig
@@ -39,8 +38,9 @@ from common.model import build_model
 from common.paths import SitePaths
 from common.privacy import DPConfig, make_private, plan_round, release, steps_taken
 from common.protocol import NO_CAP, OK, REFUSED, TrainMetrics
+from common.recipe import Recipe, make_optimizer
 from common.site_data import Site, model_arrays, set_weights
-from common.training import TrainConfig, train
+from common.training import train
 
 log = logging.getLogger(__name__)
 PRIVACY_SPENT = "privacy.spent"
@@ -199,7 +199,7 @@ def _private_round(
     delta, accountant = site_accounting(cfg, run)
     accounting.check_delta(delta, len(site.split.train))
     seed = run.seed + server_round
-    model = build_model("group", seed=run.seed)
+    model = build_model("group", seed=run.seed, kind=run.model)
     set_weights(model, arrays)
     loader = site.loader("train", run.batch_size, seed, train=True)
     dp = _dp_config(run, delta)
@@ -212,17 +212,11 @@ def _private_round(
         _reserve(site, ledger, entry)
     except accounting.BudgetExceeded as exc:
         return _refuse(site, ledger, audit, run_id, server_round, str(exc), exc.spent)
-    optimizer = torch.optim.Adam(model.parameters(), lr=run.learning_rate)
+    optimizer = make_optimizer(model.parameters(), run.learning_rate, Recipe.from_run(run))
     private = make_private(model, optimizer, loader, dp, run.local_epochs, seed=None)
     try:
         # fp32 and the default layout: Opacus's per-sample gradients are validated there only.
-        cfg_train = TrainConfig(
-            epochs=run.local_epochs,
-            lr=run.learning_rate,
-            patience=None,
-            precision="fp32",
-            channels_last="off",
-        )
+        cfg_train = replace(local_config(run, seed), precision="fp32", channels_last="off")
         train(private.model, private.loader, cfg_train, optimizer=private.optimizer)
         steps = steps_taken(private)
     finally:

@@ -20,6 +20,7 @@ from common.config import RunConfig, SiteConfig
 from common.model import build_model
 from common.paths import SitePaths
 from common.protocol import EvalMetrics, TrainMetrics
+from common.recipe import Recipe
 from common.site_data import Site, model_arrays, set_weights
 from common.threshold import histograms
 from common.training import (
@@ -72,20 +73,29 @@ def local_train(
 
     ``proximal_mu`` > 0 adds FedProx's proximal term to the local loss.
     """
-    model = build_model(run.norm, seed=run.seed)
+    model = build_model(run.norm, seed=run.seed, kind=run.model)
     set_weights(model, arrays)
     seed = run.seed + server_round
-    cfg = TrainConfig(
+    cfg = local_config(run, seed)
+    extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
+    accel = run_accel(run)
+    batches = site.train_batches(run.batch_size, seed, accel, augment_in_loop=True)
+    result = train(model, batches, cfg, extra_loss=extra)
+    return model_arrays(model), train_metrics(site, run, model, result, seed)
+
+
+def local_config(run: RunConfig, seed: int) -> TrainConfig:
+    """One round's local training: the run's epochs, learning rate and recipe, no stopping."""
+    recipe = Recipe.from_run(run)
+    return TrainConfig(
         epochs=run.local_epochs,
         lr=run.learning_rate,
         patience=None,
         precision=run.precision,
         channels_last=run.channels_last,
+        recipe=recipe,
+        seed=seed,
     )
-    extra = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
-    loader = site.loader("train", run.batch_size, seed, train=True)
-    result = train(model, loader, cfg, extra_loss=extra)
-    return model_arrays(model), train_metrics(site, run, model, result, seed)
 
 
 def train_metrics(
@@ -113,7 +123,7 @@ def local_evaluate(site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray])
     (counts per bin, no per-patch data): the coordinator chooses the decision threshold
     on their sum (:mod:`common.threshold`), never on test patients.
     """
-    model = build_model(run.norm, seed=run.seed)
+    model = build_model(run.norm, seed=run.seed, kind=run.model)
     set_weights(model, arrays)
     accel = run_accel(run)
     res = evaluate(model, site.eval_batches("test", run.seed, accel), accel.device, accel)

@@ -18,6 +18,12 @@ from typing import Any, Literal, get_args
 from common.paths import SitePaths
 
 Norm = Literal["batch", "group"]
+ModelKind = Literal["paper", "gap"]  # the paper's exact network, or global average pooling
+Augment = Literal["none", "dihedral", "dihedral+color"]
+LRSchedule = Literal["constant", "cosine"]
+MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+AUGMENTS: tuple[str, ...] = get_args(Augment)
+LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
 Accountant = Literal["rdp", "prv"]
 CentralDPMode = Literal["none", "client-fixed", "server-fixed"]
 SmallPolicy = Literal["pad", "skip"]
@@ -67,9 +73,15 @@ class RunConfig:
     round_timeout: float = 600.0
     seed: int = 42
     norm: Norm = "batch"
+    model: ModelKind = "paper"
     # auto: bf16 autocast (fp32 master weights) on CUDA, fp32 on CPU; channels-last on both
     precision: Precision = "auto"
     channels_last: ChannelsLast = "auto"
+    # The training recipe of each call to the loop (a round's local training at a site).
+    augment: Augment = "dihedral+color"
+    weight_decay: float = 0.0  # > 0: AdamW; 0 keeps the paper's Adam
+    lr_schedule: LRSchedule = "constant"
+    ema: float = 0.0  # decay of the parameter average; 0: off
     max_examples_per_site: int = 1_000_000  # weight bound of sites that declared no count
     max_update_norm: float = 0.0  # 0: no bound on an update's L2 distance from the model
     # Flower's aggregation strategy (server/aggregators.py); the coordinator's checks wrap it.
@@ -158,6 +170,13 @@ class RunConfig:
         _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
         cl = self.channels_last
         _check(cl in CHANNELS_LAST, "channels-last", cl, f"one of {CHANNELS_LAST}")
+        _check(self.model in MODEL_KINDS, "model", self.model, f"one of {MODEL_KINDS}")
+        _check(self.augment in AUGMENTS, "augment", self.augment, f"one of {AUGMENTS}")
+        wd = self.weight_decay
+        _check(wd >= 0 and math.isfinite(wd), "weight-decay", wd, ">= 0 (0: plain Adam)")
+        sched = self.lr_schedule
+        _check(sched in LR_SCHEDULES, "lr-schedule", sched, f"one of {LR_SCHEDULES}")
+        _check(0 <= self.ema < 1, "ema", self.ema, "in [0, 1) (0: off)")
         cap = self.max_examples_per_site
         _check(cap >= 0, "max-examples-per-site", cap, ">= 0 (0: no bound)")
         norm = self.max_update_norm

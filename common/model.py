@@ -22,16 +22,28 @@ parameter count.
 
 ``norm="group"`` swaps every batch norm for a GroupNorm with the same affine parameters and no
 running statistics, which Opacus can train with per-sample gradients.
+
+``kind="gap"`` is a DP-friendly variant, not the paper's: the same stem and residual blocks,
+then global average pooling (32 features) in place of max-pool + flatten + dense 20000->128,
+and the paper's head from there on (dense 32->128, 128->64, 64->64, 64->2). The dense
+20000->128 layer holds 97% of the paper's parameters, and under DP-SGD every one of them gets
+clipped and noised; without it the network has 92,610 trainable parameters (75,456 of them
+in the trunk) instead of 2,648,514. Its exchanged weights keep the paper's names, so
+:func:`model_kind` tells the two apart by the first dense layer's input width.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
-from common.config import Norm
+from common.config import MODEL_KINDS, ModelKind, Norm
 
 NORMS: tuple[str, ...] = ("batch", "group")
+FIRST_DENSE = "head.0.weight"  # (128, inputs): 20,000 inputs in the paper, 32 after pooling
 CHANNELS = 32
 PATCH_SIZE = 50
 NUM_CLASSES = 2
@@ -67,20 +79,30 @@ class ResidualBlock(nn.Module):
         return self.relu(x + f)
 
 
+def _pool(kind: ModelKind) -> tuple[nn.Module, int]:
+    """The layers between the trunk and the head, and how many features they hand on."""
+    if kind == "gap":
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), CHANNELS
+    pool = nn.Sequential(nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten())
+    return pool, CHANNELS * (PATCH_SIZE // 2) ** 2  # 20,000
+
+
 class IDCNet(nn.Module):
     """The Table 2 network: stem, four residual blocks, pooling, three dense layers, logits."""
 
-    def __init__(self, norm: Norm = "batch") -> None:
+    def __init__(self, norm: Norm = "batch", kind: ModelKind = "paper") -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"model must be one of {MODEL_KINDS}, got {kind!r}")
         self.norm = norm
+        self.kind = kind
         self.stem = nn.Sequential(
             nn.Conv2d(3, CHANNELS, 3, padding=1), nn.ReLU(), _norm2d(norm, CHANNELS)
         )
         self.blocks = nn.Sequential(*(ResidualBlock(norm) for _ in range(4)))
-        self.pool = nn.Sequential(nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten())
-        flat = CHANNELS * (PATCH_SIZE // 2) ** 2  # 20,000
+        self.pool, flat = _pool(kind)
         self.head = nn.Sequential(
             nn.Linear(flat, 128),
             nn.ReLU(),
@@ -99,17 +121,34 @@ class IDCNet(nn.Module):
         return self.head(self.pool(self.blocks(self.stem(x))))
 
 
-def build_model(norm: Norm = "batch", seed: int | None = 0) -> IDCNet:
-    """Build the paper's network; the same seed gives the same initial weights.
+def build_model(norm: Norm = "batch", seed: int | None = 0, kind: ModelKind = "paper") -> IDCNet:
+    """Build the paper's network (or ``kind``); the same seed gives the same initial weights.
 
     ``seed=None`` leaves the global torch RNG in charge. A seeded build does not disturb the
     caller's RNG state.
     """
     if seed is None:
-        return IDCNet(norm)
+        return IDCNet(norm, kind)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return IDCNet(norm)
+        return IDCNet(norm, kind)
+
+
+def model_kind(arrays: Mapping[str, Any]) -> ModelKind:
+    """Which variant exchanged weights belong to, from the first dense layer's input width.
+
+    Raises
+    ------
+    ValueError
+        If the weights have no first dense layer of either width.
+    """
+    weight = arrays.get(FIRST_DENSE)
+    width = None if weight is None or len(weight.shape) != 2 else int(weight.shape[1])
+    if width == CHANNELS:
+        return "gap"
+    if width == CHANNELS * (PATCH_SIZE // 2) ** 2:
+        return "paper"
+    raise ValueError(f"weights have no {FIRST_DENSE} of 20000 or {CHANNELS} inputs")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -79,9 +79,12 @@ class Site:
         return cls(config, patches, split_by_patient(patches.patients, SITE_FRACTIONS, seed))
 
     def loader(self, part: Part, batch_size: int, seed: int, train: bool = False) -> Loader:
-        """A loader over one part of the split; training batches are shuffled and augmented."""
+        """A loader over one part of the split; training batches are shuffled.
+
+        The training loop augments them on the device, as the run's ``augment`` says.
+        """
         idx = getattr(self.split, part)
-        ds = PatchDataset(self.patches.images, self.patches.labels, idx, augment=train, seed=seed)
+        ds = PatchDataset(self.patches.images, self.patches.labels, idx)
         return make_loader(ds, batch_size if train else EVAL_BATCH, shuffle=train, seed=seed)
 
     def train_batches(

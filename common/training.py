@@ -7,10 +7,9 @@ loader, and those objects are passed in here instead of the plain ones.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from common.accel import Accel
 from common.metrics import Evaluation, score
+from common.recipe import Recipe, RecipeRun, make_optimizer
 
 log = logging.getLogger(__name__)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -39,6 +39,8 @@ class TrainConfig:
     progress: bool = False
     precision: str = "auto"  # auto | fp32 | bf16 (common.accel)
     channels_last: str = "auto"  # auto | on | off
+    recipe: Recipe = Recipe()  # augmentation, weight decay, schedule, averaging: off
+    seed: int = 0  # of the augmentation draws
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -98,12 +100,16 @@ def train_epoch(
     progress: bool = False,
     accel: Accel | None = None,
     extra_loss: ExtraLoss | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy, steps and examples.
 
     ``accel`` (default: float32, contiguous) sets autocast and layout; the model must
     already be in its layout (:meth:`common.accel.Accel.prepare`). ``extra_loss`` is added
     to each step's loss for the gradient only; the reported loss stays the data's.
+    ``transform`` augments each batch on the device; ``after_step`` runs after each
+    optimizer step (the recipe's schedule and parameter average).
     """
     accel = accel or Accel(device)
     model.train()
@@ -113,6 +119,8 @@ def train_epoch(
     seen, steps = 0, 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x, y = to_device(x, y, device, accel)
+        if transform is not None:
+            x = transform(x)
         optimizer.zero_grad(set_to_none=True)
         with accel.autocast():
             logits = model(x)
@@ -120,6 +128,8 @@ def train_epoch(
             full = loss + extra_loss(model) if extra_loss is not None else loss
         full.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         steps += 1
         seen += len(y)
         loss_sum += loss.detach().float() * len(y)
@@ -181,14 +191,19 @@ def train(
     """Train for ``config.epochs``, early-stopping on validation loss with the best restored.
 
     ``model`` is moved to the configured device. ``optimizer`` defaults to Adam at
-    ``config.lr``; a privacy engine passes its DP optimizer (and its wrapped model and
-    loader) instead. ``extra_loss`` is passed to :func:`train_epoch`.
+    ``config.lr`` (AdamW with the recipe's weight decay); a privacy engine passes its DP
+    optimizer (and its wrapped model and loader) instead. With averaging on, validation, the
+    best epoch and the returned model all use the averaged weights. ``extra_loss`` is passed
+    to :func:`train_epoch`.
     """
     device = resolve_device(config.device)
     accel = Accel.resolve(device, config.precision, config.channels_last)
     accel.prepare(model)
     if optimizer is None:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        optimizer = make_optimizer(model.parameters(), config.lr, config.recipe)
+    steps = config.epochs * len(train_loader) if isinstance(train_loader, Sized) else 0
+    recipe = RecipeRun(config.recipe, model, optimizer, steps, config.seed)
+    augment = recipe.transform if config.recipe.augment != "none" else None
     result = TrainResult()
     best_loss, best_state, stale = math.inf, None, 0
     for epoch in range(1, config.epochs + 1):
@@ -202,6 +217,8 @@ def train(
             config.progress,
             accel=accel,
             extra_loss=extra_loss,
+            transform=augment,
+            after_step=recipe.after_step,
         )
         result.steps += int(stats["steps"])
         result.examples += int(stats["examples"])
@@ -211,7 +228,8 @@ def train(
             "train_accuracy": stats["accuracy"],
         }
         if val_loader is not None:
-            val = evaluate(model, val_loader, device, accel)
+            with recipe.evaluating():
+                val = evaluate(model, val_loader, device, accel)
             row["val_loss"] = val.loss
             row["val_accuracy"] = val.accuracy
             row["val_balanced_accuracy"] = val.balanced_accuracy
@@ -224,12 +242,14 @@ def train(
             continue
         if row["val_loss"] < best_loss:
             best_loss, stale, result.best_epoch = row["val_loss"], 0, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = recipe.snapshot()
         else:
             stale += 1
             if stale >= config.patience:
                 result.stopped_early = True
                 break
-    if best_state is not None and result.best_epoch != len(result.history):
+    if best_state is None or result.best_epoch == len(result.history):
+        best_state = recipe.final_state()
+    if best_state is not None:
         model.load_state_dict(best_state)
     return result

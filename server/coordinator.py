@@ -42,7 +42,7 @@ STOPPED = (
 
 def initial_arrays(run: RunConfig) -> dict[str, np.ndarray]:
     """The seeded initial model, as the arrays that travel."""
-    model = build_model(run.norm, seed=run.seed)
+    model = build_model(run.norm, seed=run.seed, kind=run.model)
     return {
         k: v.detach().cpu().numpy()
         for k, v in model.state_dict().items()
@@ -193,6 +193,8 @@ class Coordinator:
                 config_hash=self.hash,
                 central_dp=summary["central_dp"],
                 **threshold.record(),
+                model=self.cfg.model,  # which network: predict rebuilds this one
+                norm=self.cfg.norm,
             ),
         )
         set_state(self.dir.root, "finished", run_id=self.run_id, rounds=last)

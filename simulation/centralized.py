@@ -11,12 +11,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from common.config import Augment, LRSchedule, ModelKind
 from common.data import PatchSet, load_patches
 from common.dataset import PatchDataset, make_loader
 from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1, json_safe
 from common.model import Norm, build_model
 from common.partition import Split, balance, split_by_patient, split_random
 from common.plots import plot_confusion, plot_curves, plot_examples
+from common.recipe import Recipe
 from common.site_data import EVAL_BATCH, Loader
 from common.training import TrainConfig, evaluate, predict, resolve_device, train
 
@@ -33,9 +35,13 @@ class BaselineConfig:
     lr: float = 1e-4
     patience: int | None = 5
     balance: bool = False
-    augment: bool = True
+    augment: Augment = "dihedral+color"  # the loop augments on the device
+    weight_decay: float = 0.0
+    lr_schedule: LRSchedule = "constant"
+    ema: float = 0.0
     seed: int = 0
     norm: Norm = "batch"
+    model: ModelKind = "paper"
     fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
     progress: bool = False
 
@@ -44,11 +50,21 @@ class BaselineConfig:
             raise ValueError(f"split must be 'patient' or 'random', got {self.split!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        self.recipe()  # a bad lever is named before any data is read
+
+    def recipe(self) -> Recipe:
+        """The recipe levers of this baseline."""
+        return Recipe(self.augment, self.weight_decay, self.lr_schedule, self.ema)
 
     def train_config(self) -> TrainConfig:
         """The loop's part of this config."""
         return TrainConfig(
-            epochs=self.epochs, lr=self.lr, patience=self.patience, progress=self.progress
+            epochs=self.epochs,
+            lr=self.lr,
+            patience=self.patience,
+            progress=self.progress,
+            recipe=self.recipe(),
+            seed=self.seed,
         )
 
 
@@ -72,8 +88,8 @@ def fit(
     patches: PatchSet, train_idx: np.ndarray, val_idx: np.ndarray | None, config: BaselineConfig
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train a fresh model on ``train_idx`` with the one training loop."""
-    model = build_model(config.norm, seed=config.seed)
-    train_ds = PatchDataset(patches.images, patches.labels, train_idx, config.augment, config.seed)
+    model = build_model(config.norm, seed=config.seed, kind=config.model)
+    train_ds = PatchDataset(patches.images, patches.labels, train_idx)
     loader = make_loader(train_ds, config.batch_size, shuffle=True, seed=config.seed)
     val_loader = None
     if val_idx is not None and len(val_idx):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.cli_util import add_command, dispatch, new_parser
+from common.config import AUGMENTS, LR_SCHEDULES, MODEL_KINDS
 from common.errors import EXIT_OK
 
 if TYPE_CHECKING:
@@ -45,6 +46,11 @@ def _centralized(args: argparse.Namespace) -> int:
         lr=args.lr,
         patience=args.patience or None,
         balance=args.balance,
+        augment=args.augment,
+        weight_decay=args.weight_decay,
+        lr_schedule=args.lr_schedule,
+        ema=args.ema,
+        model=args.model,
         seed=args.seed,
         progress=sys.stderr.isatty(),
     )
@@ -76,6 +82,11 @@ def _add_centralized(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--patience", type=int, default=5, help="early stopping; 0 turns it off")
     p.add_argument("--balance", action="store_true", help="undersample the majority class")
+    p.add_argument("--augment", choices=AUGMENTS, default="dihedral+color")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="> 0: AdamW")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
+    p.add_argument("--ema", type=float, default=0.0, help="parameter averaging decay; 0: off")
+    p.add_argument("--model", choices=MODEL_KINDS, default="paper", help="gap: DP-friendly")
     p.add_argument("--seed", type=int, default=0)
 
 

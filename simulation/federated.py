@@ -20,7 +20,7 @@ import numpy as np
 from common.config import Norm
 from common.data import PatchSet, scan
 from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, CONFUSION, EXAMPLES, F1
-from common.model import build_model
+from common.model import build_model, model_kind
 from common.partition import Split
 from common.provenance import load_model
 from common.rundir import RunDir
@@ -134,7 +134,8 @@ def score(
     arrays: dict[str, np.ndarray], norm: Norm, patches: PatchSet, idx: np.ndarray
 ) -> dict[str, Any]:
     """Headline metrics of a model given as exchanged arrays on ``patches[idx]``."""
-    return _metrics(set_weights(build_model(norm, seed=0), arrays), patches, idx)
+    model = build_model(norm, seed=0, kind=model_kind(arrays))
+    return _metrics(set_weights(model, arrays), patches, idx)
 
 
 def _metrics(model: Any, patches: PatchSet, idx: np.ndarray) -> dict[str, Any]:

@@ -3,7 +3,8 @@ import torch
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 
-from common.model import build_model, count_parameters
+from common.model import IDCNet, build_model, count_parameters
+from common.provenance import ModelIntegrityError
 
 
 def test_batch_model_matches_table_2_totals():
@@ -39,3 +40,44 @@ def test_seeded_initialisation_is_reproducible_and_leaves_global_rng_alone():
 def test_unknown_norm_is_refused():
     with pytest.raises(ValueError, match="norm"):
         build_model("layer")  # type: ignore[arg-type]
+
+
+def test_gap_variant_keeps_the_trunk_and_drops_the_dense_20000_layer():
+    paper, gap = build_model("batch"), build_model("batch", kind="gap")
+    # trunk 75,456 + dense 32->128 (4,224) + the paper's head from there on (12,930)
+    assert count_parameters(gap) == (92_610, 960)
+    assert count_parameters(build_model("group", kind="gap")) == (92_610, 0)
+    trunk = sum(p.numel() for m in (paper.stem, paper.blocks) for p in m.parameters())
+    assert trunk == 75_456
+    assert gap(torch.rand(3, 3, 50, 50)).shape == (3, 2)
+    assert ModuleValidator.validate(build_model("group", kind="gap"), strict=True) == []
+
+
+def test_model_kind_is_read_back_from_the_weights():
+    from common.model import model_kind
+
+    assert model_kind(build_model("batch").state_dict()) == "paper"
+    assert model_kind(build_model("group", kind="gap").state_dict()) == "gap"
+    with pytest.raises(ValueError, match="head.0.weight"):
+        model_kind({"stem.0.weight": torch.zeros(32, 3, 3, 3)})
+    with pytest.raises(ValueError, match="model"):
+        build_model(kind="resnet")  # type: ignore[arg-type]
+
+
+def test_predict_rebuilds_the_variant_a_model_file_records(tmp_path):
+    from client.predict import load_network
+    from common.provenance import save_model
+    from common.site_data import model_arrays
+
+    arrays = model_arrays(build_model("group", seed=3, kind="gap"))
+    recorded = save_model(tmp_path / "model.idc", arrays, {"model": "gap", "norm": "group"})
+    model, record = load_network(recorded)
+    assert isinstance(model, IDCNet) and model.kind == "gap" and model.norm == "group"
+    assert record is not None and record["model"] == "gap"
+    torch.testing.assert_close(model.head[0].weight, torch.from_numpy(arrays["head.0.weight"]))
+    plain = tmp_path / "model.pt"  # the centralized baseline's weights: no record
+    torch.save(build_model("batch", kind="gap").state_dict(), plain)
+    assert load_network(plain, allow_unverified=True)[0].kind == "gap"
+    lying = save_model(tmp_path / "lying.idc", arrays, {"model": "paper"})
+    with pytest.raises(ModelIntegrityError, match="does not hold"):
+        load_network(lying)
