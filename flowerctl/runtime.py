@@ -80,24 +80,39 @@ def _retry(max_time: float) -> RetryInvoker:
     )
 
 
-def runtime_client(address: str, token: str | None = None) -> RuntimeHttpClient:
-    """A plain-HTTP client of the SuperNode's Runtime API on loopback ``address``."""
-    interceptors: list = [RuntimeVersionHttpInterceptor(component_name=COMPONENT)]
+def runtime_client(
+    address: str,
+    token: str | None = None,
+    *,
+    component: str = COMPONENT,
+    root_certificates: bytes | None = None,
+) -> RuntimeHttpClient:
+    """A client of a Runtime API on loopback ``address``, speaking as ``component``.
+
+    The SuperNode's Runtime API is plain HTTP; the SuperLink's is HTTPS when it has TLS: pass
+    its CA as ``root_certificates``.
+    """
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     return RuntimeHttpClient.from_server_address(
         server_address=address,
-        insecure=True,
-        root_certificates=None,
+        insecure=root_certificates is None,
+        root_certificates=root_certificates,
         interceptors=interceptors,
         retry_invoker=_retry(30.0),
     )
 
 
+def acquire_task(client: RuntimeHttpClient, task_type: str) -> str | None:
+    """Claim the oldest pending task of ``task_type``; return its token, or None if none waits."""
+    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[task_type]))
+    return res.token if res.HasField("task") and res.token else None
+
+
 def acquire_clientapp_task(client: RuntimeHttpClient) -> str | None:
     """Claim the oldest pending ClientApp task; return its token, or None if none waits."""
-    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-    return res.token if res.HasField("task") and res.token else None
+    return acquire_task(client, TaskType.CLIENT_APP)
 
 
 @dataclass(frozen=True)
