@@ -36,6 +36,7 @@ from flwr.supercore.logger import (
     start_log_uploader,
     stop_log_uploader,
 )
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 from flwr.superlink.grid import HttpGrid
 
@@ -93,6 +94,10 @@ class ServerAppTask:
         from server.app import app  # the installed ServerApp: torch and the coordinator
 
         self.heartbeat.start()
+        # who is speaking, as Flower's own ServerApp process sets it (messages carry the run id)
+        TaskIdentity.task_id = given.task_id
+        TaskIdentity.run_id = given.run.run_id
+        TaskIdentity.node_id = given.context.node_id
         run = run_from_proto(given.run)
         self.grid.set_run(run)
         self.uploader = start_log_uploader(

@@ -14,9 +14,9 @@ from the SuperLink's Runtime API on loopback (:mod:`flowerctl.runtime`, Flower 1
 * an accepted task runs ``server.app:app`` from the installed package in a fresh process of
   its own (:mod:`server.apprun`), handed the task's token and input; FAB code never runs.
 
-Anyone on this host who reaches the loopback Runtime API could still claim a task first (a
-denial of that run, never foreign code here): Flower 1.42 has no per-executor credential in
-the open-source SuperLink's process mode but the experimental SuperExec secret.
+Claiming a task takes the secret that ``idc-server start`` writes owner-only for each start
+(:func:`secret_file`, Flower's SuperExec authentication): another local user who reaches the
+loopback Runtime API cannot take the coordinator's run away from it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.runtime import RuntimeHttpClient
 
 from common.audit import APP_REFUSED, AuditError
+from common.fileio import private_dir, write_private
 from common.paths import CoordPaths
 from flowerctl.errors import FlowerProcError
 from flowerctl.fab import InstalledApp, fab_hash
@@ -66,6 +68,7 @@ class ServerExecutor:
     def __init__(self, address: str, ca: Path | None, paths: CoordPaths, app: InstalledApp):
         self.address, self.ca, self.paths, self.installed = address, ca, paths, app
         self.certs = ca.read_bytes() if ca is not None else None
+        self.secret = secret_file(paths).read_bytes()
         self.running: dict[int, subprocess.Popen[bytes]] = {}  # run id -> its ServerApp
 
     def client(self, token: str | None = None) -> RuntimeHttpClient:
@@ -76,7 +79,9 @@ class ServerExecutor:
 
     def serve(self) -> None:
         """Poll for ServerApp tasks until stopped (SIGTERM, SIGINT or the parent's exit)."""
-        idle = self.client()
+        idle = runtime_client(
+            self.address, component=COMPONENT, root_certificates=self.certs, auth_secret=self.secret
+        )
         while True:
             self._reap()
             try:
@@ -116,8 +121,9 @@ class ServerExecutor:
         """Record the refusal, end the task failed with the reason, say so on the console."""
         run = run_from_proto(res.run)
         reason = (
-            f"the coordinator refused app {digest} ({run.fab_id} {run.fab_version}): not the "
-            f"installed {self.installed.label}: it {why}"
+            f"the coordinator refused app {digest} ({run.fab_id} {run.fab_version}): it is not "
+            f"the {self.installed.label} that `idc-server start` runs (it {why}); if idc-fl "
+            "was updated since, restart `idc-server start`"
         )
         details = {
             "run_id": str(run.run_id),
@@ -166,6 +172,19 @@ class ServerExecutor:
             if proc.poll() is not None:
                 log.info("run %d: ServerApp exited with %d", run_id, proc.returncode)
                 del self.running[run_id]
+
+
+def secret_file(paths: CoordPaths) -> Path:
+    """The SuperLink's SuperExec secret: only its holder may claim ServerApp tasks."""
+    return paths.superlink / "superexec.secret"
+
+
+def write_secret(paths: CoordPaths) -> Path:
+    """A fresh secret for this start (owner-only); return its file for the SuperLink's flag."""
+    private_dir(paths.superlink)
+    path = secret_file(paths)
+    write_private(path, secrets.token_bytes(32))
+    return path
 
 
 def start_executor(paths: CoordPaths, runtime_api: str, ca: Path | None) -> subprocess.Popen[bytes]:

@@ -24,13 +24,12 @@ from common.fileio import write_private
 from common.paths import CoordPaths
 from common.registry import load_sites
 from flowerctl.gateway import start_gateway
-from server.executor import start_executor
+from server.executor import start_executor, write_secret
 from server.link import LIVE_FILE, connection, node_key_fingerprint, tls_paths
 from server.lock import StartLock
 
 log = logging.getLogger(__name__)
 REFUSED_LOG = "gateway-refused.log"  # under COORD/logs: one line per refused request
-ISOLATION = ("--isolation", "process")
 
 
 @dataclass(frozen=True)
@@ -129,9 +128,13 @@ def _serve(
     local, logs = f"127.0.0.1:{local_port}", paths.logs
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     ca = tls.ca_cert if tls else None
-    procs = {  # `--isolation process`: the SuperLink runs no app; the executor runs ours only
+    # `--isolation process`: the SuperLink runs no app; the executor runs ours only, and only
+    # the executor (holding this start's secret) may claim the ServerApp tasks
+    secret = write_secret(paths)
+    isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+    procs = {
         "SuperLink": flowerctl.start_superlink(
-            paths.superlink, local_port, tls, logs / "superlink.log", args=ISOLATION
+            paths.superlink, local_port, tls, logs / "superlink.log", args=isolation
         )
     }
     live = paths.root / LIVE_FILE

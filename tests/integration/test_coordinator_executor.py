@@ -6,7 +6,8 @@ app of their own. The attack is first reproduced against a SuperLink started the
 runs the ServerApp of whatever was submitted), where the foreign ServerApp runs at the
 coordinator; then against the real ``idc-server start``, whose executor refuses it: no marker,
 ``app.refused`` in the coordinator's audit log, the run failed with the reason in Flower and
-on ``idc-server start``'s console.
+on ``idc-server start``'s console. Nor can a local user claim the run's ServerApp task: only
+the executor holds the secret the SuperLink asks for.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from flwr.cli.build import build_fab_from_disk
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.runtime import RuntimeHttpClient
 
 import flowerctl
 from common.audit_verify import verify_log
@@ -35,6 +40,21 @@ def foreign(root: Path) -> tuple[Path, dict[str, str], Path]:
     marker = root / "server-marker"
     config = {"server-marker": str(marker), "marker": str(root / "m"), "out": str(root / "o")}
     return app, config, marker
+
+
+def local_claim(conn: flowerctl.Connection) -> str:
+    """What any local user can try: claim a ServerApp task on the loopback Runtime API."""
+    client = RuntimeHttpClient.from_server_address(
+        server_address=conn.address,
+        insecure=False,
+        root_certificates=conn.ca_cert.read_bytes() if conn.ca_cert else None,
+        interceptors=[],
+    )
+    try:
+        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
+        return res.token
+    finally:
+        client.close()
 
 
 def test_the_old_superlink_runs_a_foreign_serverapp(tmp_path):
@@ -62,6 +82,9 @@ def test_the_coordinator_refuses_a_foreign_app_without_running_it(tmp_path):
         app, config, marker = foreign(tmp_path)
         digest = fab_hash(build_fab_from_disk(app))
         run_id = flowerctl.submit_run(conn, app, config)
+        # another local user cannot claim the run's ServerApp task (nor the coordinator's own)
+        with pytest.raises(httpx.HTTPStatusError):
+            local_claim(conn)
         status = wait_for(
             lambda: (s := flowerctl.run_status(conn, run_id)).finished and s,
             300,
