@@ -62,6 +62,14 @@ def _publisher(fab_id: str) -> str:
     return fab_id.split("/", 1)[0] if "/" in fab_id else fab_id
 
 
+def task_bytes(token: str, res: PullTaskInputResponse) -> bytes:
+    """What a ServerApp process is handed (:func:`server.apprun.read_task`): without the FAB."""
+    given = PullTaskInputResponse()
+    given.CopyFrom(res)
+    given.ClearField("fab")  # checked already; the ServerApp runs the installed files
+    return token.encode() + b"\n" + given.SerializeToString()
+
+
 class ServerExecutor:
     """Claims the SuperLink's ServerApp tasks one at a time; refuses or hands each on."""
 
@@ -150,9 +158,6 @@ class ServerExecutor:
         cmd = [sys.executable, "-m", "server.apprun", "--runtime-api", self.address]
         cmd += ["--ca", str(self.ca)] if self.ca is not None else []
         cmd += ["--parent-pid", str(os.getpid())]
-        given = PullTaskInputResponse()
-        given.CopyFrom(res)
-        given.ClearField("fab")  # checked above; the ServerApp runs the installed files
         # The token and the input travel over a pipe: never on a command line others can read.
         read, write = os.pipe()
         out = os.open(
@@ -164,7 +169,7 @@ class ServerExecutor:
             os.close(out)
             os.close(read)
         with open(write, "wb") as pipe:
-            pipe.write(token.encode() + b"\n" + given.SerializeToString())
+            pipe.write(task_bytes(token, res))
         return proc
 
     def _reap(self) -> None:
