@@ -89,24 +89,25 @@ class ServerAppTask:
 
     def run(self, given: PullTaskInputResponse) -> int:
         """Run the installed ServerApp on the task's run; return the exit code."""
-        from flwr.server.run_serverapp import run as run_serverapp
-
-        from server.app import app  # the installed ServerApp: torch and the coordinator
-
+        # The claim expires without a heartbeat: beat before the slow imports (torch).
         self.heartbeat.start()
-        # who is speaking, as Flower's own ServerApp process sets it (messages carry the run id)
-        TaskIdentity.task_id = given.task_id
-        TaskIdentity.run_id = given.run.run_id
-        TaskIdentity.node_id = given.context.node_id
-        run = run_from_proto(given.run)
-        self.grid.set_run(run)
-        self.uploader = start_log_uploader(
-            log_queue=self.queue, node_id=0, run_id=run.run_id, client=self.grid._runtime_client
-        )
-        context = context_from_proto(given.context)
-        context.run_config = get_fused_config_from_dir(PROJECT_ROOT, run.override_config)
-        self.context = context
         try:
+            from flwr.server.run_serverapp import run as run_serverapp
+
+            from server.app import app  # the installed ServerApp: torch and the coordinator
+
+            # who is speaking, as Flower's own ServerApp process sets it (messages carry it)
+            TaskIdentity.task_id = given.task_id
+            TaskIdentity.run_id = given.run.run_id
+            TaskIdentity.node_id = given.context.node_id
+            run = run_from_proto(given.run)
+            self.grid.set_run(run)
+            self.uploader = start_log_uploader(
+                log_queue=self.queue, node_id=0, run_id=run.run_id, client=self.grid._runtime_client
+            )
+            context = context_from_proto(given.context)
+            context.run_config = get_fused_config_from_dir(PROJECT_ROOT, run.override_config)
+            self.context = context
             self.context = run_serverapp(
                 grid=self.grid,
                 context=context,
