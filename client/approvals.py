@@ -21,9 +21,7 @@ from common.cli_util import add_command
 from common.fileio import atomic_write, read_json
 from common.paths import SitePaths
 
-APP_ACCEPTED = "app.accepted"  # audit actions of the site's executor and of `approve`
-APP_REFUSED = "app.refused"
-APP_APPROVED = "app.approved"
+APP_APPROVED = "app.approved"  # `approve`; the executor's two actions live in common.audit
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -36,8 +36,8 @@ from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
 from client import events
-from client.approvals import APP_ACCEPTED, APP_REFUSED, ApprovalsError, load_approved
-from common.audit import AuditError
+from client.approvals import ApprovalsError, load_approved
+from common.audit import APP_ACCEPTED, APP_REFUSED, AuditError
 from common.cli_util import setup_logging
 from common.config import SiteConfig
 from common.data import LoadOptions, PatchSet, load_patches

@@ -61,6 +61,9 @@ logger = logging.getLogger(__name__)
 GENESIS = "0" * 64
 UPDATE_SENT = "update.sent"
 UPDATE_RECEIVED = "update.received"
+# A run's app checked by an executor (the site's, the coordinator's) before any of it runs.
+APP_ACCEPTED = "app.accepted"
+APP_REFUSED = "app.refused"
 
 _TEXT_FIELDS = ("time", "actor", "action", "object", "outcome", "prev", "sig")
 _FIELDS = frozenset({"seq", "details", *_TEXT_FIELDS})

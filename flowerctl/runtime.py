@@ -41,7 +41,11 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_pull_object_fn_protobuf,
 )
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
@@ -59,6 +63,7 @@ MESSAGE_WAIT_S = 120.0  # for the SuperNode to store a task's message (seconds n
 OBJECTS_WAIT_S = 60.0
 PULL_BACKOFF_S = (0.05, 0.5)  # first and longest wait for a message object still in transit
 COMPONENT = "flwr-clientapp"  # what the SuperNode's version check expects of a ClientApp
+ACQUIRE = "/flwr.proto.Runtime/AcquireTask"  # the one call a SuperExec secret protects
 
 
 def check_flower_version() -> None:
@@ -80,24 +85,45 @@ def _retry(max_time: float) -> RetryInvoker:
     )
 
 
-def runtime_client(address: str, token: str | None = None) -> RuntimeHttpClient:
-    """A plain-HTTP client of the SuperNode's Runtime API on loopback ``address``."""
-    interceptors: list = [RuntimeVersionHttpInterceptor(component_name=COMPONENT)]
+def runtime_client(
+    address: str,
+    token: str | None = None,
+    *,
+    component: str = COMPONENT,
+    root_certificates: bytes | None = None,
+    auth_secret: bytes | None = None,
+) -> RuntimeHttpClient:
+    """A client of a Runtime API on loopback ``address``, speaking as ``component``.
+
+    The SuperNode's Runtime API is plain HTTP; the SuperLink's is HTTPS when it has TLS: pass
+    its CA as ``root_certificates``. With ``auth_secret`` (the file the SuperLink was given as
+    ``--superexec-auth-secret-file``) task claims are signed: only its holder can claim.
+    """
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    if auth_secret is not None:
+        interceptors.append(
+            SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods=[ACQUIRE])
+        )
     return RuntimeHttpClient.from_server_address(
         server_address=address,
-        insecure=True,
-        root_certificates=None,
+        insecure=root_certificates is None,
+        root_certificates=root_certificates,
         interceptors=interceptors,
         retry_invoker=_retry(30.0),
     )
 
 
+def acquire_task(client: RuntimeHttpClient, task_type: str) -> str | None:
+    """Claim the oldest pending task of ``task_type``; return its token, or None if none waits."""
+    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[task_type]))
+    return res.token if res.HasField("task") and res.token else None
+
+
 def acquire_clientapp_task(client: RuntimeHttpClient) -> str | None:
     """Claim the oldest pending ClientApp task; return its token, or None if none waits."""
-    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-    return res.token if res.HasField("task") and res.token else None
+    return acquire_task(client, TaskType.CLIENT_APP)
 
 
 @dataclass(frozen=True)

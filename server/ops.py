@@ -87,6 +87,8 @@ def follow(paths: CoordPaths, run_dir: Path, run_id: int, timeout: float) -> int
         error = read_record(run_dir, "status.json").get("error")
         if error:
             print(f"error: {error}", file=sys.stderr)
+        elif status.details:  # e.g. the coordinator's executor refused the run's app
+            print(f"error: {status.details}", file=sys.stderr)
         else:
             print(flowerctl.run_logs(conn, run_id)[-3000:], file=sys.stderr)
         print(f"continue it with: idc-server run --dir {paths.root} --resume {run_dir}")

@@ -1,9 +1,11 @@
-"""idc-server start: the loopback SuperLink, its public Fleet-only gateway, and site sync.
+"""idc-server start: the loopback SuperLink, its Fleet-only gateway, its executor, site sync.
 
 The SuperLink (every Flower API, no login on Control and Runtime) listens on 127.0.0.1 only;
 the coordinator's own commands reach it there through ``superlink.json``'s ``local_address``.
 The address the sites dial is served by :mod:`flowerctl.gateway`: TLS, the Fleet API and
-``/health``, nothing else. Both are started and stopped here, by pid, as one command.
+``/health``, nothing else. The SuperLink runs no app itself (``--isolation process``):
+:mod:`server.executor` runs the installed ServerApp for runs of the installed app and refuses
+every other. All three are started and stopped here, by pid, as one command.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from common.fileio import write_private
 from common.paths import CoordPaths
 from common.registry import load_sites
 from flowerctl.gateway import start_gateway
+from server.executor import start_executor, write_secret
 from server.link import LIVE_FILE, connection, node_key_fingerprint, tls_paths
 from server.lock import StartLock
 
@@ -125,14 +128,19 @@ def _serve(
     local, logs = f"127.0.0.1:{local_port}", paths.logs
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     ca = tls.ca_cert if tls else None
+    # `--isolation process`: the SuperLink runs no app; the executor runs ours only, and only
+    # the executor (holding this start's secret) may claim the ServerApp tasks
+    secret = write_secret(paths)
+    isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     procs = {
         "SuperLink": flowerctl.start_superlink(
-            paths.superlink, local_port, tls, logs / "superlink.log"
+            paths.superlink, local_port, tls, logs / "superlink.log", args=isolation
         )
     }
     live = paths.root / LIVE_FILE
     try:
         flowerctl.wait_superlink_ready(local, ca, args.timeout, procs["SuperLink"])
+        procs["executor"] = start_executor(paths, local, ca)
         procs["gateway"] = start_gateway(
             args.address, local, tls, logs / "gateway.log", logs / REFUSED_LOG
         )
@@ -142,6 +150,7 @@ def _serve(
             "local_address": local,
             "pid": procs["SuperLink"].pid,
             "gateway_pid": procs["gateway"].pid,
+            "executor_pid": procs["executor"].pid,
             "ca": str(ca) if ca else None,
         }
         write_private(live, json.dumps(info).encode())  # addresses and pids: owner-only
@@ -150,7 +159,7 @@ def _serve(
         print(
             f"SuperLink ready: sites dial {args.address} (Fleet API only; every other request "
             f"refused and logged in {logs / REFUSED_LOG}); this host's commands use {local}. "
-            "Ctrl-C stops both",
+            "Ctrl-C stops all",
             flush=True,
         )
         return _wait_any(procs)

@@ -159,7 +159,7 @@ class Hosts:
         live = self.root / "coord" / "superlink.json"
         if live.is_file():
             info = json.loads(live.read_text())
-            pids |= {int(info["pid"]), int(info["gateway_pid"])}
+            pids |= {int(info[k]) for k in ("pid", "gateway_pid", "executor_pid")}
         return pids
 
     def stop(self) -> None:

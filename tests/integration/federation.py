@@ -130,7 +130,7 @@ class Federation:
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.output(name)}") from None
         live = json.loads((self.coord / "superlink.json").read_text())
-        self.flower_pids |= {live["pid"], live["gateway_pid"]}
+        self.flower_pids |= {live["pid"], live["gateway_pid"], live["executor_pid"]}
         return proc
 
     def superlink_pid(self) -> int:

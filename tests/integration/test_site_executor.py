@@ -1,7 +1,7 @@
 """The site's own executor against real processes: TLS, node auth, the installed commands.
 
-An outsider who reaches the coordinator's Control API submits a foreign Flower app straight to
-the SuperLink the sites are connected to: the sites must refuse it without running it, record
+An attacker who owns the coordinator runs a foreign Flower app's ServerApp on the SuperLink the
+sites are connected to: the sites must refuse it without running it, record
 the refusal, and answer with an error, while an honest `idc-server run` still completes. A site
 whose key the coordinator drops, or whose executor dies, stops with one clear line.
 """
@@ -12,20 +12,23 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import ErrorCode
+from flwr.supercore.constant import TaskType
 
 import flowerctl
 from common.audit_verify import verify_log
 from common.keys import load_public_key, public_key_fingerprint
 from common.paths import CoordPaths
 from flowerctl.fab import fab_hash
+from flowerctl.runtime import acquire_task, runtime_client
 from server.runner import connection
 from simulation.synth import SynthSpec, synthesize
-from tests.integration.federation import Federation, split_synth_by_site, wait_for
+from tests.integration.federation import BIN, Federation, split_synth_by_site, wait_for
 
 pytestmark = pytest.mark.slow
 FOREIGN = Path(__file__).parent / "foreign_app"
@@ -53,13 +56,51 @@ def entries(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line]
 
 
+def run_as_compromised_coordinator(fed: Federation, app: Path, config: dict, tag: str) -> int:
+    """Submit the foreign app and run its ServerApp with Flower's own ``flwr-serverapp``.
+
+    The coordinator's executor refuses foreign apps (test_coordinator_executor.py); to reach
+    the sites anyway, the attacker here owns the coordinator: pauses its executor, claims the
+    run's ServerApp task with the coordinator's secret, and runs the FAB's code itself.
+    """
+    conn = connection(CoordPaths(fed.coord))
+    live = json.loads((fed.coord / "superlink.json").read_text())
+    ca = fed.coord / "tls" / "ca.pem"
+    claim = runtime_client(
+        conn.address,
+        component="flwr-serverapp",
+        root_certificates=ca.read_bytes(),
+        auth_secret=(fed.coord / "superlink" / "superexec.secret").read_bytes(),
+    )
+    os.kill(live["executor_pid"], signal.SIGSTOP)
+    try:
+        run_id = flowerctl.submit_run(conn, app, config)
+        token = wait_for(lambda: acquire_task(claim, TaskType.SERVER_APP), 60, "the task")
+    finally:
+        os.kill(live["executor_pid"], signal.SIGCONT)
+        claim.close()
+    cmd = [str(BIN / "flwr-serverapp"), "--runtime-api-address", conn.address, "--token", token]
+    log = open(fed.root / f"foreign-serverapp-{tag}.out", "ab")  # noqa: SIM115 - as Federation
+    fed.procs[f"foreign-serverapp-{tag}"] = subprocess.Popen(  # stopped by pid in fed.stop()
+        [*cmd, "--root-certificates", str(ca)],
+        env={**fed.env, "FLWR_HOME": str(fed.root / "attacker-home")},
+        cwd=fed.root,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return run_id
+
+
 def submit_foreign(fed: Federation, tag: str) -> tuple[dict, Path, str]:
     """`flwr run` the foreign app at the coordinator's SuperLink; return the sites' replies."""
     app = fed.root / f"foreignapp-{tag}"
     shutil.copytree(FOREIGN, app, ignore=shutil.ignore_patterns("__pycache__"))
     marker, out = fed.root / f"marker-{tag}.json", fed.root / f"replies-{tag}.json"
     conn = connection(CoordPaths(fed.coord))
-    run_id = flowerctl.submit_run(conn, app, {"marker": str(marker), "out": str(out)})
+    config = {"marker": str(marker), "out": str(out)}
+    run_id = run_as_compromised_coordinator(fed, app, config, tag)
     status = wait_for(
         lambda: (s := flowerctl.run_status(conn, run_id)).finished and s, 300, "the foreign run"
     )

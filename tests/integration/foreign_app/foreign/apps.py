@@ -1,8 +1,10 @@
-"""The foreign app: a ClientApp that leaves a marker at the site, a ServerApp that logs replies."""
+"""The foreign app: a ClientApp that leaves a marker at the site, a ServerApp that leaves one at
+the coordinator (``server-marker``: its working directory) and logs the sites' replies."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +26,8 @@ def train(msg: Message, context: Context) -> Message:
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     """Send one train message to every connected site; write what each answered."""
+    if context.run_config["server-marker"]:  # proof that this code ran at the coordinator
+        Path(str(context.run_config["server-marker"])).write_text(os.getcwd())
     deadline = time.monotonic() + 60
     nodes: list[int] = []
     while not nodes and time.monotonic() < deadline:

@@ -1,0 +1,152 @@
+"""One accepted run's ServerApp process: the INSTALLED ``server.app:app``, never the run's FAB.
+
+Started by :mod:`server.executor` once it has checked the run's app bundle, with the task's
+token and input (the run and its context, already pulled: Flower lets a task start once) on
+stdin. It mirrors ``flwr.superlink.runtime.run_serverapp`` of Flower 1.42 (heartbeat, log
+upload to the SuperLink so ``flwr log`` works, the task's final status) except that nothing is
+unpacked or installed: the run config is the installed ``pyproject.toml``'s defaults with the
+run's overrides, and the ServerApp object is imported from the installed package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from logging import ERROR
+from pathlib import Path
+from queue import Queue
+
+import httpx
+from flwr.app import Context
+from flwr.common.config import get_fused_config_from_dir
+from flwr.common.constant import SubStatus
+from flwr.common.serde import context_from_proto, context_to_proto, run_from_proto
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    PullTaskInputResponse,
+    PushTaskOutputRequest,
+)
+from flwr.supercore import log
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.logger import (
+    flush_logs,
+    mirror_output_to_queue,
+    start_log_uploader,
+    stop_log_uploader,
+)
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
+from flwr.superlink.grid import HttpGrid
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the installed idc-fl (editable install)
+
+
+def read_task(stream: bytes) -> tuple[str, PullTaskInputResponse]:
+    """Split what the executor wrote: the token line, then the task input (protobuf)."""
+    token, _, payload = stream.partition(b"\n")
+    if not token:
+        raise ValueError("no task token on stdin: this process is started by server.executor")
+    return token.decode(), PullTaskInputResponse.FromString(payload)
+
+
+class ServerAppTask:
+    """The task's connection, heartbeat, log upload and final status, as Flower's own."""
+
+    def __init__(self, address: str, certs: bytes | None, token: str) -> None:
+        self.grid = HttpGrid(
+            runtime_api_address=address,
+            insecure=certs is None,
+            root_certificates=certs,
+            token=token,
+        )
+        self.queue: Queue[str | None] = Queue()
+        self.heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(self.grid._runtime_client))
+        self.uploader: threading.Thread | None = None
+        self.context: Context | None = None
+        self.sub_status, self.details = SubStatus.FAILED, "ServerApp stopped before it ran"
+
+    def on_exit(self) -> None:
+        """Push the final status (and context), stop the helpers: on any way out."""
+        self.grid._retry_invoker.max_tries = 1  # never block the exit on a gone SuperLink
+        if self.uploader:
+            flush_logs(self.queue)
+        request = PushTaskOutputRequest(
+            context=context_to_proto(self.context) if self.context else None,
+            sub_status=self.sub_status,
+            details=self.details,
+        )
+        try:
+            self.grid._runtime_client.PushTaskOutput(request)
+        except httpx.HTTPError as err:
+            log(ERROR, "Failed to push task output: %s", err)
+        if self.uploader:
+            stop_log_uploader(self.queue, self.uploader)
+        if self.heartbeat.is_running:
+            self.heartbeat.stop()
+        self.grid.close()
+
+    def run(self, given: PullTaskInputResponse) -> int:
+        """Run the installed ServerApp on the task's run; return the exit code."""
+        # The claim expires without a heartbeat: beat before the slow imports (torch).
+        self.heartbeat.start()
+        try:
+            from flwr.server.run_serverapp import run as run_serverapp
+
+            from server.app import app  # the installed ServerApp: torch and the coordinator
+
+            # who is speaking, as Flower's own ServerApp process sets it (messages carry it)
+            TaskIdentity.task_id = given.task_id
+            TaskIdentity.run_id = given.run.run_id
+            TaskIdentity.node_id = given.context.node_id
+            run = run_from_proto(given.run)
+            self.grid.set_run(run)
+            self.uploader = start_log_uploader(
+                log_queue=self.queue, node_id=0, run_id=run.run_id, client=self.grid._runtime_client
+            )
+            context = context_from_proto(given.context)
+            context.run_config = get_fused_config_from_dir(PROJECT_ROOT, run.override_config)
+            self.context = context
+            self.context = run_serverapp(
+                grid=self.grid,
+                context=context,
+                server_app_dir=str(PROJECT_ROOT),
+                loaded_server_app=app,
+            )
+        except Exception as exc:  # noqa: BLE001 - reported to the SuperLink as Flower does
+            log(ERROR, "ServerApp raised an exception", exc_info=exc)
+            self.details = f"ServerApp failed with exception: {exc}"
+            return ExitCode.SERVERAPP_EXCEPTION
+        self.sub_status, self.details = SubStatus.COMPLETED, ""
+        self.context.state = type(self.context.state)()  # as Flower: no state pushed back
+        return ExitCode.SUCCESS
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m server.apprun --runtime-api ADDR [--ca PEM]``, input on stdin."""
+    p = argparse.ArgumentParser(prog="idc-server apprun", description=__doc__)
+    p.add_argument("--runtime-api", required=True, help="the SuperLink's loopback host:port")
+    p.add_argument("--ca", type=Path, default=None, help="the SuperLink's CA (omit: plain HTTP)")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process ends")
+    args = p.parse_args(argv)
+    try:
+        token, given = read_task(sys.stdin.buffer.read())
+    except ValueError as exc:
+        print(f"idc-server apprun: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)
+    task = ServerAppTask(args.runtime_api, args.ca.read_bytes() if args.ca else None, token)
+    mirror_output_to_queue(task.queue)  # the ServerApp's output also goes to `flwr log`
+    register_signal_handlers(
+        event_type=EventType.FLWR_SERVERAPP_RUN_LEAVE,
+        exit_message="Task stopped by user.",
+        exit_handlers=[task.on_exit],
+    )
+    code = task.run(given)
+    flwr_exit(code=code, event_type=EventType.FLWR_SERVERAPP_RUN_LEAVE)
+
+
+if __name__ == "__main__":
+    main()
