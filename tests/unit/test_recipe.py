@@ -34,6 +34,22 @@ def test_recipe_plan_carries_overrides_into_every_run_config(tmp_path: Path):
     assert run.num_server_rounds == 2 and run.min_sites == 3
 
 
+def test_baselines_train_with_the_federated_runs_recipe(tmp_path: Path):
+    plan = SimPlan(data=tmp_path, sites=3, rounds=2, local_epochs=3, lr=1e-4)
+    levers = {"augment": "dihedral", "weight-decay": 0.01, "lr-schedule": "cosine", "ema": 0.9}
+    rplan = with_recipe(plan, Recipe.of({"learning-rate": 3e-4, **levers, "model": "gap"}))
+    run = rplan.run_config(tmp_path / "r", tmp_path / "c", tmp_path / "s")
+    base = rplan.baseline()
+    assert (base.augment, base.weight_decay, base.lr_schedule, base.ema, base.model) == (
+        run.augment,
+        run.weight_decay,
+        run.lr_schedule,
+        run.ema,
+        run.model,
+    )
+    assert base.lr == run.learning_rate == 3e-4 and base.epochs == 6
+
+
 def test_targets_of_rows_that_did_not_run_are_not_run():
     rows = {"paper": {"error": "boom"}, "central": {"skipped": "--max-minutes 1 reached"}}
     verdicts = {t["verdict"] for t in targets({"rows": rows})}
