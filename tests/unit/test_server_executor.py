@@ -115,6 +115,8 @@ def test_a_foreign_app_is_refused_unopened_recorded_and_its_task_failed(coord, i
 
 def test_the_installed_app_is_handed_on_without_its_fab(coord, installed):
     files: dict[str, bytes | Path] = {rel: PROJECT_ROOT / rel for rel in installed.files}
+    # As `flwr run` builds it: .gitignore keeps a checkout's runs/ (make demo's output) out.
+    files[".gitignore"] = PROJECT_ROOT / ".gitignore"
     content, _ = build_fab_from_files(files)
     before = coord.audit.read_text()
     ex, runtime = executor(coord, installed, task(content, "idc/idc-fl"))
