@@ -7,14 +7,13 @@ from the site's own node config, never from the coordinator.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from common import config_digest
 from common.paths import SitePaths
 
 Norm = Literal["batch", "group"]
@@ -35,8 +34,6 @@ ChannelsLast = Literal["auto", "on", "off"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 CHANNELS_LAST: tuple[str, ...] = get_args(ChannelsLast)
 Scalar = str | int | float | bool  # what a Flower run-config value may be
-# Where this run's results go and whether it continues one: not part of what the run is.
-_NOT_DIGESTED = ("run-dir", "resume")
 RENAMED_KEY = "dp.target-epsilon"
 
 
@@ -120,12 +117,15 @@ class RunConfig:
         return {self.key(f.name): getattr(self, f.name) for f in fields(self)}
 
     def digest(self) -> str:
-        """SHA-256 of the settings that define the run (not where it writes, nor resume).
+        """SHA-256 of the settings that define the run (:mod:`common.config_digest`).
 
         ``run.submitted`` and ``run.started`` log it as ``config_hash``; a resume checks it.
         """
-        settings = {k: v for k, v in self.to_run_config().items() if k not in _NOT_DIGESTED}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return config_digest.digest(self.to_run_config())
+
+    def matches(self, recorded: str) -> bool:
+        """Whether ``recorded``, a run's ``config_hash`` from any release, is of these settings."""
+        return recorded in config_digest.accepted(self.to_run_config())
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> RunConfig:

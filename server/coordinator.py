@@ -100,8 +100,12 @@ class Coordinator:
                 "use --resume to continue it or choose a new --out"
             )
         self.hash = run.digest()
-        if self.completed and state.get("config_hash") not in (None, self.hash):
-            raise ValueError(f"cannot resume {run_dir}: the run settings changed")
+        recorded = state.get("config_hash")
+        if self.completed and recorded is not None and not run.matches(recorded):
+            raise ValueError(
+                f"cannot resume {run_dir}: its settings differ from those its rounds were "
+                "trained with (config_hash in state.json); resume it unchanged or start a new run"
+            )
         inner = central_dp(run, flower_strategy(run), len(site_keys))
         self.strategy = CoordinatorStrategy(
             inner, run, self.dir, run_id, self.completed, site_keys, self.audit, declared

@@ -12,7 +12,7 @@ from pathlib import Path
 import tomli_w
 
 import flowerctl
-from common import keys
+from common import config_digest, keys
 from common.audit import AuditLog
 from common.cli_util import DefaultsFormatter, add_command
 from common.config import RunConfig, Scalar
@@ -78,22 +78,53 @@ def previous_config(run_dir: Path) -> RunConfig:
     saved = read_json(record)
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
         raise ValueError(f"{record} has no 'config' object; it was not written by idc-server run")
-    try:
-        return RunConfig.from_run_config(saved["config"])
+    try:  # a key the run predates keeps what the run did, not today's default
+        return RunConfig.from_run_config(config_digest.with_added_values(saved["config"]))
     except ValueError as exc:
         raise ValueError(f"{record}: {exc}") from exc
 
 
+def refuse_changed_settings(run_dir: Path, before: RunConfig, after: RunConfig) -> None:
+    """Refuse, before submitting, a resume whose settings are not those its rounds used.
+
+    The ServerApp refuses it too, but only after the submission has replaced run.json's
+    config with the changed one; here the line names each changed key and run.json is kept.
+    """
+    state = RunDir(run_dir).read_state()
+    recorded = state.get("config_hash")
+    if not state.get("completed_round") or recorded is None or after.matches(recorded):
+        return
+    old, new = before.to_run_config(), after.to_run_config()
+    changed = [
+        f"{key} {old[key]!r} -> {value!r}"
+        for key, value in new.items()
+        if key not in config_digest.NOT_DIGESTED and old[key] != value
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume {run_dir}: {'; '.join(changed)} differ from the settings its "
+            "rounds were trained with; resume without those changes, or start a new run with --out"
+        )
+    raise ValueError(
+        f"cannot resume {run_dir}: the config in its run.json is not the one its rounds were "
+        "trained with (config_hash in state.json); restore run.json or start a new run with --out"
+    )
+
+
 def run_config(args: argparse.Namespace, paths: CoordPaths, run_dir: Path) -> RunConfig:
     """What ``idc-server run`` submits: the resumed run's config, then the overrides."""
-    config = previous_config(run_dir).to_run_config() if args.resume else {}
+    before = previous_config(run_dir) if args.resume else None
+    config = before.to_run_config() if before else {}
     config.update(parse_overrides(args.run_config, config))
     if args.rounds is not None:
         config["num-server-rounds"] = args.rounds
     config.update(
         {"run-dir": str(run_dir), "coord-dir": str(paths.root), "resume": bool(args.resume)}
     )
-    return RunConfig.from_run_config(config)
+    run = RunConfig.from_run_config(config)
+    if before is not None:
+        refuse_changed_settings(run_dir, before, run)
+    return run
 
 
 def refuse_existing_out(run_dir: Path, paths: CoordPaths) -> None:
