@@ -14,8 +14,9 @@ Rows (each one a call to an existing runner; no second training loop):
 
 Every row works on one cohort: the source's patients (or a seeded subsample of them, for
 ``--quick``) linked once into ``OUT/cohort``. A row that fails is recorded with its error and
-the others go on; the command then exits non-zero. ``--max-minutes`` skips the rows that
-would start after the deadline, and says so in the report.
+the others go on; the command then exits non-zero. ``--max-minutes`` skips the rows, and the
+runs inside a row (candidates, partitions, DP points), that would start after the deadline,
+and names them in the report.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from simulation.sweep import run_sweep
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
 ROWS = ("paper", "central", "fedavg", "dp")
+Late = Callable[[], bool]  # whether --max-minutes has passed
 __all__ = ["FULL", "QUICK", "ROWS", "Request", "Schedule", "reproduce"]
 
 
@@ -62,10 +64,15 @@ def _val_score(history: Sequence[dict[str, float]]) -> float:
     return float(min(rows, key=lambda r: r["val_loss"])["val_balanced_accuracy"])
 
 
-def row_central(cohort: Cohort, sched: Schedule, out: Path, seed: int) -> dict[str, Any]:
+def row_central(
+    cohort: Cohort, sched: Schedule, out: Path, seed: int, late: Late
+) -> dict[str, Any]:
     """Row 2: patient split fixed by seed; candidates chosen on validation patients only."""
-    tried = []
+    tried, not_run = [], []
     for k, cand in enumerate(recipe.CENTRAL_CANDIDATES[: sched.candidates]):
+        if k and late():  # the first always runs: the row reports the one chosen
+            not_run.append(f"candidate-{k}")
+            continue
         rec = recipe.Recipe.of(recipe.BASE, cand)
         config = replace(
             BaselineConfig(split="patient", epochs=sched.epochs, batch_size=sched.batch_size),
@@ -84,7 +91,13 @@ def row_central(cohort: Cohort, sched: Schedule, out: Path, seed: int) -> dict[s
         )
     scores = [t["val_balanced_accuracy"] for t in tried]
     best = int(np.nanargmax(scores)) if any(math.isfinite(s) for s in scores) else 0
-    return {"seed": seed, "chosen": best, "candidates": tried, "test": tried[best]["test"]}
+    return {
+        "seed": seed,
+        "chosen": best,
+        "candidates": tried,
+        "not_run": not_run,
+        "test": tried[best]["test"],
+    }
 
 
 def _plan(cohort: Cohort, sched: Schedule, sites: int, partition: str, seed: int) -> SimPlan:
@@ -113,9 +126,6 @@ def fed_configs(sched: Schedule) -> list[FedRow]:
             if recipe.supports("strategy", name):
                 rows.append((f"{p}-{first}-{name}", first, p, recipe.strategy(name)))
     return rows
-
-
-Late = Callable[[], bool]  # whether --max-minutes has passed
 
 
 def row_fedavg(
@@ -165,8 +175,15 @@ def row_dp(
         plan = replace(_plan(cohort, sched, sites, "iid", seeds[0]), rounds=sched.dp_rounds)
         say(f"[dp {model}] epsilon {list(sched.dp_epsilons)} x seeds {list(seeds)} ...")
         res = run_sweep(
-            recipe.with_recipe(plan, rec), sched.dp_epsilons, seeds, out / model, spec, say=say
+            recipe.with_recipe(plan, rec),
+            sched.dp_epsilons,
+            seeds,
+            out / model,
+            spec,
+            say=say,
+            late=late,
         )
+        out_rows["not_run"] += [f"{model} {point}" for point in res["not_run"]]
         out_rows["models"][model] = {"recipe": rec.facts(), "folder": str(out / model), **res}
     return out_rows
 
@@ -197,47 +214,55 @@ def _one_row(name: str, cohort: Cohort, req: Request, say: Say, late: Late) -> d
     if name == "paper":
         return row_paper(cohort, req.schedule, folder, seed)
     if name == "central":
-        return row_central(cohort, req.schedule, folder, seed)
+        return row_central(cohort, req.schedule, folder, seed, late)
     if name == "fedavg":
         return row_fedavg(cohort, req.schedule, folder, seed, say, late)
     return row_dp(cohort, req.schedule, folder, req.seeds, say, late)
 
 
-def run_rows(req: Request, cohort: Cohort, say: Say, started: float) -> dict[str, Any]:
+Clock = Callable[[], float]  # seconds, for --max-minutes (time.monotonic)
+
+
+def run_rows(
+    req: Request, cohort: Cohort, say: Say, started: float, clock: Clock = time.monotonic
+) -> dict[str, Any]:
     """Every requested row in order; a failed row is recorded, a late one skipped."""
     rows: dict[str, Any] = {}
 
     def late() -> bool:
-        return (time.monotonic() - started) / 60 >= req.max_minutes
+        return (clock() - started) / 60 >= req.max_minutes
 
     for i, name in enumerate(req.rows, 1):
-        minutes = (time.monotonic() - started) / 60
+        minutes = (clock() - started) / 60
         if minutes >= req.max_minutes:
             rows[name] = {"skipped": f"--max-minutes {req.max_minutes:g} reached"}
             say(f"[{i}/{len(req.rows)}] {name}: skipped, {minutes:.1f} min used")
             continue
         say(f"[{i}/{len(req.rows)}] {name}: starting at {minutes:.1f} min ...")
-        t0 = time.monotonic()
+        t0 = clock()
         try:
             rows[name] = _one_row(name, cohort, req, say, late)
         except Exception as exc:  # one row's failure is reported; the others still run
             log.exception("row %s failed", name)
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        rows[name]["seconds"] = time.monotonic() - t0
+        rows[name]["seconds"] = clock() - t0
         say(f"[{i}/{len(req.rows)}] {name}: done in {rows[name]['seconds'] / 60:.1f} min")
     return rows
 
 
-def reproduce(req: Request, say: Say = log.info) -> dict[str, Any]:
-    """Run the matrix of ``req``; write results.json, report.md and figures into ``req.out``."""
+def reproduce(req: Request, say: Say = log.info, clock: Clock = time.monotonic) -> dict[str, Any]:
+    """Run the matrix of ``req``; write results.json, report.md and figures into ``req.out``.
+
+    ``--max-minutes`` is kept before each row and, inside a row, before each run.
+    """
     from simulation import reproduce_report
 
-    started, wall = time.monotonic(), time.time()
+    started, wall = clock(), time.time()
     out = sim_runtime.fresh_output(req.out)
     say(f"cohort: linking and decoding the patients of {req.data} ...")
     cohort = make_cohort(req.data, out, req.schedule.patients, req.seeds[0])
     say(f"cohort: {cohort.facts['patients']} patients, {cohort.facts['patches']} patches")
-    rows = run_rows(replace(req, out=out), cohort, say, started)
+    rows = run_rows(replace(req, out=out), cohort, say, started, clock)
     results = {
         "label": req.schedule.name.upper(),
         "schedule": asdict(req.schedule),
@@ -247,7 +272,7 @@ def reproduce(req: Request, say: Say = log.info) -> dict[str, Any]:
         "data": cohort.facts,
         "machine": reproduce_report.machine(),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall)),
-        "wall_seconds": time.monotonic() - started,
+        "wall_seconds": clock() - started,
         "rows": rows,
     }
     reproduce_report.write(out, results)

@@ -128,9 +128,10 @@ def _central(row: Mapping[str, Any]) -> str:
             )
         )
     header = ["", "recipe applied", "train/val/test patches", "val. balanced acc.", *HEAD]
-    return f"""Patients split once by seed {row["seed"]} into train/validation/test (60/10/30).
-Each candidate's test patients were scored once; the chosen one has the best validation
-balanced accuracy (at its lowest-validation-loss epoch); the test played no part in choosing.
+    return f"""{_skipped_md(row)}Patients split once by seed {row["seed"]} into
+train/validation/test (60/10/30). Each candidate's test patients were scored once; the
+chosen one has the best validation balanced accuracy (at its lowest-validation-loss epoch);
+the test played no part in choosing.
 Rows 3 and 4 split patients per site, so each of their comparisons trains its own pooled
 baseline on the same sites' patients and scores it on the same test patients as FedAvg.
 

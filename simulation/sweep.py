@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -120,8 +120,13 @@ def run_sweep(
     out: Path,
     spec: DPSpec | None = None,
     say: Say = log.info,
+    late: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
-    """Every (seed, epsilon) point; writes sweep.json, sweep.md and sweep.png into ``out``."""
+    """Every (seed, epsilon) point; writes sweep.json, sweep.md and sweep.png into ``out``.
+
+    ``late`` is asked before each point; once it says yes, the points left are not run and
+    are named in ``not_run`` (their folder tags), the summary covering the points run.
+    """
     # Group norm everywhere, no-DP point included, so that only the noise differs.
     plan = replace(plan, norm="group")
     spec = spec or DPSpec(epsilon=1.0)
@@ -131,9 +136,13 @@ def run_sweep(
         plan.run_config(out, out, out, (spec, 1.0))
     out = sim_runtime.fresh_output(out)
     prep = prepare(plan, out, say)
-    points = []
+    points, not_run = [], []
     for seed in seeds:
         for eps in epsilons:
+            if late():  # each point is a whole FedAvg run: a deadline is kept between them
+                not_run.append(tag(eps, seed))
+                say(f"epsilon {eps:g}, seed {seed}: not run, the time allowed is spent")
+                continue
             points.append(one_point(replace(plan, seed=seed), prep, eps, spec, out, say))
             say(
                 f"  -> balanced accuracy {points[-1][BALANCED_ACCURACY]:.4f}, "
@@ -149,6 +158,7 @@ def run_sweep(
             "accountant": spec.accountant,
         },
         "points": points,
+        "not_run": not_run,
         "summary": summarise(points),
     }
     report.write_sweep(out, results)

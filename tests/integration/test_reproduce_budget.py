@@ -1,0 +1,91 @@
+"""idc-sim reproduce --max-minutes inside a row: a run that would start late (a DP point, a
+centralized candidate) is not run and the report names it, instead of the row overrunning the
+budget by whole runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.provenance import MODEL_FILE
+from simulation.reproduce import Request, Schedule, reproduce
+from simulation.synth import SynthSpec, synthesize
+
+pytestmark = pytest.mark.slow
+
+TWO_EPSILONS = Schedule(
+    name="tiny",
+    patients=None,
+    paper_epochs=1,
+    rounds=1,
+    local_epochs=1,
+    site_counts=(3,),
+    skews=(),
+    local_only=(),
+    dp_epsilons=(8.0, 3.0),
+    dp_rounds=1,
+    candidates=1,
+    batch_size=16,
+)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def spent_by_one_run(folder: Path, artefact: str) -> Callable[[], float]:
+    """A clock that stands still until the first run has written ``artefact`` under
+    ``folder``, then jumps two minutes: --max-minutes 1 is spent by one run on any machine."""
+
+    def clock() -> float:
+        return 120.0 if any(folder.rglob(artefact)) else 0.0
+
+    return clock
+
+
+def _data(tmp_path: Path) -> Path:
+    synthesize(tmp_path / "data", SynthSpec(patients=9, patches_per_patient=(16, 24), seed=3))
+    return tmp_path / "data"
+
+
+def test_the_dp_sweep_stops_between_epsilons_and_names_what_it_skipped(
+    tmp_path: Path, one_thread: None
+) -> None:
+    out = tmp_path / "out"
+    req = Request(_data(tmp_path), out, TWO_EPSILONS, seeds=(0,), rows=("dp",), max_minutes=1)
+    said: list[str] = []
+    reproduce(req, say=said.append, clock=spent_by_one_run(out / "dp", MODEL_FILE))
+
+    row = json.loads((out / "results.json").read_text())["rows"]["dp"]
+    paper = row["models"]["paper"]
+    assert [(p["epsilon"], p["seed"]) for p in paper["points"]] == [(8.0, 0)]
+    assert paper["not_run"] == ["eps-3-seed-0"]
+    assert not (out / "dp" / "paper" / "runs" / "eps-3-seed-0").exists()
+    assert "paper eps-3-seed-0" in row["not_run"]  # a later model is not started either
+    assert [s["epsilon"] for s in paper["summary"]] == [8.0]
+    report = (out / "report.md").read_text()
+    assert "**Not run, --max-minutes reached: paper eps-3-seed-0" in report
+    assert any("epsilon 3, seed 0: not run" in line for line in said), said
+
+
+def test_the_central_row_stops_between_candidates(tmp_path: Path, one_thread: None) -> None:
+    out = tmp_path / "out"
+    sched = replace(TWO_EPSILONS, candidates=2)
+    req = Request(_data(tmp_path), out, sched, seeds=(0,), rows=("central",), max_minutes=1)
+    reproduce(req, say=lambda _: None, clock=spent_by_one_run(out / "central", "metrics.json"))
+
+    row = json.loads((out / "results.json").read_text())["rows"]["central"]
+    assert [c["candidate"] for c in row["candidates"]] == [0] and row["chosen"] == 0
+    assert row["not_run"] == ["candidate-1"]
+    assert not (out / "central" / "candidate-1").exists()
+    report = (out / "report.md").read_text()
+    assert "**Not run, --max-minutes reached: candidate-1.**" in report
