@@ -18,6 +18,17 @@ from common.fileio import atomic_write
 from common.metrics import json_safe
 from common.provenance import MODEL_FILE
 
+DAMAGED = "the run folder is damaged; restore it from a backup, or start a new run"
+
+
+def _parse(path: Path, text: str, line: int = 0) -> Any:
+    """One JSON value of ``path`` (a line of it when ``line``), naming the file if it is not."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        where = f"{path} line {line}" if line else str(path)
+        raise ValueError(f"{where} is not valid JSON ({exc}): {DAMAGED}") from None
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -58,10 +69,13 @@ class RunDir:
             return {k: data[k] for k in data.files}
 
     def read_state(self) -> dict[str, Any]:
-        """The resume state, or a fresh one."""
+        """The resume state, or a fresh one; ValueError naming the file if it is damaged."""
         if not self.state.is_file():
             return {"completed_round": 0}
-        return json.loads(self.state.read_text())
+        state = _parse(self.state, self.state.read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"{self.state} is not a JSON object: {DAMAGED}")
+        return state
 
     def commit_round(
         self,
@@ -93,7 +107,8 @@ class RunDir:
         """Every metrics line written so far."""
         if not self.rounds.is_file():
             return []
-        return [json.loads(line) for line in self.rounds.read_text().splitlines() if line]
+        lines = self.rounds.read_text().splitlines()
+        return [_parse(self.rounds, line, n) for n, line in enumerate(lines, 1) if line]
 
     def write_json(self, name: str, value: Any) -> Path:
         """Write a JSON file in the run folder atomically."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import socket
 from pathlib import Path
 
@@ -23,13 +24,16 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common.cli_util import one_line
 from common.errors import EXIT_OK
 from common.paths import CoordPaths
 from server.dashboard_page import PAGE
 from server.dashboard_view import curves_svg, snapshot
 
+log = logging.getLogger(__name__)
 HOST = "127.0.0.1"  # never anything else: see the module docstring
 DEFAULT_PORT = 8765
+MAX_PORT = 65535
 POLL_MS = 2000
 
 
@@ -49,6 +53,13 @@ class GetOnly:
         await self.app(scope, receive, send)
 
 
+def unreadable(exc: Exception) -> Response:
+    """A damaged or missing file of the folder: one line on the page and the console."""
+    line = one_line(exc)
+    log.warning("dashboard: %s", line)  # never the server's traceback
+    return JSONResponse({"error": line}, 503, headers={"Cache-Control": "no-store"})
+
+
 def make_app(root: Path) -> Starlette:
     """The dashboard of the coordinator folder ``root``."""
 
@@ -57,7 +68,10 @@ def make_app(root: Path) -> Starlette:
 
     async def state(request: Request) -> Response:
         # Reads files and asks the SuperLink: off the event loop.
-        data = await asyncio.to_thread(snapshot, root)
+        try:
+            data = await asyncio.to_thread(snapshot, root)
+        except (OSError, ValueError) as exc:
+            return unreadable(exc)
         return JSONResponse(data, headers={"Cache-Control": "no-store"})
 
     async def curves(request: Request) -> Response:
@@ -70,7 +84,10 @@ def make_app(root: Path) -> Starlette:
             title = f"run {found[1]}: rounds so far" if found else "no run yet"
             return curves_svg(rows, title)
 
-        svg = await asyncio.to_thread(draw)
+        try:
+            svg = await asyncio.to_thread(draw)
+        except (OSError, ValueError) as exc:
+            return unreadable(exc)
         return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
     routes = [
@@ -87,6 +104,10 @@ def make_app(root: Path) -> Starlette:
 
 def bind(port: int) -> socket.socket:
     """A listening socket on loopback (``port`` 0: a free one); OSError names a taken port."""
+    if not 0 <= port <= MAX_PORT:  # socket's own error is an OverflowError: not a bad input
+        raise ValueError(
+            f"--port {port} is not a port number; give 1-{MAX_PORT}, or --port 0 for a free one"
+        )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

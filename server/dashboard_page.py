@@ -103,8 +103,8 @@ function showPrivacy(rows) {
 async function poll() {
   try {
     const response = await fetch("/api/state", {cache: "no-store"});
-    if (!response.ok) { throw new Error("HTTP " + response.status); }
     const s = await response.json();
+    if (!response.ok) { throw new Error(s.error || "HTTP " + response.status); }
     text("coordinator", "coordinator folder: " + s.coordinator);
     text("superlink", s.superlink);
     const a = s.audit;
@@ -113,7 +113,7 @@ async function poll() {
     showSites(s); showRun(s.run); showPrivacy(s.privacy);
     text("updated", "updated " + new Date().toLocaleTimeString());
   } catch (err) {
-    text("updated", "cannot reach the dashboard server: " + err.message, "bad");
+    text("updated", "cannot show the federation: " + err.message, "bad");
   }
   setTimeout(poll, __POLL_MS__);
 }

@@ -34,6 +34,7 @@ import numpy as np
 from simulation import recipe, sim_runtime
 from simulation.centralized import BaselineConfig, run_centralized
 from simulation.federated import run_compare
+from simulation.partitioners import MIN_PATIENTS
 from simulation.plan import DPSpec, SimPlan
 from simulation.reproduce_cohort import Cohort, link_balanced, make_cohort
 from simulation.reproduce_schedule import FULL, QUICK, Schedule
@@ -207,6 +208,14 @@ class Request:
             raise ValueError(f"--seeds must be distinct integers, got {self.seeds}")
         if not self.max_minutes > 0:
             raise ValueError(f"--max-minutes must be > 0, got {self.max_minutes}")
+        asked, need = self.schedule.patients, self.schedule.patients_needed(self.rows)
+        if asked is not None and asked < need:  # else rows 3 and 4 fail after the cohort
+            split = ",".join(r for r in self.rows if r in ("fedavg", "dp"))
+            raise ValueError(
+                f"--patients {asked}: rows {split} need at least {need} patients ({MIN_PATIENTS} "
+                f"per site at {self.schedule.sites_needed(self.rows)} sites); give --patients "
+                f"{need} or more, or --rows paper,central"
+            )
 
 
 def _one_row(name: str, cohort: Cohort, req: Request, say: Say, late: Late) -> dict[str, Any]:
@@ -260,7 +269,8 @@ def reproduce(req: Request, say: Say = log.info, clock: Clock = time.monotonic) 
     started, wall = clock(), time.time()
     out = sim_runtime.fresh_output(req.out)
     say(f"cohort: linking and decoding the patients of {req.data} ...")
-    cohort = make_cohort(req.data, out, req.schedule.patients, req.seeds[0])
+    need = req.schedule.patients_needed(req.rows)
+    cohort = make_cohort(req.data, out, req.schedule.patients, req.seeds[0], need)
     say(f"cohort: {cohort.facts['patients']} patients, {cohort.facts['patches']} patches")
     rows = run_rows(replace(req, out=out), cohort, say, started, clock)
     results = {

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {data} is not a folder; give the folder of patient folders")
     resolve_root(data)
     schedule = QUICK if args.quick else FULL
-    seeds = _seeds(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2))
+    seeds = _seeds(args.seeds) if args.seeds is not None else ((0,) if args.quick else (0, 1, 2))
     if args.patients is not None:
         if args.patients < 3:
             raise ValueError(f"--patients must be >= 3, got {args.patients}")

@@ -16,6 +16,7 @@ import numpy as np
 
 from common.data import PatchRecord, load_patches, scan
 from simulation import sim_runtime
+from simulation.partitioners import MIN_PATIENTS
 
 
 @dataclass
@@ -36,8 +37,14 @@ def _choose_patients(records: Sequence[PatchRecord], keep: int | None, seed: int
     return sorted(rng.choice(np.array(ids), size=keep, replace=False).tolist())
 
 
-def make_cohort(source: Path, out: Path, keep: int | None, seed: int) -> Cohort:
-    """Link the chosen patients of ``source`` into ``out/cohort``; decode them once."""
+def make_cohort(source: Path, out: Path, keep: int | None, seed: int, need: int = 1) -> Cohort:
+    """Link the chosen patients of ``source`` into ``out/cohort``; decode them once.
+
+    Raises
+    ------
+    ValueError
+        Naming ``--data``, before any work, if it holds no patch or fewer than ``need`` patients.
+    """
     records, report = scan(source)
     if not records:
         raise ValueError(
@@ -45,6 +52,11 @@ def make_cohort(source: Path, out: Path, keep: int | None, seed: int) -> Cohort:
             "(PATIENT/0|1/PATIENT_idx5_xX_yY_classC.png); point --data at the patches' folder"
         )
     chosen = _choose_patients(records, keep, seed)
+    if len(chosen) < need:
+        raise ValueError(
+            f"--data {source} has {len(chosen)} patients; the rows asked for need at least "
+            f"{need} ({MIN_PATIENTS} per site); give more patients, or --rows paper,central"
+        )
     sites = sim_runtime.build_sites(source, records, [np.array(chosen)], out / "cohort")
     folder = sites / "site-000"
     patches = load_patches(folder / "data", cache_dir=folder / "cache", workers=2)

@@ -6,9 +6,11 @@ patches, estimated as the README's reproduction section says) and is labelled in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from simulation import recipe
+from simulation.partitioners import MIN_PATIENTS
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,15 @@ class Schedule:
     def epochs(self) -> int:
         """Total local epochs of every FedAvg run and of its pooled baseline."""
         return self.rounds * self.local_epochs
+
+    def sites_needed(self, rows: Sequence[str]) -> int:
+        """The most virtual sites ``rows`` split the patients into (row 4: the first count)."""
+        counts = self.site_counts if "fedavg" in rows else self.site_counts[:1]
+        return max(counts) if "fedavg" in rows or "dp" in rows else 0
+
+    def patients_needed(self, rows: Sequence[str]) -> int:
+        """Fewest patients ``rows`` can run on: each site needs its own train/val/test ones."""
+        return max(MIN_PATIENTS, MIN_PATIENTS * self.sites_needed(rows))
 
 
 FULL = Schedule(

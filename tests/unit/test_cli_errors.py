@@ -157,3 +157,41 @@ def test_the_exit_code_table_is_in_the_readme():
     for code in codes:
         assert f"| {code} |" in readme, code
     assert json.dumps(sorted(codes)) == "[0, 1, 2, 3, 4, 70, 130]"
+
+
+@pytest.fixture
+def nine_patients(tmp_path):
+    from simulation.synth import SynthSpec, synthesize
+
+    synthesize(tmp_path / "data", SynthSpec(patients=9, patches_per_patient=(4, 6), seed=3))
+    (tmp_path / "data" / "synth.json").unlink()  # its facts: the scan would log them as ignored
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        # once: the cohort was decoded, then rows 3 and 4 failed with a logged traceback
+        (["--quick", "--patients", "4", "--rows", "fedavg,dp"], ["--patients 4", "30"]),
+        (["--quick", "--rows", "paper,dp"], ["9 patients", "15"]),  # the data has 9
+        (["--quick", "--seeds", ""], ["--seeds", "''"]),  # once: the default seeds, silently
+    ],
+)
+def test_reproduce_refuses_what_its_rows_cannot_run_on(
+    nine_patients, flags, names, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = ["reproduce", "--data", str(nine_patients), "--out", str(out), *flags]
+    assert sim_cli.main(argv) == EXIT_BAD_INPUT
+    one_error_line(capsys, *names)
+    assert not (out / "cohort").exists()  # nothing decoded
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_dashboard_on_a_port_out_of_range_names_it(port, tmp_path, capsys):
+    coord = tmp_path / "coord"
+    assert server_cli.main(["init", "--dir", str(coord)]) == 0
+    capsys.readouterr()
+    code = server_cli.main(["dashboard", "--dir", str(coord), "--port", port])
+    assert code == EXIT_BAD_INPUT  # once: internal error (OverflowError), exit 70
+    one_error_line(capsys, f"--port {port}", "--port 0")

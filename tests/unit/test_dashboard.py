@@ -115,6 +115,22 @@ def test_the_page_and_the_figure(coord: Path) -> None:
         assert text in svg.text
 
 
+@pytest.mark.parametrize("damaged", ["rounds.jsonl", "state.json"])
+def test_a_damaged_run_file_is_named_on_the_page_not_a_server_traceback(
+    coord: Path, damaged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Once: the exception left the route, and uvicorn printed its traceback on the console.
+    path = coord.parent / "r1" / damaged
+    path.write_text(path.read_text()[:-9] + "\n")  # a write cut short
+    client = TestClient(make_app(coord), base_url="http://127.0.0.1")  # raises what escapes
+    for route in ("/api/state", "/curves.svg") if damaged == "rounds.jsonl" else ("/api/state",):
+        res = client.get(route)
+        assert res.status_code == 503, route
+        assert str(path) in res.json()["error"] and "backup" in res.json()["error"]
+    (record,) = {r.getMessage() for r in caplog.records if r.name == "server.dashboard"}
+    assert str(path) in record and record.count("\n") == 0
+
+
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
 def test_every_other_method_is_405(coord: Path, method: str) -> None:
     client = TestClient(make_app(coord), base_url="http://127.0.0.1")
