@@ -193,7 +193,12 @@ class RunConfig:
             self.central_dp_mode,
             f"one of {CENTRAL_DP_MODES}",
         )
+        _check(self.seed >= 0, "seed", self.seed, ">= 0 (numpy's generators refuse others)")
         self._check_strategy()
+        if self.central_dp_mode != "none":  # else Flower's wrapper refuses it after submission
+            noise, clip = self.central_dp_noise, self.central_dp_clip
+            _check(0 <= noise < math.inf, "central-dp.noise", noise, "a number >= 0")
+            _check(0 < clip < math.inf, "central-dp.clip", clip, "a number > 0")
         if self.dp_enabled:
             if self.norm != "group":  # the README's DP example must not fail after submission
                 raise ValueError(

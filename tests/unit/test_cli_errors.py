@@ -195,3 +195,24 @@ def test_dashboard_on_a_port_out_of_range_names_it(port, tmp_path, capsys):
     code = server_cli.main(["dashboard", "--dir", str(coord), "--port", port])
     assert code == EXIT_BAD_INPUT  # once: internal error (OverflowError), exit 70
     one_error_line(capsys, f"--port {port}", "--port 0")
+
+
+@pytest.mark.parametrize(
+    ("items", "key"),
+    [
+        # once: submitted, then every site's split refused the seed (numpy), or Flower's
+        # central-DP wrapper refused its settings in the ServerApp; nan passed Flower's checks
+        (["seed=-1"], "'seed'"),
+        (['central-dp.mode="server-fixed"', "central-dp.noise=-1"], "'central-dp.noise'"),
+        (['central-dp.mode="client-fixed"', "central-dp.noise=nan"], "'central-dp.noise'"),
+        (['central-dp.mode="server-fixed"', "central-dp.clip=0"], "'central-dp.clip'"),
+    ],
+)
+def test_settings_that_fail_only_after_submission_are_named_before_it(items, key, tmp_path, capsys):
+    coord = tmp_path / "coord"
+    assert server_cli.main(["init", "--dir", str(coord)]) == 0
+    capsys.readouterr()
+    argv = ["run", "--dir", str(coord), "--out", str(tmp_path / "run"), "--run-config", *items]
+    assert server_cli.main(argv) == EXIT_BAD_INPUT
+    one_error_line(capsys, key)
+    assert not (tmp_path / "run").exists()
