@@ -187,12 +187,15 @@ def run_predict(
     from common.training import resolve_device
 
     th = resolve_threshold(threshold, metadata)
+    if batch_size is not None and batch_size < 1:  # 0 once meant the default, silently
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size} (leave it out: auto)")
     dev = resolve_device(device)
     accel = Accel.resolve(dev, precision, channels_last)  # bad words fail before the decode
     patches = load_patches(
         data, cache_dir=cache_dir, options=LoadOptions(), workers=2, require_labels=False
     )
-    probs = infer(model, patches.images, dev, batch_size or default_batch_size(dev), accel)
+    batch = batch_size if batch_size is not None else default_batch_size(dev)
+    probs = infer(model, patches.images, dev, batch, accel)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", prediction_rows(patches, probs, th))
     per_patient = patient_rows(patches, probs, th.value)

@@ -291,6 +291,15 @@ def test_bad_thresholds_are_one_line_errors(tmp_path, new_slides, model_file, ca
     assert len(err.strip().splitlines()) == 1
 
 
+def test_batch_size_zero_is_refused_not_read_as_the_default(
+    tmp_path, new_slides, model_file, capsys
+) -> None:
+    assert _predict(tmp_path, model_file, new_slides, "--batch-size", "0") == 2
+    err = capsys.readouterr().err
+    assert "--batch-size must be >= 1, got 0" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_best_threshold_known_answer_and_brute_force() -> None:
     labels = np.array([0, 0, 1, 1])
     best = best_threshold(labels, np.array([0.1, 0.4, 0.35, 0.8]))
