@@ -181,9 +181,12 @@ class Resources:
     ray_address: str = ""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.cpus_per_site <= self.total_cpus:
+        # On a cluster the cluster's CPUs bound it (Ray says so), not this machine's.
+        most = math.inf if self.ray_address else self.total_cpus
+        if not 1 <= self.cpus_per_site <= most:
             raise ValueError(
-                f"cpus per site must be in [1, {self.total_cpus}], got {self.cpus_per_site}"
+                f"--cpus-per-site must be in [1, {self.total_cpus}] (this machine's CPUs), got "
+                f"{self.cpus_per_site}"
             )
         gpus = self.gpus_per_site
         if not (0 <= gpus <= 1 and math.isfinite(gpus)):

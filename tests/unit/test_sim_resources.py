@@ -44,6 +44,12 @@ def test_joining_a_cluster_sets_ray_address_and_leaves_its_size_to_the_cluster(l
     assert cfg["client-resources-num-gpus"] == 0.5
 
 
+def test_on_a_cluster_a_site_may_take_more_cpus_than_this_machine_has(listener):
+    # once: refused against this machine's CPUs, which a cluster's sites never use
+    res = Resources(cpus_per_site=8, total_cpus=2, ray_address=listener)
+    assert res.federation_config(2)["client-resources-num-cpus"] == 8
+
+
 def test_the_default_share_fills_the_gpus_here_and_none_elsewhere(monkeypatch):
     monkeypatch.setattr(sim_runtime, "visible_gpus", lambda: 1)
     assert auto_gpus_per_site(4) == 0.25 and auto_gpus_per_site(1) == 1.0
@@ -57,6 +63,7 @@ def test_the_default_share_fills_the_gpus_here_and_none_elsewhere(monkeypatch):
     [
         (["--gpus-per-site", "0.25"], "needs a GPU, but none is visible"),
         (["--gpus-per-site", "1.5"], "must be in [0, 1]"),
+        (["--cpus-per-site", "999"], "--cpus-per-site must be in [1, "),
         (["--ray-address", "ray://head"], "is not HOST:PORT"),
         (["--ray-address", "127.0.0.1:1"], "nothing answers there"),
         (["--strategy", "fedprox", "--dp", "3"], "proximal term would be dropped"),
