@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from common.cli_util import one_line
 from simulation import recipe, sim_runtime
 from simulation.centralized import BaselineConfig, run_centralized
 from simulation.federated import run_compare
@@ -251,6 +252,10 @@ def run_rows(
         t0 = clock()
         try:
             rows[name] = _one_row(name, cohort, req, say, late)
+        except (ValueError, OSError) as exc:  # bad input met inside a row: one line (-v: more)
+            log.error("row %s failed: %s", name, one_line(exc))
+            log.debug("row %s", name, exc_info=True)
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
         except Exception as exc:  # one row's failure is reported; the others still run
             log.exception("row %s failed", name)
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -57,6 +57,14 @@ def make_cohort(source: Path, out: Path, keep: int | None, seed: int, need: int 
             f"--data {source} has {len(chosen)} patients; the rows asked for need at least "
             f"{need} ({MIN_PATIENTS} per site); give more patients, or --rows paper,central"
         )
+    kept = set(chosen)
+    classes = {r.label for r in records if r.patient in kept}
+    missing = [name for label, name in ((0, "IDC(-)"), (1, "IDC(+)")) if label not in classes]
+    if missing:  # every row trains a classifier and scores it on both classes
+        raise ValueError(
+            f"--data {source}: the {len(chosen)} patients used have no {missing[0]} patch; "
+            "every row needs both classes (class0 and class1 files)"
+        )
     sites = sim_runtime.build_sites(source, records, [np.array(chosen)], out / "cohort")
     folder = sites / "site-000"
     patches = load_patches(folder / "data", cache_dir=folder / "cache", workers=2)

@@ -216,3 +216,15 @@ def test_settings_that_fail_only_after_submission_are_named_before_it(items, key
     assert server_cli.main(argv) == EXIT_BAD_INPUT
     one_error_line(capsys, key)
     assert not (tmp_path / "run").exists()
+
+
+def test_reproduce_on_patches_of_one_class_says_so_before_any_row(tmp_path, capsys):
+    data = tmp_path / "data"
+    for patient in ("10", "11", "12"):
+        for x in range(3):
+            write_patch(data, patient, 50 * x, 0, 0)  # no IDC(+) patch anywhere
+    out = tmp_path / "out"
+    argv = ["reproduce", "--data", str(data), "--out", str(out), "--quick", "--rows", "paper"]
+    assert sim_cli.main(argv) == EXIT_BAD_INPUT  # once: the row failed, its traceback logged
+    one_error_line(capsys, str(data), "no IDC(+) patch")
+    assert not (out / "cohort").exists()
