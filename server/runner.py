@@ -102,8 +102,8 @@ def refuse_changed_settings(run_dir: Path, before: RunConfig, after: RunConfig) 
     ]
     if changed:
         raise ValueError(
-            f"cannot resume {run_dir}: {'; '.join(changed)} differ from the settings its "
-            "rounds were trained with; resume without those changes, or start a new run with --out"
+            f"cannot resume {run_dir}: changed since its rounds were trained: "
+            f"{'; '.join(changed)}; resume without those changes, or start a new run with --out"
         )
     raise ValueError(
         f"cannot resume {run_dir}: the config in its run.json is not the one its rounds were "
