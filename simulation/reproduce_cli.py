@@ -88,6 +88,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--max-minutes",
         type=float,
         default=math.inf,
-        help="start no row after this many minutes; the report names the rows skipped",
+        help="start no row, and no run inside a row, after this many minutes; the report "
+        "names what was skipped",
     )
     return p
