@@ -17,7 +17,9 @@ folder through the decoded-patch cache first; otherwise the patches are random):
 * ``loader``   for information, the training code's path: ``PatchDataset`` + ``make_loader``
   + :func:`common.training.predict` (floats made on the CPU).
 
-Each path runs once to warm up, then ``--repeats`` times; the median is reported. Output:
+``--compile on`` runs ``predict`` under ``torch.compile`` (its warm-up falls in the untimed
+first run). Each path runs once to warm up, then ``--repeats`` times; the median is reported.
+Output:
 patches/s per path, the ratios predict / before and predict / bare (goal >= 0.9), and the
 largest probability difference between predict and the fp32 reference.
 """
@@ -107,6 +109,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16")
     parser.add_argument("--channels-last", default="auto", help="auto | on | off")
+    parser.add_argument("--compile", default="off", help="predict under torch.compile: on | off")
     parser.add_argument("--data", type=Path, default=None, help="a real folder (Kaggle layout)")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/idc-bench-cache"))
     parser.add_argument("--sweep", default="", help="also time predict at these batch sizes")
@@ -123,7 +126,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    accel = Accel.resolve(device, args.precision, args.channels_last)
+    accel = Accel.resolve(device, args.precision, args.channels_last, args.compile)
     batch = args.batch or default_batch_size(device)
     old_batch = 1024 if device.type == "cuda" else 256  # predict's defaults before issue 15
     images = _images(args)

@@ -59,7 +59,7 @@ def proximal_term(model: torch.nn.Module, mu: float) -> ExtraLoss:
 
 def run_accel(run: RunConfig) -> Accel:
     """The run's precision and layout on this site's device."""
-    return Accel.resolve(resolve_device(), run.precision, run.channels_last)
+    return Accel.resolve(resolve_device(), run.precision, run.channels_last, run.compile)
 
 
 def local_train(
@@ -93,6 +93,7 @@ def local_config(run: RunConfig, seed: int) -> TrainConfig:
         patience=None,
         precision=run.precision,
         channels_last=run.channels_last,
+        compile=run.compile,
         recipe=recipe,
         seed=seed,
     )

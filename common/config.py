@@ -31,8 +31,10 @@ CENTRAL_DP_MODES: tuple[str, ...] = get_args(CentralDPMode)
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 Precision = Literal["auto", "fp32", "bf16"]  # applied by common.accel
 ChannelsLast = Literal["auto", "on", "off"]
+Compile = Literal["auto", "on", "off"]  # torch.compile in the loops (common.accel)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 CHANNELS_LAST: tuple[str, ...] = get_args(ChannelsLast)
+COMPILE_MODES: tuple[str, ...] = get_args(Compile)
 Scalar = str | int | float | bool  # what a Flower run-config value may be
 RENAMED_KEY = "dp.target-epsilon"
 
@@ -74,6 +76,7 @@ class RunConfig:
     # auto: bf16 autocast (fp32 master weights) on CUDA, fp32 on CPU; channels-last on both
     precision: Precision = "auto"
     channels_last: ChannelsLast = "auto"
+    compile: Compile = "auto"  # auto: off (measured slower on CPU; unmeasured on GPU)
     # The training recipe of each call to the loop (a round's local training at a site).
     augment: Augment = "dihedral+color"
     weight_decay: float = 0.0  # > 0: AdamW; 0 keeps the paper's Adam
@@ -170,6 +173,7 @@ class RunConfig:
         _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
         cl = self.channels_last
         _check(cl in CHANNELS_LAST, "channels-last", cl, f"one of {CHANNELS_LAST}")
+        _check(self.compile in COMPILE_MODES, "compile", self.compile, f"one of {COMPILE_MODES}")
         _check(self.model in MODEL_KINDS, "model", self.model, f"one of {MODEL_KINDS}")
         _check(self.augment in AUGMENTS, "augment", self.augment, f"one of {AUGMENTS}")
         wd = self.weight_decay
@@ -215,6 +219,8 @@ class RunConfig:
             # Opacus's per-sample gradients are validated in float32 only: DP trains in fp32.
             prec = self.precision
             _check(prec != "bf16", "precision", prec, "'auto' or 'fp32' with DP")
+            # Opacus's per-sample-gradient hooks do not run under torch.compile.
+            _check(self.compile != "on", "compile", self.compile, "'auto' or 'off' with DP")
             _check(self.dp_max_grad_norm > 0, "dp.max-grad-norm", self.dp_max_grad_norm, "> 0")
             _check(0 < self.dp_delta < 1, "dp.delta", self.dp_delta, "in (0, 1)")
 

@@ -38,10 +38,12 @@ ADDED: tuple[tuple[str, Any], ...] = (
     ("weight-decay", 0.0),
     ("lr-schedule", "constant"),
     ("ema", 0.0),
+    ("compile", "off"),  # eager modules before
 )
 # Releases that hashed every key they knew, by how many of ADDED they knew: until the
-# strategy keys, until precision and layout, until the recipe keys, until this module.
-WHOLE_FORMS = (0, 4, 6, len(ADDED))
+# strategy keys, until precision and layout, until the recipe keys, until this module (the
+# 11 keys above ``compile``).
+WHOLE_FORMS = (0, 4, 6, 11)
 
 
 def _hash(settings: Mapping[str, Any]) -> str:

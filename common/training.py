@@ -39,6 +39,7 @@ class TrainConfig:
     progress: bool = False
     precision: str = "auto"  # auto | fp32 | bf16 (common.accel)
     channels_last: str = "auto"  # auto | on | off
+    compile: str = "auto"  # auto | on | off: torch.compile (common.accel; auto: off)
     recipe: Recipe = Recipe()  # augmentation, weight decay, schedule, averaging: off
     seed: int = 0  # of the augmentation draws
 
@@ -49,7 +50,8 @@ class TrainConfig:
             raise ValueError(f"learning rate must be a positive number, got {self.lr}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
-        Accel.resolve(torch.device("cpu"), self.precision, self.channels_last)  # checks words
+        # checks the words
+        Accel.resolve(torch.device("cpu"), self.precision, self.channels_last, self.compile)
 
 
 @dataclass
@@ -113,6 +115,7 @@ def train_epoch(
     """
     accel = accel or Accel(device)
     model.train()
+    net = accel.compiled(model)  # the compiled forward shares model's parameters
     # Sums stay on the device: reading them every step would stall a GPU once per batch.
     loss_sum = torch.zeros((), device=device)
     correct_sum = torch.zeros((), device=device, dtype=torch.long)
@@ -123,7 +126,7 @@ def train_epoch(
             x = transform(x)
         optimizer.zero_grad(set_to_none=True)
         with accel.autocast():
-            logits = model(x)
+            logits = net(x)
             loss = _loss(logits, y)
             full = loss + extra_loss(model) if extra_loss is not None else loss
         full.backward()
@@ -154,13 +157,13 @@ def predict(
     Results stay on the device until the end: one read-back, not one per batch.
     """
     accel = accel or Accel(device)
-    accel.prepare(model).eval()
+    net = accel.compiled(accel.prepare(model).eval())
     labels, probs = [], []
     loss = torch.zeros((), device=device)
     for x, y in loader:
         x, y = to_device(x, y, device, accel)
         with accel.autocast():
-            logits = model(x)
+            logits = net(x)
         logits = logits.float()
         if len(y):
             loss += F.cross_entropy(logits, y, reduction="sum")
@@ -197,7 +200,7 @@ def train(
     to :func:`train_epoch`.
     """
     device = resolve_device(config.device)
-    accel = Accel.resolve(device, config.precision, config.channels_last)
+    accel = Accel.resolve(device, config.precision, config.channels_last, config.compile)
     accel.prepare(model)
     if optimizer is None:
         optimizer = make_optimizer(model.parameters(), config.lr, config.recipe)
