@@ -63,12 +63,19 @@ class Gate:
     def __init__(self, installed: InstalledApp, site_dir: Path) -> None:
         self.installed = installed
         self.site_dir = site_dir
+        # Bundle hashes found to be the installed app: the snapshot never changes in this
+        # process, so each run's bundle is compared file by file once, not once a message.
+        # Approvals are re-read every time (the site may withdraw one while it runs).
+        self.installed_hashes: set[str] = set()
 
     def check(self, content: bytes) -> tuple[str, str, str | None]:
         """``(app hash, how accepted, None)``, or ``(app hash, "", why refused)``."""
         digest = fab_hash(content)
+        if digest in self.installed_hashes:
+            return digest, "installed", None
         mismatch = self.installed.mismatch(content)
         if mismatch is None:
+            self.installed_hashes.add(digest)
             return digest, "installed", None
         try:
             approved = load_approved(self.site_dir)
