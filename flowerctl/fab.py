@@ -27,6 +27,7 @@ from typing import Any
 
 import pathspec
 import tomli
+from flwr.supercore.run import Run
 
 PYPROJECT = "pyproject.toml"
 MANIFEST = ".info/CONTENT"
@@ -40,6 +41,18 @@ MAX_UNPACKED = 64 * 1024 * 1024
 def fab_hash(content: bytes) -> str:
     """Flower's FAB hash: the SHA-256 of the bundle's bytes, as hex."""
     return hashlib.sha256(content).hexdigest()
+
+
+def app_details(run: Run, digest: str) -> dict[str, str]:
+    """What an audit entry says of a run's app (``app.accepted``, ``app.refused``)."""
+    publisher = run.fab_id.split("/", 1)[0] if "/" in run.fab_id else run.fab_id
+    return {
+        "run_id": str(run.run_id),
+        "app_hash": digest,
+        "publisher": publisher,
+        "app": run.fab_id,
+        "version": run.fab_version,
+    }
 
 
 def _flwr_config(pyproject: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,10 +24,9 @@ import httpx
 from flwr.app import Context, Message
 from flwr.common.config import get_fused_config_from_dir
 from flwr.common.constant import SubStatus
-from flwr.common.serde import context_from_proto, context_to_proto, run_from_proto
+from flwr.common.serde import context_from_proto, run_from_proto
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     PullTaskInputResponse,
-    PushTaskOutputRequest,
 )
 from flwr.supercore import log
 from flwr.supercore.app_utils import start_parent_process_monitor
@@ -45,7 +44,7 @@ from flwr.supercore.telemetry import EventType
 from flwr.superlink.grid import HttpGrid
 from flwr.superlink.grid import http_grid as flower_grid
 
-from flowerctl.runtime import check_flower_version
+from flowerctl.runtime import check_flower_version, push_task_output
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the installed idc-fl (editable install)
 # Flower's HttpGrid looks for replies every 3 s; the SuperLink's Runtime API is on loopback,
@@ -126,13 +125,8 @@ class ServerAppTask:
         self.grid._retry_invoker.max_tries = 1  # never block the exit on a gone SuperLink
         if self.uploader:
             flush_logs(self.queue)
-        request = PushTaskOutputRequest(
-            context=context_to_proto(self.context) if self.context else None,
-            sub_status=self.sub_status,
-            details=self.details,
-        )
         try:
-            self.grid._runtime_client.PushTaskOutput(request)
+            push_task_output(self.grid._runtime_client, self.context, self.sub_status, self.details)
         except httpx.HTTPError as err:
             log(ERROR, "Failed to push task output: %s", err)
         if self.uploader:
