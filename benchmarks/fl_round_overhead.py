@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -54,35 +55,64 @@ def audit_costs(tmp: Path) -> tuple[float, float]:
     return append, (time.perf_counter() - t0) / 5
 
 
+def first(entries_: list[dict], action: str, r: int) -> float:
+    """Time of the first ``action`` entry of round ``r``."""
+    return min(when(entries_, action, r))
+
+
+def when(entries_: list[dict], action: str, r: int) -> list[float]:
+    """Times of every ``action`` entry of round ``r``."""
+    return [
+        ts(e)
+        for e in entries_
+        if e["action"] == action and e["details"] and e["details"].get("round") == r
+    ]
+
+
+EXECUTOR_LINE = re.compile(
+    r"run \d+ (?P<kind>\w+): .*; wait\+pull (?P<pull>[\d.]+) s, ClientApp [\d.]+ s, "
+    r"reply (?P<reply>[\d.]+) s"
+)
+
+
+def executor_times(log: Path) -> dict[str, list[tuple[float, float]]]:
+    """Per message type, in order: (seconds pulling from the SuperNode, pushing the reply)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if m := EXECUTOR_LINE.search(line):
+            out.setdefault(m["kind"], []).append((float(m["pull"]), float(m["reply"])))
+    return out
+
+
 def per_round(fed: Federation, sites: list[str], rounds: int) -> list[dict]:
+    """Each round's wall time, slowest site's own work, and the legs in between (seconds)."""
     coord = entries(fed.coord / "audit" / "coordinator-audit.jsonl")
     logs = {s: entries(fed.root / s / "audit" / "site-audit.jsonl") for s in sites}
+    execs = {s: executor_times(fed.root / s / "logs" / "executor.log") for s in sites}
     out = []
     for r in range(1, rounds + 1):
-        start = next(
-            ts(e) for e in coord if e["action"] == "round.started" and e["details"]["round"] == r
+        start = first(coord, "round.started", r)
+        end = first(coord, "checkpoint.written", r)
+        agg = first(coord, "aggregate.computed", r)
+        rx_train = when(coord, "update.received", r)
+        local, legs = (
+            {},
+            {
+                k: []
+                for k in ("rx_train", "rx_eval", "sent", "metrics", "train_local", "eval_local")
+            },
         )
-        end = next(
-            ts(e)
-            for e in coord
-            if e["action"] == "checkpoint.written" and e["details"]["round"] == r
-        )
-        agg = next(
-            ts(e)
-            for e in coord
-            if e["action"] == "aggregate.computed" and e["details"]["round"] == r
-        )
-        last_rx = max(
-            ts(e) for e in coord if e["action"] == "update.received" and e["details"]["round"] == r
-        )
-        local, waits = {}, []
         for s, log in logs.items():
-            got = [e for e in log if e["details"] and e["details"].get("round") == r]
-            rx = [ts(e) for e in got if e["action"] == "message.received"]
-            sent = next(ts(e) for e in got if e["action"] == "update.sent")
-            done = next(ts(e) for e in got if e["action"] == "metrics.sent")
+            rx = sorted(when(log, "message.received", r))
+            sent, done = first(log, "update.sent", r), first(log, "metrics.sent", r)
             local[s] = (sent - rx[0]) + (done - rx[1])
-            waits.append(rx[0] - start)
+            legs["rx_train"].append(rx[0])
+            legs["rx_eval"].append(rx[1])
+            legs["sent"].append(sent)
+            legs["metrics"].append(done)
+            legs["train_local"].append(sent - rx[0])
+            legs["eval_local"].append(done - rx[1])
+        pulls = [t for x in execs.values() for k in ("train", "evaluate") for t in x.get(k, [])]
         n_entries = sum(1 for e in coord if e["details"] and e["details"].get("round") == r)
         n_entries += sum(
             1
@@ -95,21 +125,52 @@ def per_round(fed: Federation, sites: list[str], rounds: int) -> list[dict]:
                 "round": r,
                 "wall": end - start,
                 "slowest_local": max(local.values()),
-                "wait_before_train": float(np.mean(waits)),
-                "aggregation": agg - last_rx,
+                "train_dispatch": float(np.mean(legs["rx_train"])) - start,
+                "train_local": max(legs["train_local"]),
+                "train_return": min(rx_train) - max(legs["sent"]),
+                "aggregation": agg - min(rx_train),
+                "eval_dispatch": float(np.mean(legs["rx_eval"])) - agg,
+                "eval_local": max(legs["eval_local"]),
+                "eval_return": end - max(legs["metrics"]),
+                "executor_pull": float(np.mean([p for p, _ in pulls])) if pulls else float("nan"),
+                "executor_reply": float(np.mean([q for _, q in pulls])) if pulls else float("nan"),
                 "audit_entries": n_entries,
             }
         )
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--patients", type=int, default=9)
-    ap.add_argument("--patches", type=int, default=150, help="patches per patient")
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="idc-fl-bench-"))
+def report(row: dict, append: float, digest: float) -> None:
+    """Print one round: the ratio, then where the rest of the wall time went."""
+    ratio = row["wall"] / row["slowest_local"]
+    # every update is digested twice (site and coordinator) plus global, aggregate, checkpoint
+    audit_s = row["audit_entries"] * append + (2 * 3 + 3) * digest
+    overhead = row["wall"] - row["slowest_local"]
+    print(
+        f"round {row['round']}: wall {row['wall']:.1f} s, slowest site local "
+        f"{row['slowest_local']:.1f} s, ratio {ratio:.2f} (goal <= 1.10); "
+        f"overhead {overhead:.1f} s"
+    )
+    print(
+        f"  train:    dispatch {row['train_dispatch']:.2f} s (round.started -> sites' "
+        f"message.received, mean) | slowest local {row['train_local']:.2f} s | return "
+        f"{row['train_return']:.2f} s (last update.sent -> update.received) | vet+aggregate "
+        f"{row['aggregation']:.2f} s"
+    )
+    print(
+        f"  evaluate: dispatch {row['eval_dispatch']:.2f} s (aggregate.computed -> "
+        f"message.received, mean) | slowest local {row['eval_local']:.2f} s | return+commit "
+        f"{row['eval_return']:.2f} s (last metrics.sent -> checkpoint.written)"
+    )
+    print(
+        f"  site executor, mean per message over the run: claim+pull from its SuperNode "
+        f"{row['executor_pull']:.2f} s, reply push {row['executor_reply']:.2f} s; audit "
+        f"{audit_s * 1000:.0f} ms ({100 * audit_s / row['wall']:.2f}% of the round, goal < 1%)"
+    )
+
+
+def federate(tmp: Path, sites: list[str], args: argparse.Namespace) -> list[dict]:
+    """Synthesize the data, run the federation over TLS, return its rounds' timings."""
     synthesize(
         tmp / "all",
         SynthSpec(
@@ -119,7 +180,6 @@ def main() -> None:
     folders = split_synth_by_site(tmp / "all", tmp)
     fed = Federation(tmp / "fed")
     fed.root.mkdir()
-    sites = [f"hosp{i}" for i in range(3)]
     try:
         fed.init()
         for s in sites:
@@ -140,22 +200,35 @@ def main() -> None:
         )
         if res.returncode:
             raise SystemExit(res.stdout + res.stderr)
-        rows = per_round(fed, sites, args.rounds)
+        return per_round(fed, sites, args.rounds)
     finally:
         fed.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--patients", type=int, default=9)
+    ap.add_argument("--patches", type=int, default=150, help="patches per patient")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--from-dir",
+        type=Path,
+        default=None,
+        help="only print the breakdown of an earlier run's folder (idc-fl-bench-*)",
+    )
+    args = ap.parse_args()
+    sites = [f"hosp{i}" for i in range(3)]
+    if args.from_dir is not None:
+        tmp = args.from_dir
+        rows = per_round(Federation(tmp / "fed"), sites, args.rounds)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="idc-fl-bench-"))
+        print(f"run folder (audit and process logs): {tmp}")
+        rows = federate(tmp, sites, args)
     append, digest = audit_costs(tmp)
     print(f"{args.patients} patients x {args.patches} patches over 3 sites, 1 local epoch")
     for row in rows:
-        ratio = row["wall"] / row["slowest_local"]
-        # every update is digested twice (site and coordinator) plus global, aggregate, checkpoint
-        audit_s = row["audit_entries"] * append + (2 * 3 + 3) * digest
-        print(
-            f"round {row['round']}: wall {row['wall']:.1f} s, slowest site local "
-            f"{row['slowest_local']:.1f} s, ratio {ratio:.2f} (goal <= 1.10); mean wait before "
-            f"a site starts training {row['wait_before_train']:.1f} s; aggregation "
-            f"{row['aggregation']:.2f} s; audit {audit_s * 1000:.0f} ms "
-            f"({100 * audit_s / row['wall']:.2f}% of the round, goal < 1%)"
-        )
+        report(row, append, digest)
     print(f"audit append {append * 1e6:.0f} us, model digest {digest * 1000:.1f} ms")
 
 

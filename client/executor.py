@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import tomli
 import torch
 from flwr.app import Context, Error, Message
@@ -42,13 +41,14 @@ from common.cli_util import setup_logging
 from common.config import SiteConfig
 from common.data import LoadOptions, PatchSet, load_patches
 from flowerctl.errors import FlowerProcError
-from flowerctl.fab import InstalledApp, fab_hash
+from flowerctl.fab import InstalledApp, app_details, fab_hash
 from flowerctl.runtime import (
     RuntimeTask,
     TaskInput,
     acquire_clientapp_task,
     check_flower_version,
     runtime_client,
+    serve_tasks,
 )
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,19 @@ class Gate:
     def __init__(self, installed: InstalledApp, site_dir: Path) -> None:
         self.installed = installed
         self.site_dir = site_dir
+        # Bundle hashes found to be the installed app: the snapshot never changes in this
+        # process, so each run's bundle is compared file by file once, not once a message.
+        # Approvals are re-read every time (the site may withdraw one while it runs).
+        self.installed_hashes: set[str] = set()
 
     def check(self, content: bytes) -> tuple[str, str, str | None]:
         """``(app hash, how accepted, None)``, or ``(app hash, "", why refused)``."""
         digest = fab_hash(content)
+        if digest in self.installed_hashes:
+            return digest, "installed", None
         mismatch = self.installed.mismatch(content)
         if mismatch is None:
+            self.installed_hashes.add(digest)
             return digest, "installed", None
         try:
             approved = load_approved(self.site_dir)
@@ -86,10 +93,6 @@ class Gate:
         )
 
 
-def _publisher(fab_id: str) -> str:
-    return fab_id.split("/", 1)[0] if "/" in fab_id else fab_id
-
-
 class SiteExecutor:
     """Claims the SuperNode's ClientApp tasks one at a time and answers each."""
 
@@ -103,22 +106,8 @@ class SiteExecutor:
     def serve(self) -> None:
         """Poll for tasks until stopped (SIGTERM, SIGINT or the parent's exit)."""
         idle = runtime_client(self.address)
-        while True:
-            try:
-                token = acquire_clientapp_task(idle)
-            except httpx.HTTPError as exc:
-                log.warning("SuperNode Runtime API at %s: %s", self.address, exc)
-                time.sleep(1.0)
-                continue
-            if token is None:
-                time.sleep(POLL_S)
-                continue
-            try:
-                self.handle(token)
-            # Any one task's failure (a dropped connection, a message whose objects never came,
-            # an audit write refused) ends that task only: the next task is served regardless.
-            except Exception as exc:  # noqa: BLE001
-                log.exception("task failed: %s", exc)
+        where = f"SuperNode Runtime API at {self.address}"
+        serve_tasks(lambda: acquire_clientapp_task(idle), self.handle, POLL_S, where)
 
     def handle(self, token: str) -> None:
         """One task: check the app, then refuse it or run the installed ClientApp."""
@@ -173,17 +162,9 @@ class SiteExecutor:
     def _audit(self, action: str, given: TaskInput, digest: str, outcome: str, extra: dict) -> None:
         from client.site import open_audit
 
-        run = given.run
-        details = {
-            "run_id": str(run.run_id),
-            "app_hash": digest,
-            "publisher": _publisher(run.fab_id),
-            "app": run.fab_id,
-            "version": run.fab_version,
-            **extra,
-        }
+        details = {**app_details(given.run, digest), **extra}
         with open_audit(self.site) as audit:
-            audit.append(action, str(run.run_id), outcome, details)
+            audit.append(action, str(given.run.run_id), outcome, details)
 
 
 def warm_up(site: SiteConfig) -> PatchSet:

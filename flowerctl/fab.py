@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pathspec
 import tomli
+from flwr.supercore.run import Run
 
 PYPROJECT = "pyproject.toml"
 MANIFEST = ".info/CONTENT"
@@ -41,6 +43,18 @@ def fab_hash(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
+def app_details(run: Run, digest: str) -> dict[str, str]:
+    """What an audit entry says of a run's app (``app.accepted``, ``app.refused``)."""
+    publisher = run.fab_id.split("/", 1)[0] if "/" in run.fab_id else run.fab_id
+    return {
+        "run_id": str(run.run_id),
+        "app_hash": digest,
+        "publisher": publisher,
+        "app": run.fab_id,
+        "version": run.fab_version,
+    }
+
+
 def _flwr_config(pyproject: Mapping[str, Any]) -> dict[str, Any]:
     """The pyproject as ``flwr run`` ships it: without ``[tool.flwr.federations]``."""
     config = {k: v for k, v in pyproject.items()}
@@ -51,16 +65,37 @@ def _flwr_config(pyproject: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _ignored(root: Path) -> pathspec.GitIgnoreSpec:
+    """``root/.gitignore`` as ``flwr build`` applies it: what no FAB of ``root`` carries."""
+    gitignore = root / ".gitignore"
+    lines = gitignore.read_text(encoding="utf-8").splitlines() if gitignore.is_file() else []
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
 def _app_files(root: Path) -> dict[str, str]:
-    """Digest of every file of ``root`` a FAB could carry; hidden folders and caches skipped."""
+    """Digest of every file of ``root`` a FAB could carry.
+
+    Hidden folders, caches and what ``.gitignore`` names (a demo's ``runs/``, thousands of
+    JSON files) are never walked: ``flwr build`` leaves them out of every FAB.
+    """
+    ignored = _ignored(root)
     out: dict[str, str] = {}
     for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        rel = Path(folder).relative_to(root)
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d != "__pycache__"
+            and not ignored.match_file(f"{(rel / d).as_posix()}/")
+        )
         for name in files:
             path = Path(folder) / name
+            key = (rel / name).as_posix()
             if path.is_symlink() or not (path.suffix in FAB_SUFFIXES or name in FAB_NAMES):
                 continue
-            out[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+            if not ignored.match_file(key):
+                out[key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
 

@@ -158,7 +158,10 @@ def start_supernode(
     args: Iterable[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``flower-supernode`` against ``superlink`` (``host:port``).
+    """Start ``flower-supernode`` against ``superlink`` (``host:port``), idle waits shortened.
+
+    It runs through :mod:`flowerctl.supernode` (Flower's own entry point, with the main
+    loop's fixed 3 s idle sleep and reply waits shortened; Flower 1.42.0 only).
 
     Its own Runtime API listens on 127.0.0.1:``port``; ``home`` is its ``FLWR_HOME`` and holds
     ``node-config.toml`` (read by ClientApps as ``context.node_config``); ``cwd`` (default
@@ -169,7 +172,9 @@ def start_supernode(
     node_toml = home / "node-config.toml"  # the site's data folder and cap: owner-only
     write_private(node_toml, tomli_w.dumps(dict(node_config)).encode())
     cmd = [
-        str(BIN / "flower-supernode"),
+        sys.executable,
+        "-m",
+        "flowerctl.supernode",
         "--superlink",
         superlink,
         "--host",

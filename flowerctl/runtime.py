@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -126,6 +127,49 @@ def acquire_clientapp_task(client: RuntimeHttpClient) -> str | None:
     return acquire_task(client, TaskType.CLIENT_APP)
 
 
+def serve_tasks(
+    acquire: Callable[[], str | None],
+    handle: Callable[[str], None],
+    poll_s: float,
+    where: str,
+    before_each: Callable[[], None] = lambda: None,
+) -> None:
+    """Claim tasks with ``acquire`` and ``handle`` each token, until the process is stopped.
+
+    ``poll_s`` is the pause when no task waits. An unreachable Runtime API (``where`` names
+    it) is retried every second; one task's failure (a dropped connection, a message whose
+    objects never came, an audit write refused) ends that task only: the next is served.
+    """
+    while True:
+        before_each()
+        try:
+            token = acquire()
+        except httpx.HTTPError as exc:
+            log.warning("%s: %s", where, exc)
+            time.sleep(1.0)
+            continue
+        if token is None:
+            time.sleep(poll_s)
+            continue
+        try:
+            handle(token)
+        except Exception as exc:  # noqa: BLE001 - the executor outlives any one task
+            log.exception("task failed: %s", exc)
+
+
+def push_task_output(
+    client: RuntimeHttpClient, context: Context | None, sub_status: str, details: str
+) -> None:
+    """End the task ``client`` holds the token of, with ``context`` saved if given."""
+    client.PushTaskOutput(
+        PushTaskOutputRequest(
+            context=context_to_proto(context) if context is not None else None,
+            sub_status=sub_status,
+            details=details[:1000],
+        )
+    )
+
+
 @dataclass(frozen=True)
 class TaskInput:
     """What a claimed task carries before its message: the run, the node's context, the FAB."""
@@ -218,13 +262,8 @@ class RuntimeTask:
     def finish(self, context: Context | None, ok: bool, details: str = "") -> None:
         """End the task (completed or failed), saving ``context`` for the run's next message."""
         self._finished = True
-        self.client.PushTaskOutput(
-            PushTaskOutputRequest(
-                context=context_to_proto(context) if context is not None else None,
-                sub_status=SubStatus.COMPLETED if ok else SubStatus.FAILED,
-                details=details[:1000],
-            )
-        )
+        status = SubStatus.COMPLETED if ok else SubStatus.FAILED
+        push_task_output(self.client, context, status, details)
 
     def close(self) -> None:
         """Stop the heartbeat and the connection; a task never finished is reported failed."""

@@ -11,26 +11,29 @@ run's overrides, and the ServerApp object is imported from the installed package
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import threading
-from logging import ERROR
+import time
+from collections.abc import Iterable
+from logging import ERROR, INFO
 from pathlib import Path
 from queue import Queue
 
 import httpx
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.common.config import get_fused_config_from_dir
 from flwr.common.constant import SubStatus
-from flwr.common.serde import context_from_proto, context_to_proto, run_from_proto
+from flwr.common.serde import context_from_proto, run_from_proto
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     PullTaskInputResponse,
-    PushTaskOutputRequest,
 )
 from flwr.supercore import log
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.logger import (
+    FLOWER_LOGGER,
     flush_logs,
     mirror_output_to_queue,
     start_log_uploader,
@@ -39,8 +42,58 @@ from flwr.supercore.logger import (
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 from flwr.superlink.grid import HttpGrid
+from flwr.superlink.grid import http_grid as flower_grid
+
+from flowerctl.runtime import check_flower_version, push_task_output
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the installed idc-fl (editable install)
+# Flower's HttpGrid looks for replies every 3 s; the SuperLink's Runtime API is on loopback,
+# where a look is a cheap local call, and a round waits on its slowest reply twice.
+REPLY_POLL_S = 0.1
+# Flower pulls a reply's objects with a backoff from 1 s doubling to 10 s: the SuperLink hands
+# out a reply before its site has pushed all of its objects, which a short poll sees often.
+OBJECT_BACKOFF_S = (0.05, 0.5)
+
+
+class LoopbackGrid(HttpGrid):
+    """Flower's :class:`HttpGrid` with short waits for replies (the SuperLink is local)."""
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """As Flower 1.42's, polling every :data:`REPLY_POLL_S`; logs how long each leg took."""
+        t0 = time.monotonic()
+        msg_ids = set(self.push_messages(messages))
+        del messages
+        pushed, sent, looks = time.monotonic(), len(msg_ids), 0
+        end_time = time.time() + (timeout if timeout is not None else 0.0)
+        ret: list[Message] = []
+        while timeout is None or time.time() < end_time:
+            replies = self.pull_messages(msg_ids)
+            looks += 1
+            ret.extend(replies)
+            msg_ids.difference_update({m.metadata.reply_to_message_id for m in replies})
+            if not msg_ids:
+                break
+            time.sleep(REPLY_POLL_S)
+        log(
+            INFO,
+            "grid: %d messages pushed in %.2f s; %d replies in %.2f s (%d looks)",
+            sent,
+            pushed - t0,
+            len(ret),
+            time.monotonic() - pushed,
+            looks,
+        )
+        return ret
+
+
+def shorten_object_backoff() -> None:
+    """Pull reply objects still in transit with :data:`OBJECT_BACKOFF_S` (this process only)."""
+    check_flower_version()
+    first, cap = OBJECT_BACKOFF_S
+    pull = functools.partial(flower_grid.pull_objects, initial_backoff=first, backoff_cap=cap)
+    flower_grid.pull_objects = pull  # HttpGrid.pull_messages looks it up there
 
 
 def read_task(stream: bytes) -> tuple[str, PullTaskInputResponse]:
@@ -55,7 +108,7 @@ class ServerAppTask:
     """The task's connection, heartbeat, log upload and final status, as Flower's own."""
 
     def __init__(self, address: str, certs: bytes | None, token: str) -> None:
-        self.grid = HttpGrid(
+        self.grid = LoopbackGrid(
             runtime_api_address=address,
             insecure=certs is None,
             root_certificates=certs,
@@ -72,13 +125,8 @@ class ServerAppTask:
         self.grid._retry_invoker.max_tries = 1  # never block the exit on a gone SuperLink
         if self.uploader:
             flush_logs(self.queue)
-        request = PushTaskOutputRequest(
-            context=context_to_proto(self.context) if self.context else None,
-            sub_status=self.sub_status,
-            details=self.details,
-        )
         try:
-            self.grid._runtime_client.PushTaskOutput(request)
+            push_task_output(self.grid._runtime_client, self.context, self.sub_status, self.details)
         except httpx.HTTPError as err:
             log(ERROR, "Failed to push task output: %s", err)
         if self.uploader:
@@ -137,6 +185,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
+    shorten_object_backoff()
+    # Opacus's import runs logging.basicConfig (a root handler on stderr): Flower's lines,
+    # already printed by Flower's own handler, would reach serverapp.log twice.
+    FLOWER_LOGGER.propagate = False
     task = ServerAppTask(args.runtime_api, args.ca.read_bytes() if args.ca else None, token)
     mirror_output_to_queue(task.queue)  # the ServerApp's output also goes to `flwr log`
     register_signal_handlers(

@@ -28,16 +28,13 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 from flwr.common.constant import SubStatus
 from flwr.common.serde import fab_from_proto, run_from_proto
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     PullTaskInputRequest,
     PullTaskInputResponse,
-    PushTaskOutputRequest,
 )
 from flwr.supercore.constant import TaskType
 from flwr.supercore.runtime import RuntimeHttpClient
@@ -46,9 +43,15 @@ from common.audit import APP_REFUSED, AuditError
 from common.fileio import private_dir, write_private
 from common.paths import CoordPaths
 from flowerctl.errors import FlowerProcError
-from flowerctl.fab import InstalledApp, fab_hash
+from flowerctl.fab import InstalledApp, app_details, fab_hash
 from flowerctl.processes import flower_env
-from flowerctl.runtime import acquire_task, check_flower_version, runtime_client
+from flowerctl.runtime import (
+    acquire_task,
+    check_flower_version,
+    push_task_output,
+    runtime_client,
+    serve_tasks,
+)
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the installed idc-fl (editable install)
@@ -56,10 +59,6 @@ POLL_S = 0.5  # between AcquireTask calls when no run waits (a loopback call, ch
 COMPONENT = "flwr-serverapp"  # what the SuperLink's version check expects of a ServerApp
 SERVERAPP_LOG = "serverapp.log"  # under COORD/logs: the accepted runs' ServerApp output
 READY = "coordinator executor ready"
-
-
-def _publisher(fab_id: str) -> str:
-    return fab_id.split("/", 1)[0] if "/" in fab_id else fab_id
 
 
 def task_bytes(token: str, res: PullTaskInputResponse) -> bytes:
@@ -90,23 +89,13 @@ class ServerExecutor:
         idle = runtime_client(
             self.address, component=COMPONENT, root_certificates=self.certs, auth_secret=self.secret
         )
-        while True:
-            self._reap()
-            try:
-                token = acquire_task(idle, TaskType.SERVER_APP)
-            except httpx.HTTPError as exc:
-                log.warning("SuperLink Runtime API at %s: %s", self.address, exc)
-                time.sleep(1.0)
-                continue
-            if token is None:
-                time.sleep(POLL_S)
-                continue
-            try:
-                self.handle(token)
-            # One task's failure (a dropped connection, an audit write refused) ends that
-            # task only: the next run is served regardless.
-            except Exception as exc:  # noqa: BLE001
-                log.exception("ServerApp task failed: %s", exc)
+        serve_tasks(
+            lambda: acquire_task(idle, TaskType.SERVER_APP),
+            self.handle,
+            POLL_S,
+            f"SuperLink Runtime API at {self.address}",
+            before_each=self._reap,
+        )
 
     def handle(self, token: str) -> None:
         """One task: pull its input (the run, the context, the FAB), refuse it or run ours."""
@@ -133,14 +122,7 @@ class ServerExecutor:
             f"the {self.installed.label} that `idc-server start` runs (it {why}); if idc-fl "
             "was updated since, restart `idc-server start`"
         )
-        details = {
-            "run_id": str(run.run_id),
-            "app_hash": digest,
-            "publisher": _publisher(run.fab_id),
-            "app": run.fab_id,
-            "version": run.fab_version,
-            "reason": why[:500],
-        }
+        details = {**app_details(run, digest), "reason": why[:500]}
         try:
             from server.ops import open_audit
 
@@ -148,9 +130,7 @@ class ServerExecutor:
                 audit.append(APP_REFUSED, str(run.run_id), "refused", details)
         except (AuditError, OSError, ValueError) as exc:  # refused all the same
             log.error("could not record the refusal of app %s: %s", digest, exc)
-        client.PushTaskOutput(
-            PushTaskOutputRequest(sub_status=SubStatus.FAILED, details=reason[:1000])
-        )
+        push_task_output(client, None, SubStatus.FAILED, reason)
         log.warning("run %d: %s", run.run_id, reason)
 
     def spawn(self, token: str, res: PullTaskInputResponse) -> subprocess.Popen[bytes]:

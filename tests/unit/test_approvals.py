@@ -37,6 +37,22 @@ def test_installed_app_is_accepted_anything_else_refused(tmp_path, gate):
     assert "not the installed tinyapp 1.0.0" in reason and "idc-client approve" in reason
 
 
+def test_the_installed_verdict_is_reached_once_per_bundle(tmp_path, gate, monkeypatch):
+    # Each message of a run carries the same bundle: compared file by file once, then by hash.
+    ours = build(make_app(tmp_path / "ours"))
+    compared = []
+    real = gate.installed.mismatch
+    monkeypatch.setattr(
+        type(gate.installed), "mismatch", lambda self, c: compared.append(c) or real(c)
+    )
+    for _ in range(3):
+        assert gate.check(ours) == (fab_hash(ours), "installed", None)
+    other = build(make_app(tmp_path / "other", version="9.9.9"))
+    for _ in range(2):
+        assert gate.check(other)[2] is not None  # a refusal is never remembered as accepted
+    assert compared == [ours, other, other]
+
+
 def test_an_approved_hash_is_accepted_and_the_approval_audited(tmp_path, site, gate, capsys):
     other = build(make_app(tmp_path / "other", version="9.9.9"))
     digest = fab_hash(other)

@@ -138,3 +138,20 @@ def test_the_snapshot_describes_the_files_at_start(tmp_path):
     (root / "tiny" / "apps.py").write_text("x = 2\n")  # changed on disk after the start
     assert app.mismatch(fab) is None
     assert "tiny/apps.py" in InstalledApp.snapshot(root).mismatch(fab)
+
+
+def test_gitignored_folders_are_not_part_of_the_installed_app(tmp_path):
+    # A demo's runs/ holds thousands of JSON files that `flwr build` never ships: the snapshot
+    # neither walks nor accepts them, and the bundle Flower builds is still the app.
+    root = make_app(tmp_path / "app")
+    (root / ".gitignore").write_text("runs/\n*.log.json\n")
+    (root / "runs" / "r1").mkdir(parents=True)
+    (root / "runs" / "r1" / "rounds.json").write_text("{}")
+    (root / "tiny" / "debug.log.json").write_text("{}")
+    app = InstalledApp.snapshot(root)
+    assert "runs/r1/rounds.json" not in app.files
+    assert "tiny/debug.log.json" not in app.files
+    assert "tiny/apps.py" in app.files
+    assert app.mismatch(build(root)) is None
+    smuggled = zip_of({"pyproject.toml": (root / "pyproject.toml").read_bytes(), "runs/x.py": b""})
+    assert "runs/x.py" in app.mismatch(smuggled)
