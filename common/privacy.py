@@ -55,8 +55,10 @@ GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
 # functorch cannot take an empty batch (vmap over 0 samples fails); Poisson draws one with
 # probability ~exp(-expected batch), so below this batch hooks is used.
 FUNCTORCH_MIN_BATCH = 32
-# The engine used from FUNCTORCH_MIN_BATCH up: hooks with common.grad_samplers' convolution
-# kernel (functorch computes every layer itself and cannot use it). benchmarks/dp_overhead.py.
+# The engine used from FUNCTORCH_MIN_BATCH up: hooks, with common.grad_samplers' convolution
+# kernel (functorch computes every layer itself and cannot use it). benchmarks/dp_overhead.py,
+# gap model, shared 2-core CPU under heavy load: batch 64, hooks 1.60x plain, functorch 3.83x;
+# batch 256, hooks 3.02x, functorch 3.07x, ghost 2.72x (ratios swing with the load).
 LARGE_BATCH_MODE: GradSampleMode = "hooks"
 # Loss of one batch: the plain cross-entropy, or ghost clipping's two-pass criterion.
 Criterion = Callable[[torch.Tensor, torch.Tensor], Any]
