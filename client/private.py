@@ -213,11 +213,19 @@ def _private_round(
     except accounting.BudgetExceeded as exc:
         return _refuse(site, ledger, audit, run_id, server_round, str(exc), exc.spent)
     optimizer = make_optimizer(model.parameters(), run.learning_rate, Recipe.from_run(run))
-    private = make_private(model, optimizer, loader, dp, run.local_epochs, seed=None)
+    private = make_private(
+        model, optimizer, loader, dp, run.local_epochs, seed=None, views=run.dp_augmult
+    )
     try:
         # fp32 and the default layout: Opacus's per-sample gradients are validated there only.
         cfg_train = replace(local_config(run, seed), precision="fp32", channels_last="off")
-        train(private.model, private.loader, cfg_train, optimizer=private.optimizer)
+        train(
+            private.model,
+            private.loader,
+            cfg_train,
+            optimizer=private.optimizer,
+            criterion=private.criterion,
+        )
         steps = steps_taken(private)
     finally:
         release(private)

@@ -17,7 +17,8 @@ from common import config_digest
 from common.paths import SitePaths
 
 Norm = Literal["batch", "group"]
-ModelKind = Literal["paper", "gap"]  # the paper's exact network, or global average pooling
+# The paper's exact network, or global average pooling; "-ws": weight-standardized convolutions
+ModelKind = Literal["paper", "gap", "paper-ws", "gap-ws"]
 Augment = Literal["none", "dihedral", "dihedral+color"]
 LRSchedule = Literal["constant", "cosine"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
@@ -95,6 +96,7 @@ class RunConfig:
     # other target epsilon of the product (idc-sim budget, a site's cap) is a total.
     dp_epsilon_per_round: float = 0.0
     dp_max_grad_norm: float = 1.0
+    dp_augmult: int = 1  # augmented views per sampled patch, averaged before clipping
     dp_delta: float = 1e-5
     dp_accountant: Accountant = "rdp"
     central_dp_mode: CentralDPMode = "none"
@@ -222,6 +224,9 @@ class RunConfig:
             # Opacus's per-sample-gradient hooks do not run under torch.compile.
             _check(self.compile != "on", "compile", self.compile, "'auto' or 'off' with DP")
             _check(self.dp_max_grad_norm > 0, "dp.max-grad-norm", self.dp_max_grad_norm, "> 0")
+            k = self.dp_augmult
+            _check(k >= 1, "dp.augmult", k, ">= 1 (1: off)")
+            _check(k == 1 or self.augment != "none", "dp.augmult", k, "1 when augment is 'none'")
             _check(0 < self.dp_delta < 1, "dp.delta", self.dp_delta, "in (0, 1)")
 
     def _check_strategy(self) -> None:

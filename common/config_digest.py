@@ -39,6 +39,7 @@ ADDED: tuple[tuple[str, Any], ...] = (
     ("lr-schedule", "constant"),
     ("ema", 0.0),
     ("compile", "off"),  # eager modules before
+    ("dp.augmult", 1),  # one view of each sampled patch
 )
 # Releases that hashed every key they knew, by how many of ADDED they knew: until the
 # strategy keys, until precision and layout, until the recipe keys, until this module (the

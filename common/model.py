@@ -30,6 +30,12 @@ and the paper's head from there on (dense 32->128, 128->64, 64->64, 64->2). The 
 clipped and noised; without it the network has 92,610 trainable parameters (75,456 of them
 in the trunk) instead of 2,648,514. Its exchanged weights keep the paper's names, so
 :func:`model_kind` tells the two apart by the first dense layer's input width.
+
+``kind="paper-ws"`` and ``"gap-ws"`` use weight-standardized convolutions (:class:`WSConv2d`,
+Qiao et al. 2019; with group norm, the DP-SGD recipe of De et al. 2022): every kernel is
+standardized per output channel on each forward pass and scaled by a learned per-channel gain.
+The gain (``<conv>.gain``, 32 values per convolution) is what :func:`model_kind` recognises
+them by; the plain kinds are unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.config import MODEL_KINDS, ModelKind, Norm
@@ -49,6 +56,35 @@ PATCH_SIZE = 50
 NUM_CLASSES = 2
 # Groups for GroupNorm: 8 divides 32, 128 and 64, so every norm layer gets the same rule.
 GROUPS = 8
+WS_GAIN = "stem.0.gain"  # present in the weight-standardized kinds only
+WS_EPS = 1e-5
+
+
+class WSConv2d(nn.Conv2d):
+    """A Conv2d whose kernel is standardized per output channel, times a learned gain.
+
+    Standardizing in the forward pass (not as a parametrization) keeps the state dict's
+    ``weight`` and ``bias`` names, so exchanged weights look like the plain network's plus
+    ``gain``. Opacus computes its per-sample gradients with functorch (the standardization is
+    part of the layer's function), so clipping sees the gradient the layer really has.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, padding: int) -> None:
+        super().__init__(in_channels, out_channels, kernel, padding=padding)
+        self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) * torch.rsqrt(var + WS_EPS) * self.gain
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def _conv(ws: bool, in_channels: int, out_channels: int) -> nn.Conv2d:
+    if ws:
+        return WSConv2d(in_channels, out_channels, 3, padding=1)
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
 
 def _norm2d(kind: Norm, channels: int) -> nn.Module:
@@ -66,11 +102,11 @@ def _norm1d(kind: Norm, features: int) -> nn.Module:
 class ResidualBlock(nn.Module):
     """Two 3x3 convolutions with norm, added to the block's input, then ReLU."""
 
-    def __init__(self, norm: Norm, channels: int = CHANNELS) -> None:
+    def __init__(self, norm: Norm, channels: int = CHANNELS, ws: bool = False) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = _conv(ws, channels, channels)
         self.norm1 = _norm2d(norm, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = _conv(ws, channels, channels)
         self.norm2 = _norm2d(norm, channels)
         self.relu = nn.ReLU()
 
@@ -81,7 +117,7 @@ class ResidualBlock(nn.Module):
 
 def _pool(kind: ModelKind) -> tuple[nn.Module, int]:
     """The layers between the trunk and the head, and how many features they hand on."""
-    if kind == "gap":
+    if kind.startswith("gap"):
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), CHANNELS
     pool = nn.Sequential(nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten())
     return pool, CHANNELS * (PATCH_SIZE // 2) ** 2  # 20,000
@@ -98,10 +134,9 @@ class IDCNet(nn.Module):
             raise ValueError(f"model must be one of {MODEL_KINDS}, got {kind!r}")
         self.norm = norm
         self.kind = kind
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, CHANNELS, 3, padding=1), nn.ReLU(), _norm2d(norm, CHANNELS)
-        )
-        self.blocks = nn.Sequential(*(ResidualBlock(norm) for _ in range(4)))
+        ws = kind.endswith("-ws")
+        self.stem = nn.Sequential(_conv(ws, 3, CHANNELS), nn.ReLU(), _norm2d(norm, CHANNELS))
+        self.blocks = nn.Sequential(*(ResidualBlock(norm, ws=ws) for _ in range(4)))
         self.pool, flat = _pool(kind)
         self.head = nn.Sequential(
             nn.Linear(flat, 128),
@@ -135,7 +170,7 @@ def build_model(norm: Norm = "batch", seed: int | None = 0, kind: ModelKind = "p
 
 
 def model_kind(arrays: Mapping[str, Any]) -> ModelKind:
-    """Which variant exchanged weights belong to, from the first dense layer's input width.
+    """Which variant exchanged weights belong to: the first dense layer's width, and any gain.
 
     Raises
     ------
@@ -144,10 +179,11 @@ def model_kind(arrays: Mapping[str, Any]) -> ModelKind:
     """
     weight = arrays.get(FIRST_DENSE)
     width = None if weight is None or len(weight.shape) != 2 else int(weight.shape[1])
+    ws = WS_GAIN in arrays
     if width == CHANNELS:
-        return "gap"
+        return "gap-ws" if ws else "gap"
     if width == CHANNELS * (PATCH_SIZE // 2) ** 2:
-        return "paper"
+        return "paper-ws" if ws else "paper"
     raise ValueError(f"weights have no {FIRST_DENSE} of 20000 or {CHANNELS} inputs")
 
 

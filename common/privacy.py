@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import AbstractGradSampleModule
@@ -29,7 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.accounting import ACCOUNTANTS, noise_for_target, schedule
+from common.augmult import check_views, fold_views, repeat_views
 from common.config import Accountant
+from common.grad_samplers import use_fast_samplers
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,18 @@ PRIVACY_UNIT = (
     "Training and validation loss and accuracy are not sent in DP rounds."
 )
 
-GradSampleMode = Literal["hooks", "functorch", "ew"]
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew")
-# benchmarks/dp_overhead.py: functorch computes the same clipped gradients as Opacus's default
-# hooks ~25-40% faster on CPU, but it cannot take an empty batch (vmap over 0 samples fails).
-# Poisson draws one with probability ~exp(-expected batch), so below this batch hooks is used.
+GradSampleMode = Literal["hooks", "functorch", "ew", "ghost"]
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
+# functorch cannot take an empty batch (vmap over 0 samples fails); Poisson draws one with
+# probability ~exp(-expected batch), so below this batch hooks is used.
 FUNCTORCH_MIN_BATCH = 32
+# The engine used from FUNCTORCH_MIN_BATCH up: hooks, with common.grad_samplers' convolution
+# kernel (functorch computes every layer itself and cannot use it). benchmarks/dp_overhead.py,
+# gap model, shared 2-core CPU under heavy load: batch 64, hooks 1.60x plain, functorch 3.83x;
+# batch 256, hooks 3.02x, functorch 3.07x, ghost 2.72x (ratios swing with the load).
+LARGE_BATCH_MODE: GradSampleMode = "hooks"
+# Loss of one batch: the plain cross-entropy, or ghost clipping's two-pass criterion.
+Criterion = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
 @dataclass(frozen=True)
@@ -133,11 +142,12 @@ class CountingDPDataLoader(DPDataLoader):
     """
 
     batches_drawn = 0
+    views = 1  # augmentation multiplicity: each sampled patch handed on this many times
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in super().__iter__():
+        for x, y in super().__iter__():
             self.batches_drawn += 1
-            yield batch
+            yield repeat_views(x, y, self.views)
 
 
 @dataclass
@@ -157,6 +167,8 @@ class PrivateObjects:
     planned_steps: int
     engine: PrivacyEngine
     grad_sample_mode: str
+    criterion: Criterion = F.cross_entropy  # pass to the loop; ghost clipping has its own
+    views: int = 1
 
 
 def _generator(seed: int | None, stream: int) -> torch.Generator:
@@ -188,6 +200,7 @@ def make_private(
     epochs: int,
     seed: int | None = None,
     grad_sample_mode: GradSampleMode | None = None,
+    views: int = 1,
 ) -> PrivateObjects:
     """Wrap model, optimizer and loader for DP-SGD with Poisson sampling (Opacus).
 
@@ -204,60 +217,61 @@ def make_private(
         guarantee then assumes the seed is secret from everyone who sees the weights (so
         never the coordinator's run-config seed in deployment). ``None`` draws fresh seeds
         from the OS.
-    grad_sample_mode : {"hooks", "functorch", "ew"}, optional
-        Opacus per-sample-gradient engine; by default functorch, or hooks when the expected
-        batch is under ``FUNCTORCH_MIN_BATCH``. Ghost clipping needs its own criterion,
-        which the shared loop does not call, so it is not offered.
+    grad_sample_mode : {"hooks", "functorch", "ew", "ghost"}, optional
+        Opacus per-sample-gradient engine; by default :data:`LARGE_BATCH_MODE`, or hooks when
+        the expected batch is under ``FUNCTORCH_MIN_BATCH`` or ``views`` > 1 with ghost. Ghost
+        clipping trains through its own criterion: pass ``criterion`` to the loop.
+    views : int
+        Augmentation multiplicity (:mod:`common.augmult`): each sampled patch trains on this
+        many augmented views, their per-sample gradients averaged before clipping. Sampling
+        and accounting are per patch and do not change.
 
     Raises
     ------
     ValueError
         The model has layers Opacus cannot train privately (e.g. BatchNorm), or is already
-        private. Nothing is fixed silently.
+        private, or ghost clipping is asked for with ``views`` > 1. Nothing is fixed silently.
     """
     if not isinstance(dp, DPConfig):
         raise TypeError(f"dp must be a DPConfig, got {type(dp).__name__}")
-    if grad_sample_mode is not None and grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(
-            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
-        )
+    check_views(views)
+    mode = _grad_sample_mode(grad_sample_mode, loader, views)
     _check_inputs(model, optimizer, loader)
     plan = plan_round(dp, loader, epochs)
-    if grad_sample_mode is None:
-        expected = len(loader.dataset) / len(loader)  # type: ignore[arg-type]
-        grad_sample_mode = "functorch" if expected >= FUNCTORCH_MIN_BATCH else "hooks"
-    if plan.noise_multiplier == 0:
-        log.warning("DP-SGD with noise multiplier 0: clipping only, no privacy")
-    if seed is not None:
-        log.warning(
-            "DP sampling and noise seeded with %d: reproducible, and private only "
-            "while that seed stays secret",
-            seed,
-        )
+    _warn(plan, seed)
     # The loader's own generator comes from make_loader's seed, which the coordinator may
     # know; whoever can predict the batches removes the amplification by subsampling that
     # the accountant counts on. So the Poisson loader is built here, with its own generator,
     # and Opacus is told to leave it as it is (poisson_sampling=False means "unchanged").
     poisson = CountingDPDataLoader.from_data_loader(loader, generator=_generator(seed, 0))
+    poisson.views = views
     if len(poisson) * epochs != plan.steps:
         raise RuntimeError(f"Opacus plans {len(poisson) * epochs} steps, not {plan.steps}")
     engine = PrivacyEngine(accountant=dp.accountant)
-    dp_model, dp_optimizer, dp_loader = engine.make_private(
+    wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=poisson,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         poisson_sampling=False,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode=mode,
         noise_generator=_generator(seed, 1),
     )
-    if dp_loader is not poisson:
+    dp_model, dp_optimizer = wrapped[0], wrapped[1]
+    if mode in ("hooks", "ghost"):
+        use_fast_samplers(dp_model)  # same gradients, faster (common.grad_samplers)
+    criterion: Criterion = wrapped[2] if mode == "ghost" else F.cross_entropy
+    if wrapped[-1] is not poisson:
         raise RuntimeError("Opacus replaced the Poisson-sampling loader; refusing to train")
+    if views > 1:
+        dp_optimizer = fold_views(dp_optimizer, views)
     dp_model.forbid_grad_accumulation()  # what poisson_sampling=True would have done
     log.info(
-        "DP-SGD (%s): noise %.4g, clip %.4g, sample rate %.4g, %d steps planned",
-        grad_sample_mode,
+        "DP-SGD (%s, %d view(s) per patch): noise %.4g, clip %.4g, sample rate %.4g, "
+        "%d steps planned",
+        mode,
+        views,
         plan.noise_multiplier,
         dp.max_grad_norm,
         plan.sample_rate,
@@ -271,8 +285,41 @@ def make_private(
         plan.sample_rate,
         plan.steps,
         engine,
-        grad_sample_mode,
+        mode,
+        criterion,
+        views,
     )
+
+
+def _grad_sample_mode(
+    asked: GradSampleMode | None, loader: DataLoader[Any], views: int
+) -> GradSampleMode:
+    if asked is not None and asked not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {asked!r}")
+    if asked == "ghost" and views > 1:
+        raise ValueError(
+            "ghost clipping computes per-sample gradient norms only, so it cannot average "
+            f"a patch's {views} views before clipping; use hooks or functorch with views > 1"
+        )
+    if asked is not None:
+        return asked
+    expected = len(loader.dataset) / len(loader)  # type: ignore[arg-type]
+    if expected < FUNCTORCH_MIN_BATCH:
+        return "hooks"
+    if LARGE_BATCH_MODE == "ghost" and views > 1:
+        return "functorch"
+    return LARGE_BATCH_MODE
+
+
+def _warn(plan: RoundPlan, seed: int | None) -> None:
+    if plan.noise_multiplier == 0:
+        log.warning("DP-SGD with noise multiplier 0: clipping only, no privacy")
+    if seed is not None:
+        log.warning(
+            "DP sampling and noise seeded with %d: reproducible, and private only "
+            "while that seed stays secret",
+            seed,
+        )
 
 
 def steps_taken(private: PrivateObjects) -> int:

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 # A term added to every step's loss, computed from the model alone (FedProx's proximal term).
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
+# The loss of a batch; DP-SGD with ghost clipping passes Opacus's two-pass criterion here.
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,12 @@ def to_device(
     return x, y.to(device, non_blocking=True)
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _loss(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion | None) -> torch.Tensor:
     # Poisson sampling (DP) can draw an empty batch; keep the graph so the DP optimizer still
     # takes its (noise-only) step, as its accountant assumes.
-    return F.cross_entropy(logits, y) if len(y) else logits.sum() * 0.0
+    if not len(y):
+        return logits.sum() * 0.0
+    return (criterion or F.cross_entropy)(logits, y)
 
 
 def train_epoch(
@@ -104,6 +108,7 @@ def train_epoch(
     extra_loss: ExtraLoss | None = None,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
+    criterion: Criterion | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy, steps and examples.
 
@@ -111,7 +116,8 @@ def train_epoch(
     already be in its layout (:meth:`common.accel.Accel.prepare`). ``extra_loss`` is added
     to each step's loss for the gradient only; the reported loss stays the data's.
     ``transform`` augments each batch on the device; ``after_step`` runs after each
-    optimizer step (the recipe's schedule and parameter average).
+    optimizer step (the recipe's schedule and parameter average). ``criterion`` replaces
+    the cross-entropy (:attr:`common.privacy.PrivateObjects.criterion`).
     """
     accel = accel or Accel(device)
     model.train()
@@ -127,7 +133,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         with accel.autocast():
             logits = net(x)
-            loss = _loss(logits, y)
+            loss = _loss(logits, y, criterion)
             full = loss + extra_loss(model) if extra_loss is not None else loss
         full.backward()
         optimizer.step()
@@ -190,14 +196,15 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     extra_loss: ExtraLoss | None = None,
+    criterion: Criterion | None = None,
 ) -> TrainResult:
     """Train for ``config.epochs``, early-stopping on validation loss with the best restored.
 
     ``model`` is moved to the configured device. ``optimizer`` defaults to Adam at
     ``config.lr`` (AdamW with the recipe's weight decay); a privacy engine passes its DP
     optimizer (and its wrapped model and loader) instead. With averaging on, validation, the
-    best epoch and the returned model all use the averaged weights. ``extra_loss`` is passed
-    to :func:`train_epoch`.
+    best epoch and the returned model all use the averaged weights. ``extra_loss`` and
+    ``criterion`` are passed to :func:`train_epoch`.
     """
     device = resolve_device(config.device)
     accel = Accel.resolve(device, config.precision, config.channels_last, config.compile)
@@ -222,6 +229,7 @@ def train(
             extra_loss=extra_loss,
             transform=augment,
             after_step=recipe.after_step,
+            criterion=criterion,
         )
         result.steps += int(stats["steps"])
         result.examples += int(stats["examples"])

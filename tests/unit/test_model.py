@@ -81,3 +81,37 @@ def test_predict_rebuilds_the_variant_a_model_file_records(tmp_path):
     lying = save_model(tmp_path / "lying.idc", arrays, {"model": "paper"})
     with pytest.raises(ModelIntegrityError, match="does not hold"):
         load_network(lying)
+
+
+@pytest.mark.parametrize("kind", ["paper-ws", "gap-ws"])
+def test_weight_standardized_kinds_add_a_gain_per_conv_channel_and_are_read_back(kind):
+    from common.model import WSConv2d, model_kind
+
+    plain = build_model("group", seed=0, kind=kind.removesuffix("-ws"))
+    ws = build_model("group", seed=0, kind=kind)
+    convs = [m for m in ws.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 9 and all(isinstance(m, WSConv2d) for m in convs)
+    assert count_parameters(ws)[0] == count_parameters(plain)[0] + 9 * 32  # the gains
+    assert model_kind(ws.state_dict()) == kind
+    assert model_kind(plain.state_dict()) == kind.removesuffix("-ws")
+    assert ModuleValidator.validate(ws, strict=True) == []  # Opacus trains it (functorch)
+
+
+def test_weight_standardized_conv_uses_a_zero_mean_unit_variance_kernel():
+    from common.model import WSConv2d
+
+    conv = WSConv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(7.0).add_(3.0)  # far from standardized
+        conv.gain.copy_(torch.arange(1.0, 5.0).view(4, 1, 1, 1))
+    x = torch.rand(2, 3, 8, 8)
+    w = conv.weight
+    std = (w - w.mean((1, 2, 3), keepdim=True)) / w.var(
+        (1, 2, 3), keepdim=True, unbiased=False
+    ).add(1e-5).sqrt()
+    expected = torch.nn.functional.conv2d(x, std * conv.gain, conv.bias, padding=1)
+    torch.testing.assert_close(conv(x), expected)
+    # a kernel's scale and offset do not change the output: only its shape does
+    with torch.no_grad():
+        conv.weight.mul_(10.0).sub_(1.0)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-4, atol=1e-4)

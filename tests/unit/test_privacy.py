@@ -14,6 +14,7 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleModule
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from common.accounting import BudgetExceeded, check_cap, check_delta, epsilon
@@ -21,6 +22,7 @@ from common.dataset import PatchDataset, make_loader
 from common.ledger import LedgerEntry, LedgerError, PrivacyLedger, history
 from common.model import build_model
 from common.privacy import (
+    LARGE_BATCH_MODE,
     PRIVACY_UNIT,
     DPConfig,
     RoundPlan,
@@ -337,19 +339,67 @@ def test_plan_matches_what_the_accountant_records_when_1_over_q_rounds_down():
     assert steps_taken(private) == 3  # the accountant's rate is the planned 1/92
 
 
-def test_functorch_default_clips_like_opacus_hooks_and_small_batches_use_hooks():
+@pytest.mark.parametrize("mode", ["functorch", "ghost"])
+def test_every_engine_clips_like_opacus_hooks_through_the_shared_loop(mode):
     gen = torch.Generator().manual_seed(7)
     batch = [(torch.rand(16, 3, 50, 50, generator=gen), torch.randint(0, 2, (16,), generator=gen))]
     params = {}
-    for mode in ("hooks", "functorch"):
+    for name in ("hooks", mode):
         model, opt, loader, _ = _private_setup()
         dp = _dp(noise_multiplier=0.0, max_grad_norm=0.5)  # clipping bites, no noise
-        private = make_private(model, opt, loader, dp, 1, grad_sample_mode=mode)  # type: ignore[arg-type]
-        assert private.grad_sample_mode == mode
+        private = make_private(model, opt, loader, dp, 1, grad_sample_mode=name)
+        assert private.grad_sample_mode == name
         torch.manual_seed(0)
-        train_epoch(private.model, batch, private.optimizer, CPU)
-        params[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    torch.testing.assert_close(params["functorch"], params["hooks"], rtol=1e-4, atol=1e-6)
-    for batch_size, mode in ((32, "functorch"), (16, "hooks")):  # 64 patches
+        train_epoch(private.model, batch, private.optimizer, CPU, criterion=private.criterion)
+        params[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(params[mode], params["hooks"], rtol=1e-4, atol=1e-6)
+
+
+def test_default_engine_is_hooks_with_the_fast_convolution_kernel():
+    from common.grad_samplers import conv2d_grad_sample
+
+    for batch_size in (32, 16):  # 64 patches; functorch is never the default
         model, opt, loader, dp = _private_setup(batch=batch_size)
-        assert make_private(model, opt, loader, dp, 1).grad_sample_mode == mode
+        private = make_private(model, opt, loader, dp, 1)
+        assert private.grad_sample_mode == LARGE_BATCH_MODE == "hooks"
+        assert private.model.GRAD_SAMPLERS[torch.nn.Conv2d] is conv2d_grad_sample
+        release(private)
+    assert GradSampleModule.GRAD_SAMPLERS[torch.nn.Conv2d] is not conv2d_grad_sample  # no global
+
+
+@pytest.mark.parametrize(
+    ("in_c", "out_c", "stride", "padding", "bias", "n"),
+    [(3, 32, 1, 1, True, 5), (8, 4, 2, 0, False, 3), (4, 6, 1, 2, True, 0)],
+)
+def test_fast_convolution_kernel_equals_opacus_per_sample_gradients(
+    in_c, out_c, stride, padding, bias, n
+):
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from common.grad_samplers import conv2d_grad_sample
+
+    gen = torch.Generator().manual_seed(n)
+    layer = torch.nn.Conv2d(in_c, out_c, 3, stride=stride, padding=padding, bias=bias)
+    x = torch.randn(n, in_c, 11, 11, generator=gen)
+    out_shape = layer(x).shape if n else (0, out_c, 1, 1)
+    backprops = torch.randn(out_shape, generator=gen)
+    mine = conv2d_grad_sample(layer, [x], backprops)
+    theirs = compute_conv_grad_sample(layer, [x], backprops)
+    assert mine.keys() == theirs.keys()
+    for p in mine:
+        torch.testing.assert_close(mine[p], theirs[p], rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_clipping_takes_the_empty_poisson_batches_too():
+    model, opt, loader, dp = _private_setup(n=12, batch=1)
+    private = make_private(model, opt, loader, dp, epochs=1, seed=3, grad_sample_mode="ghost")
+    shapes: list[tuple[int, ...]] = []
+    stats = train_epoch(
+        private.model,
+        _tap(private.loader, shapes),
+        private.optimizer,
+        CPU,
+        criterion=private.criterion,
+    )
+    assert (0, 3, 50, 50) in shapes and stats["steps"] == steps_taken(private) == 12
+    assert all(torch.isfinite(p).all() for p in model.parameters())
