@@ -84,15 +84,6 @@ def synth_data(tmp_path_factory):
     return root / "sites", root / "heldout"
 
 
-@pytest.fixture
-def one_thread():
-    """As idc-sim runs the baselines (--threads 1): more threads only spin on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def heldout_metrics(arrays, heldout):
     patches = load_patches(heldout)
     model = build_model("group")
