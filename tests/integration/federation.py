@@ -17,6 +17,9 @@ from flowerctl import alive, descendants, free_port, signal_tree
 from simulation.synth import SynthSpec, synthesize
 
 BIN = Path(sys.executable).parent
+# One command's deadline: each starts by importing torch and Flower, and at a load of 24 on
+# 2 cores `idc-server add-site` was seen to pass 120 s; a hung command still ends the test.
+CLI_TIMEOUT = 300
 
 
 def split_synth_by_site(src: Path, dst: Path) -> dict[int, Path]:
@@ -74,7 +77,7 @@ class Federation:
         }
 
     def cli(
-        self, *args: str, timeout: float = 120, check: bool = True
+        self, *args: str, timeout: float = CLI_TIMEOUT, check: bool = True
     ) -> subprocess.CompletedProcess[str]:  # noqa: E501
         """Run one command to completion."""
         res = subprocess.run(
