@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -13,6 +16,10 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from common import protocol
 from common.config import RunConfig, SiteConfig
 from common.metrics import json_safe
+
+if TYPE_CHECKING:
+    from common.audit import AuditLog
+    from common.site_data import Site
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -37,20 +44,50 @@ def _proximal_mu(msg: Message) -> float:
     return float(value)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train on this site's own patients and reply with signed weights and metrics."""
-    from client.private import train_round
-    from client.site import clip_update, open_audit, sign_and_record
+class Received(NamedTuple):
+    """What both handlers start from.
+
+    The parsed configs, the message's run and round, the site's open audit log (the message
+    already recorded in it) and the site's data.
+    """
+
+    run: RunConfig
+    site_cfg: SiteConfig
+    run_id: str
+    server_round: int
+    audit: AuditLog
+    site: Site
+
+
+@contextmanager
+def _received(msg: Message, context: Context, asked: dict) -> Iterator[Received]:
+    """Both handlers' preamble: parse the configs, open the audit log, record the message.
+
+    The message (``asked``: what it asks, besides its round) is recorded before the site's
+    data is opened; the audit log closes when the block ends, however it ends.
+    """
+    from client.site import open_audit
     from common.site_data import Site
 
     run = RunConfig.from_run_config(context.run_config)
     site_cfg = SiteConfig.from_context(context.node_config, run)
-    run_id, server_round, mu = str(msg.metadata.run_id), _round(msg), _proximal_mu(msg)
+    run_id, server_round = str(msg.metadata.run_id), _round(msg)
     with open_audit(site_cfg) as audit:
-        asked = {"round": server_round, "action": "train"}
-        audit.append("message.received", run_id, "ok", asked | ({"proximal_mu": mu} if mu else {}))
+        audit.append("message.received", run_id, "ok", {"round": server_round, **asked})
         site = Site.open(site_cfg, run.seed)
+        yield Received(run, site_cfg, run_id, server_round, audit, site)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on this site's own patients and reply with signed weights and metrics."""
+    from client.private import train_round
+    from client.site import clip_update, sign_and_record
+
+    mu = _proximal_mu(msg)  # a bad mu fails before anything is recorded
+    asked = {"action": "train"} | ({"proximal_mu": mu} if mu else {})
+    with _received(msg, context, asked) as received:
+        run, site_cfg, run_id, server_round, audit, site = received
         audit.append(
             "data.read",
             run_id,
@@ -95,17 +132,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's held-out test patients."""
-    from client.site import local_evaluate, open_audit
-    from common.site_data import Site
+    from client.site import local_evaluate
 
-    run = RunConfig.from_run_config(context.run_config)
-    site_cfg = SiteConfig.from_context(context.node_config, run)
-    run_id, server_round = str(msg.metadata.run_id), _round(msg)
-    with open_audit(site_cfg) as audit:
-        audit.append(
-            "message.received", run_id, "ok", {"round": server_round, "action": "evaluate"}
-        )
-        site = Site.open(site_cfg, run.seed)
+    with _received(msg, context, {"action": "evaluate"}) as received:
+        run, site_cfg, run_id, server_round, audit, site = received
         metrics = local_evaluate(site, run, _arrays(msg)).to_record()
         audit.append("metrics.sent", run_id, "ok", json_safe({"round": server_round, **metrics}))  # type: ignore[arg-type]
     content = RecordDict(

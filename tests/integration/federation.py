@@ -9,12 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flowerctl import FLWR_ENV as FLOWER_ENV
 from flowerctl import alive, descendants, free_port, signal_tree
+from simulation.synth import SynthSpec, synthesize
 
 BIN = Path(sys.executable).parent
+# One command's deadline: each starts by importing torch and Flower, and at a load of 24 on
+# 2 cores `idc-server add-site` was seen to pass 120 s; a hung command still ends the test.
+CLI_TIMEOUT = 300
 
 
 def split_synth_by_site(src: Path, dst: Path) -> dict[int, Path]:
@@ -26,6 +31,12 @@ def split_synth_by_site(src: Path, dst: Path) -> dict[int, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src / pid, folder / pid)
     return folders
+
+
+def synth_sites(root: Path, spec: SynthSpec) -> dict[int, Path]:
+    """Synthesize ``spec``'s patients under ``root`` and give each site its own folder."""
+    synthesize(root / "all", spec)
+    return split_synth_by_site(root / "all", root)
 
 
 def wait_for(predicate, timeout: float, what: str, watch=(), poll: float = 0.5):  # noqa: ANN001
@@ -66,7 +77,7 @@ class Federation:
         }
 
     def cli(
-        self, *args: str, timeout: float = 120, check: bool = True
+        self, *args: str, timeout: float = CLI_TIMEOUT, check: bool = True
     ) -> subprocess.CompletedProcess[str]:  # noqa: E501
         """Run one command to completion."""
         res = subprocess.run(
@@ -133,6 +144,23 @@ class Federation:
         self.flower_pids |= {live["pid"], live["gateway_pid"], live["executor_pid"]}
         return proc
 
+    def start_all(
+        self, data: Mapping[str, Path], extra: Mapping[str, Sequence[str]] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A fresh coordinator with every site of ``data`` registered, started and online.
+
+        ``data`` maps a site's name to its patch folder, ``extra`` a name to more
+        ``idc-client start`` flags. Returns the ``idc-server start`` process.
+        """
+        self.init()
+        for name in data:
+            self.add_site(name)
+        server = self.start_server()
+        for name, folder in data.items():
+            self.start_site(name, folder, *(extra or {}).get(name, ()))
+        self.wait_sites_online(len(data))
+        return server
+
     def superlink_pid(self) -> int:
         """The flower-superlink process of the running ``idc-server start``."""
         return int(json.loads((self.coord / "superlink.json").read_text())["pid"])
@@ -192,9 +220,9 @@ class Federation:
             "idc-server", "run", "--dir", str(self.coord), *args, timeout=timeout, check=False
         )
 
-    def spawn_run(self, *args: str) -> subprocess.Popen[bytes]:
-        """``idc-server run`` in the background, output to ``run.out``."""
-        return self.spawn("run", "idc-server", "run", "--dir", str(self.coord), *args)
+    def spawn_run(self, *args: str, name: str = "run") -> subprocess.Popen[bytes]:
+        """``idc-server run`` in the background, output to ``<name>.out``."""
+        return self.spawn(name, "idc-server", "run", "--dir", str(self.coord), *args)
 
     def kill_group(self, pid: int) -> None:
         """SIGKILL a process we started, its group and every process below it (a crash)."""
@@ -209,17 +237,22 @@ class Federation:
     def stop(self) -> None:
         """Stop every command we started: SIGTERM (they stop their children), then SIGKILL."""
         trees = {pid: descendants(pid) for pid in self.flower_pids}
-        for proc in self.procs.values():
+        self.stop_procs(list(self.procs))
+        for pid, tree in trees.items():  # normally gone already; never leave one behind
+            signal_tree([p for p in [pid, *tree] if alive(p)], signal.SIGKILL)
+
+    def stop_procs(self, names: Sequence[str]) -> None:
+        """SIGTERM the named commands' groups, then SIGKILL what has not exited in 20 s."""
+        procs = [self.procs[name] for name in names]
+        for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill_group(proc.pid)
                 proc.wait(5)
-        for pid, tree in trees.items():  # normally gone already; never leave one behind
-            signal_tree([p for p in [pid, *tree] if alive(p)], signal.SIGKILL)
 
     def leftovers(self) -> list[int]:
         """Processes of ours still alive (should be none after :meth:`stop`)."""

@@ -42,11 +42,11 @@ from flowerctl import (
 )
 from flowerctl.processes import free_port
 from server.runner import connection
-from simulation.synth import SynthSpec, synthesize
-from tests.integration.federation import Federation, split_synth_by_site, wait_for
+from tests.integration.federation import Federation, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-SITES = ("hosp0", "hosp1")
+SITES = ("hosp0", "hosp1")  # two_sites's
+RUN = "boundary-run"  # the name of this file's `idc-server run` on the shared federation
 FAST = ["local-epochs=1", "batch-size=32", 'norm="group"', "round-timeout=120", "min-sites=2"]
 # What the Control API, the Runtime API and the API docs answer on, and tricks to reach them.
 PROBES = [
@@ -185,22 +185,10 @@ def bare(tmp_path_factory):
     stop_process(old.proc)
 
 
-@pytest.fixture(scope="module")
-def coord(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fed")
-    synthesize(root / "all", SynthSpec(patients=6, sites=2, patches_per_patient=(30, 40), seed=5))
-    folders = split_synth_by_site(root / "all", root / "data")
-    fed = Federation(root)
-    fed.init()
-    for name in SITES:
-        fed.add_site(name)
-    fed.start_server()
-    for i, name in enumerate(SITES):
-        fed.start_site(name, folders[i])
-    fed.wait_sites_online(len(SITES))
-    yield fed
-    fed.stop()
-    assert fed.leftovers() == []
+@pytest.fixture
+def coord(two_sites):
+    """The real ``idc-server start`` with hosp0 and hosp1 online (shared: conftest.py)."""
+    return two_sites
 
 
 def loopback(fed: Federation):
@@ -214,6 +202,12 @@ def outsider(fed: Federation, tmp_path: Path) -> Outsider:
 def refusals(fed: Federation) -> list[str]:
     log = fed.coord / "logs" / "gateway-refused.log"
     return log.read_text().splitlines() if log.is_file() else []
+
+
+def sent(fed: Federation, name: str) -> int:
+    """How many updates site ``name`` has recorded as sent, over every run so far."""
+    log = fed.root / name / "audit" / "site-audit.jsonl"
+    return log.read_text().count('"update.sent"') if log.is_file() else 0
 
 
 def assert_honest_sites_intact(fed: Federation) -> None:
@@ -290,11 +284,11 @@ def test_no_unregister_stop_or_task_claim_and_the_honest_round_completes(coord, 
     assert run_status(bare.admin, run_id).sub_status == "stopped"
 
     # the coordinator: a real run, attacked while it trains; even given the ids, all refused
-    run_dir = coord.root / "run"
-    args = ["--dir", str(coord.coord), "--out", str(run_dir), "--rounds", "1"]
-    proc = coord.spawn("run", "idc-server", "run", *args, "--run-config", *FAST)
+    run_dir = tmp_path / "run"
+    sent_before = {name: sent(coord, name) for name in SITES}
+    proc = coord.spawn_run("--out", str(run_dir), "--rounds", "1", "--run-config", *FAST, name=RUN)
     text = wait_for(
-        lambda: "submitted" in coord.output("run") and coord.output("run"), 120, "the run id"
+        lambda: "submitted" in coord.output(RUN) and coord.output(RUN), 120, "the run id"
     )
     coord_run = int(text.split("run ")[1].split()[0])
     attacker = outsider(coord, tmp_path)
@@ -311,7 +305,7 @@ def test_no_unregister_stop_or_task_claim_and_the_honest_round_completes(coord, 
     for route in ("control/unregister-node", "control/stop-run", "runtime/acquire-task"):
         assert any(route in line for line in refusals(coord)), route
 
-    assert proc.wait(600) == 0, coord.output("run")
+    assert proc.wait(600) == 0, coord.output(RUN)
     rows = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [sorted(r["sites"]) for r in rows] == [sorted(SITES)]
     coord_log = coord.coord / "audit" / "coordinator-audit.jsonl"
@@ -325,5 +319,7 @@ def test_no_unregister_stop_or_task_claim_and_the_honest_round_completes(coord, 
             load_public_key(site / "site.pub"),
             name,
         )
-        assert report.ok and report.matched == 1, report.problems
+        # every update a site ever sent on this federation arrived; this run's one among them
+        assert report.ok and report.matched == sent(coord, name), report.problems
+        assert sent(coord, name) == sent_before[name] + 1
     assert_honest_sites_intact(coord)

@@ -27,7 +27,7 @@ import flowerctl
 from common.audit_verify import verify_log
 from common.keys import load_public_key
 from flowerctl.fab import fab_hash
-from tests.integration.federation import Federation, wait_for
+from tests.integration.federation import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 FOREIGN = Path(__file__).parent / "foreign_app"
@@ -73,41 +73,35 @@ def test_the_old_superlink_runs_a_foreign_serverapp(tmp_path):
         flowerctl.stop_process(proc)
 
 
-def test_the_coordinator_refuses_a_foreign_app_without_running_it(tmp_path):
-    fed = Federation(tmp_path)
-    try:
-        fed.init()
-        server = fed.start_server()
-        conn = fed.connection()
-        app, config, marker = foreign(tmp_path)
-        digest = fab_hash(build_fab_from_disk(app))
-        run_id = flowerctl.submit_run(conn, app, config)
-        # another local user cannot claim the run's ServerApp task (nor the coordinator's own)
-        with pytest.raises(httpx.HTTPStatusError):
-            local_claim(conn)
-        status = wait_for(
-            lambda: (s := flowerctl.run_status(conn, run_id)).finished and s,
-            300,
-            "the foreign run to end",
-            [server],
-        )
-        assert status.sub_status == "failed", status
-        assert f"the coordinator refused app {digest}" in status.details, status
-        assert not marker.exists()
-        wait_for(lambda: f"refused app {digest}" in fed.output("server"), 30, "the console line")
-        assert f"run {run_id}: the coordinator refused app {digest}" in fed.output("server")
+def test_the_coordinator_refuses_a_foreign_app_without_running_it(two_sites, tmp_path):
+    fed, server = two_sites, two_sites.procs["server"]
+    conn = fed.connection()
+    app, config, marker = foreign(tmp_path)
+    digest = fab_hash(build_fab_from_disk(app))
+    run_id = flowerctl.submit_run(conn, app, config)
+    # another local user cannot claim the run's ServerApp task (nor the coordinator's own)
+    with pytest.raises(httpx.HTTPStatusError):
+        local_claim(conn)
+    status = wait_for(
+        lambda: (s := flowerctl.run_status(conn, run_id)).finished and s,
+        300,
+        "the foreign run to end",
+        [server],
+    )
+    assert status.sub_status == "failed", status
+    assert f"the coordinator refused app {digest}" in status.details, status
+    assert not marker.exists()
+    wait_for(lambda: f"refused app {digest}" in fed.output("server"), 30, "the console line")
+    assert f"run {run_id}: the coordinator refused app {digest}" in fed.output("server")
 
-        log = fed.coord / "audit" / "coordinator-audit.jsonl"
-        lines = [json.loads(x) for x in log.read_text().splitlines() if x]
-        refused = [e for e in lines if e["action"] == "app.refused"]
-        assert len(refused) == 1, lines
-        details = refused[0]["details"]
-        assert details["app_hash"] == digest and details["publisher"] == "mallory"
-        assert details["run_id"] == str(run_id) == refused[0]["object"]
-        assert verify_log(log, load_public_key(fed.coord / "coordinator.pub")).ok
-        unpacked = [p for p in (fed.coord / "superlink").rglob("*") if "foreign" in p.name]
-        assert unpacked == []
-        assert server.poll() is None  # the coordinator goes on serving
-    finally:
-        fed.stop()
-    assert fed.leftovers() == []
+    log = fed.coord / "audit" / "coordinator-audit.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x]
+    refused = [e for e in lines if e["action"] == "app.refused" and e["object"] == str(run_id)]
+    assert len(refused) == 1, lines
+    details = refused[0]["details"]
+    assert details["app_hash"] == digest and details["publisher"] == "mallory"
+    assert details["run_id"] == str(run_id)
+    assert verify_log(log, load_public_key(fed.coord / "coordinator.pub")).ok
+    unpacked = [p for p in (fed.coord / "superlink").rglob("*") if "foreign" in p.name]
+    assert unpacked == []
+    assert server.poll() is None  # the coordinator goes on serving

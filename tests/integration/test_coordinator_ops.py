@@ -11,23 +11,16 @@ import pytest
 from common.audit_verify import verify_log
 from common.keys import generate_key_pair, load_public_key
 from flowerctl import run_status
-from simulation.synth import SynthSpec, synthesize
-from tests.integration.federation import split_synth_by_site, wait_for
+from simulation.synth import SynthSpec
+from tests.integration.federation import synth_sites, wait_for
 
 pytestmark = pytest.mark.slow
 SLOW_RUN = ["local-epochs=1", "batch-size=32", 'norm="group"', "round-timeout=300", "min-sites=2"]
 
 
 def test_status_detach_attach_and_stop_a_live_run(fed, tmp_path):
-    synthesize(tmp_path / "all", SynthSpec(patients=8, sites=2, patches_per_patient=(30, 40)))
-    folders = split_synth_by_site(tmp_path / "all", tmp_path)
-    fed.init()
-    for i in range(2):
-        fed.add_site(f"hosp{i}")
-    server = fed.start_server()
-    for i in range(2):
-        fed.start_site(f"hosp{i}", folders[i])
-    fed.wait_sites_online(2)
+    folders = synth_sites(tmp_path, SynthSpec(patients=8, sites=2, patches_per_patient=(30, 40)))
+    server = fed.start_all({"hosp0": folders[0], "hosp1": folders[1]})
 
     # A second start on the same folder is refused and leaves the first one's files alone.
     live = (fed.coord / "superlink.json").read_text()

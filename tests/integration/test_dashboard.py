@@ -13,8 +13,7 @@ import pytest
 
 from common.provenance import load_model
 from common.rundir import RunDir
-from simulation.synth import SynthSpec, synthesize
-from tests.integration.federation import split_synth_by_site, wait_for
+from tests.integration.federation import wait_for
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -63,16 +62,8 @@ def by_id(dom: str, element_id: str) -> str:
     return re.sub(r"<[^>]+>", " ", found.group(1)) if found else ""
 
 
-def test_the_page_shows_sites_round_and_audit_while_a_run_goes_on(fed, tmp_path, chromium):
-    synthesize(tmp_path / "all", SynthSpec(patients=6, sites=2, patches_per_patient=(20, 30)))
-    folders = split_synth_by_site(tmp_path / "all", tmp_path)
-    fed.init()
-    for i in range(2):
-        fed.add_site(f"hosp{i}")
-    fed.start_server()
-    for i in range(2):
-        fed.start_site(f"hosp{i}", folders[i])
-    fed.wait_sites_online(2)
+def test_the_page_shows_sites_round_and_audit_while_a_run_goes_on(two_sites, tmp_path, chromium):
+    fed = two_sites
     dash = fed.spawn("dashboard", "idc-server", "dashboard", "--dir", str(fed.coord), "--port", "0")
     url = wait_for(
         lambda: re.search(r"http://127\.0\.0\.1:\d+/", fed.output("dashboard")),
@@ -82,7 +73,9 @@ def test_the_page_shows_sites_round_and_audit_while_a_run_goes_on(fed, tmp_path,
     ).group(0)
     assert "ssh -N -L" in fed.output("dashboard")
     run_dir = tmp_path / "r1"
-    run = fed.spawn_run("--out", str(run_dir), "--rounds", "2", "--run-config", *RUN)
+    run = fed.spawn_run(
+        "--out", str(run_dir), "--rounds", "2", "--run-config", *RUN, name="dash-run"
+    )
     profile = tmp_path / "chromium"
 
     def page_during_run() -> str | None:
@@ -94,7 +87,7 @@ def test_the_page_shows_sites_round_and_audit_while_a_run_goes_on(fed, tmp_path,
         assert f'<td>hosp{i}</td><td class="online">online</td>' in dom
     assert re.search(r"round [12] (in progress|committed): \d of 2 update", by_id(dom, "round"))
     assert "verified:" in by_id(dom, "audit") and 'id="audit" class="ok"' in dom
-    assert run.wait(600) == 0, fed.output("run")
+    assert run.wait(600) == 0, fed.output("dash-run")
 
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     dom = rendered(chromium, url, profile)

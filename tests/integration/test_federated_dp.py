@@ -9,8 +9,8 @@ import pytest
 from common.accounting import epsilon
 from common.ledger import PrivacyLedger, history
 from common.paths import SitePaths
-from simulation.synth import SynthSpec, synthesize
-from tests.integration.federation import split_synth_by_site
+from simulation.synth import SynthSpec
+from tests.integration.federation import synth_sites
 
 pytestmark = pytest.mark.slow
 DP = [
@@ -29,16 +29,12 @@ PLAIN = [*DP[1:6], "min-sites=1", "dp.enabled=false"]
 
 
 def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp_path):
-    synthesize(tmp_path / "all", SynthSpec(patients=6, sites=3, patches_per_patient=(40, 50)))
-    folders = split_synth_by_site(tmp_path / "all", tmp_path)
-    fed.init()
-    for i in range(3):
-        fed.add_site(f"hosp{i}")
-    fed.start_server()
-    fed.start_site("hosp0", folders[0])
-    fed.start_site("hosp1", folders[1], "--max-epsilon", "50", "--delta", "1e-4")
-    fed.start_site("hosp2", folders[2], "--max-epsilon", "0.01", "--delta", "1e-4")  # < 1 round
-    fed.wait_sites_online(3)
+    folders = synth_sites(tmp_path, SynthSpec(patients=6, sites=3, patches_per_patient=(40, 50)))
+    caps = {
+        "hosp1": ["--max-epsilon", "50", "--delta", "1e-4"],
+        "hosp2": ["--max-epsilon", "0.01", "--delta", "1e-4"],  # less than one round
+    }
+    fed.start_all({f"hosp{i}": folders[i] for i in range(3)}, caps)
     res = fed.run("--out", str(fed.root / "run"), "--rounds", "2", "--run-config", *DP)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [json.loads(x) for x in (fed.root / "run" / "rounds.jsonl").read_text().splitlines()]

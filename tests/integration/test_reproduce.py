@@ -33,14 +33,6 @@ TINY = Schedule(
 )
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _line(report: str, start: str) -> str:
     lines = [ln for ln in report.splitlines() if ln.startswith(start)]
     assert len(lines) == 1, (start, lines)

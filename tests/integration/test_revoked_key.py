@@ -4,7 +4,8 @@ On main, ``flwr supernode unregister`` from outside made the next ``idc-server s
 on "Public key already in use" (Flower never registers an unregistered key again). The
 public address now refuses that call, but this host's own Control API still takes it, so the
 coordinator must survive it: the site is reported ("key revoked: rotate it"), the others are
-served, and a rotated key is admitted.
+served, and a rotated key is admitted by the running SuperLink: the old node unregistered, a
+new one under the new key.
 """
 
 from __future__ import annotations
@@ -13,21 +14,14 @@ import signal
 
 import pytest
 
-from common.keys import generate_key_pair
+from common.keys import generate_key_pair, load_public_key, public_key_fingerprint
 from common.paths import CoordPaths
 from flowerctl import list_nodes, unregister_supernode
+from server.link import node_key_fingerprint
 from server.runner import connection
 from tests.integration.federation import Federation
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def fed(tmp_path):
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
-    assert federation.leftovers() == []
 
 
 def live_names(fed: Federation) -> list[str]:
@@ -66,6 +60,8 @@ def test_a_revoked_key_is_reported_and_the_others_are_served(fed):
         (site / name).rename(site / f"retired-{name}")
     generate_key_pair(site / "site.key", site / "site.pub")
     fed.cli("idc-server", "remove-site", "--dir", str(fed.coord), "--name", "hosp0")
+    conn = connection(CoordPaths(fed.coord))
+    assert all(n.status == "unregistered" for n in list_nodes(conn) if n.name == "hosp0")
     out = fed.cli(
         "idc-server",
         "add-site",
@@ -76,5 +72,15 @@ def test_a_revoked_key_is_reported_and_the_others_are_served(fed):
         "--key",
         str(site / "site.pub"),
     )
+    assert "now admits" in out.stdout, out
     assert "key revoked" not in out.stdout + out.stderr, out
     assert live_names(fed) == ["hosp0", "hosp1", "hosp2"]
+    (live,) = [n for n in list_nodes(conn) if n.name == "hosp0" and n.status != "unregistered"]
+    assert live.node_id != victim
+    assert node_key_fingerprint(bytes(live.public_key)) == public_key_fingerprint(
+        load_public_key(site / "site.pub")
+    )
+    # a live site removed: the running SuperLink unregisters its node at once
+    fed.cli("idc-server", "remove-site", "--dir", str(fed.coord), "--name", "hosp2")
+    assert live_names(fed) == ["hosp0", "hosp1"]
+    assert all(n.status == "unregistered" for n in list_nodes(conn) if n.name == "hosp2")

@@ -37,17 +37,24 @@ def _start_time(pid: int) -> str | None:
 
 
 class ProcessWatcher:
-    """Records every process below this one while a block runs (pid, start time, command)."""
+    """Records every process below this one that a block starts (pid, start time, command).
+
+    Those already running when it begins are not the block's: the session's shared
+    federation (conftest.py ``two_sites``) lives below pytest for the whole session.
+    """
 
     def __init__(self) -> None:
         self.seen: dict[int, tuple[str, str]] = {}
+        self._before: set[tuple[int, str | None]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(0.3):
             for pid in descendants(os.getpid()):
-                if pid not in self.seen and (start := _start_time(pid)) is not None:
+                if pid in self.seen or (start := _start_time(pid)) is None:
+                    continue
+                if (pid, start) not in self._before:
                     try:
                         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
                     except OSError:
@@ -55,6 +62,7 @@ class ProcessWatcher:
                     self.seen[pid] = (start, cmd.decode(errors="replace"))
 
     def __enter__(self) -> ProcessWatcher:
+        self._before = {(pid, _start_time(pid)) for pid in descendants(os.getpid())}
         self._thread.start()
         return self
 
@@ -82,15 +90,6 @@ def synth_data(tmp_path_factory):
     )
     synthesize(root / "heldout", SynthSpec(patients=4, patches_per_patient=(60, 60), seed=99))
     return root / "sites", root / "heldout"
-
-
-@pytest.fixture
-def one_thread():
-    """As idc-sim runs the baselines (--threads 1): more threads only spin on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def heldout_metrics(arrays, heldout):

@@ -27,8 +27,8 @@ from common.paths import CoordPaths
 from flowerctl.fab import fab_hash
 from flowerctl.runtime import acquire_task, runtime_client
 from server.runner import connection
-from simulation.synth import SynthSpec, synthesize
-from tests.integration.federation import BIN, Federation, split_synth_by_site, wait_for
+from simulation.synth import SynthSpec
+from tests.integration.federation import BIN, Federation, synth_sites, wait_for
 
 pytestmark = pytest.mark.slow
 FOREIGN = Path(__file__).parent / "foreign_app"
@@ -38,18 +38,7 @@ FAST = ["local-epochs=1", "batch-size=32", 'norm="group"', "round-timeout=120", 
 @pytest.fixture(scope="module")
 def site_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    synthesize(root / "all", SynthSpec(patients=6, sites=2, patches_per_patient=(40, 50), seed=3))
-    return split_synth_by_site(root / "all", root)
-
-
-@pytest.fixture
-def fed(tmp_path):
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
-    for proc in federation.procs.values():
-        assert proc.poll() is not None
-    assert federation.leftovers() == []
+    return synth_sites(root, SynthSpec(patients=6, sites=2, patches_per_patient=(40, 50), seed=3))
 
 
 def entries(log: Path) -> list[dict]:
@@ -115,14 +104,8 @@ def executor_pid(fed: Federation, name: str) -> int:
     return pid
 
 
-def test_foreign_app_is_refused_by_the_sites_and_the_honest_run_completes(fed, site_data):
-    fed.init()
-    for i in range(2):
-        fed.add_site(f"hosp{i}")
-    fed.start_server()
-    for i in range(2):
-        fed.start_site(f"hosp{i}", site_data[i])
-    fed.wait_sites_online(2)
+def test_foreign_app_is_refused_by_the_sites_and_the_honest_run_completes(two_sites, tmp_path):
+    fed = two_sites
     answer, marker, digest = submit_foreign(fed, "a")
     assert not marker.exists()  # the foreign ClientApp never ran at any site
     assert len(answer["replies"]) == 2, answer
@@ -147,16 +130,16 @@ def test_foreign_app_is_refused_by_the_sites_and_the_honest_run_completes(fed, s
     assert not marker.exists()
     codes = sorted(r["error_code"] for r in answer["replies"])
     assert codes == sorted([ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.INVALID_FAB]), answer
-    accepted = [
+    accepted = [  # the runs before on this shared federation ran the installed app
         e
         for e in entries(fed.root / "hosp0" / "audit" / "site-audit.jsonl")
-        if e["action"] == "app.accepted"
+        if e["action"] == "app.accepted" and e["details"]["app_hash"] == digest
     ]
     assert [e["details"]["accepted_as"] for e in accepted] == ["approved"]
 
-    res = fed.run("--out", str(fed.root / "run"), "--rounds", "1", "--run-config", *FAST)
+    res = fed.run("--out", str(tmp_path / "run"), "--rounds", "1", "--run-config", *FAST)
     assert res.returncode == 0, res.stdout + res.stderr
-    row = json.loads((fed.root / "run" / "rounds.jsonl").read_text().splitlines()[0])
+    row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[0])
     assert sorted(row["sites"]) == ["hosp0", "hosp1"], row
     for i in range(2):
         log = entries(fed.root / f"hosp{i}" / "audit" / "site-audit.jsonl")
@@ -175,14 +158,24 @@ def expect_clear_exit(fed: Federation, name: str, needle: str) -> str:
     return out
 
 
-def test_site_whose_key_is_unregistered_exits_non_zero_and_says_why(fed, site_data):
+def test_a_site_whose_executor_dies_or_whose_key_is_unregistered_stops_and_says_why(fed, site_data):
+    """One federation, two ways a site stops: hosp1's executor killed; hosp0's key removed
+    by the coordinator, and a stranger's never registered. Each exits non-zero, one line."""
     fed.init()
-    fed.add_site("hosp0")
+    for name in ("hosp0", "hosp1"):
+        fed.add_site(name)
     fed.add_site("stranger", register=False)
     fed.start_server()
     fed.start_site("hosp0", site_data[0])
+    fed.start_site("hosp1", site_data[1])
     fed.start_site("stranger", site_data[1])
-    fed.wait_sites_online(1)
+    fed.wait_sites_online(2)
+
+    supernode = fed.supernode_pid("hosp1")
+    os.kill(executor_pid(fed, "hosp1"), signal.SIGKILL)
+    expect_clear_exit(fed, "hosp1", "the executor stopped (exit -9)")
+    wait_for(lambda: not flowerctl.alive(supernode), 30, "the SuperNode to be stopped")
+
     pids = [fed.supernode_pid("hosp0"), executor_pid(fed, "hosp0")]
     fed.cli("idc-server", "remove-site", "--dir", str(fed.coord), "--name", "hosp0")
     for name in ("hosp0", "stranger"):
@@ -190,15 +183,3 @@ def test_site_whose_key_is_unregistered_exits_non_zero_and_says_why(fed, site_da
         fingerprint = public_key_fingerprint(load_public_key(fed.root / name / "site.pub"))
         assert f"(fingerprint {fingerprint})" in out
     assert not any(flowerctl.alive(p) for p in pids)
-
-
-def test_site_stops_with_a_clear_line_when_its_executor_dies(fed, site_data):
-    fed.init()
-    fed.add_site("hosp0")
-    fed.start_server()
-    fed.start_site("hosp0", site_data[0])
-    fed.wait_sites_online(1)
-    supernode = fed.supernode_pid("hosp0")
-    os.kill(executor_pid(fed, "hosp0"), signal.SIGKILL)
-    expect_clear_exit(fed, "hosp0", "the executor stopped (exit -9)")
-    wait_for(lambda: not flowerctl.alive(supernode), 30, "the SuperNode to be stopped")
