@@ -20,9 +20,6 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple, get_args
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from common.config import Accountant
 from common.errors import RefusedError
 
@@ -111,6 +108,8 @@ def epsilon(history: Sequence[Step], delta: float, accountant: Accountant = "rdp
         return 0.0
     if any(s == 0 for s, _, _ in used):
         return math.inf
+    from opacus.accountants import PRVAccountant, RDPAccountant  # lazy: torch, 2-4 s a command
+
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     acc.history = used
     return float(acc.get_epsilon(delta=delta))
@@ -134,6 +133,8 @@ def noise_for_target(
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     _positive_int(steps, "steps")
     _check(delta, accountant)
+    from opacus.accountants.utils import get_noise_multiplier  # lazy, as above
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

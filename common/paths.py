@@ -15,6 +15,7 @@ from pathlib import Path
 from common.fileio import private_dir
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MODEL_FILE = "model.idc"  # a model's weights with their provenance (common.provenance)
 
 
 def check_name(name: str) -> str:

@@ -49,7 +49,6 @@ from common.protocol import EPSILON_TOTAL
 log = logging.getLogger(__name__)
 
 FORMAT = "idc-fl-model/1"
-MODEL_FILE = "model.idc"
 FINGERPRINT_NOTE = (
     "data set fingerprints are recorded only in each site's own audit log ('data.read' "
     "entries); the coordinator never receives them, so they are absent here"

@@ -16,7 +16,7 @@ import numpy as np
 
 from common.fileio import atomic_write
 from common.metrics import json_safe
-from common.provenance import MODEL_FILE
+from common.paths import MODEL_FILE
 
 DAMAGED = "the run folder is damaged; restore it from a backup, or start a new run"
 

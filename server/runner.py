@@ -197,12 +197,17 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``idc-server start`` and ``idc-server run``."""
+def _start(args: argparse.Namespace) -> int:
+    """``idc-server start``; Flower's SuperLink modules load only for this command (~2 s)."""
     from server.serve import start
 
+    return start(args)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``idc-server start`` and ``idc-server run``."""
     p = add_command(
-        sub, "start", start, "run the SuperLink (loopback) and its public Fleet-only front"
+        sub, "start", _start, "run the SuperLink (loopback) and its public Fleet-only front"
     )
     p.add_argument("--dir", type=Path, required=True, help="the coordinator's folder")
     p.add_argument(

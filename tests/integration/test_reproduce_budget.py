@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.provenance import MODEL_FILE
+from common.paths import MODEL_FILE
 from simulation.reproduce import Request, Schedule, reproduce
 from simulation.synth import SynthSpec, synthesize
 
