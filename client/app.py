@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common import protocol
 from common.config import RunConfig, SiteConfig
 from common.metrics import json_safe
+from common.packing import pack, unpack
 
 if TYPE_CHECKING:
     from common.audit import AuditLog
@@ -25,9 +26,20 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
-def _arrays(msg: Message) -> dict:
-    record = msg.content.array_records[protocol.ARRAYS]
-    return {k: v.numpy() for k, v in record.items()}
+def _arrays(msg: Message, run: RunConfig) -> dict[str, np.ndarray]:
+    """The instruction's model, unpacked strictly against the model this site builds itself.
+
+    A model that differs in any name, dtype or shape, or holds a non-finite float, fails
+    here (:class:`common.packing.PackingError`) before it reaches training or evaluation.
+    """
+    from common.model import build_model
+    from common.site_data import model_arrays
+
+    reference = model_arrays(build_model(run.norm, seed=run.seed, kind=run.model))
+    content = msg.content
+    return unpack(
+        content.array_records[protocol.ARRAYS], content.config_records[protocol.LAYOUT], reference
+    )
 
 
 def _round(msg: Message) -> int:
@@ -100,7 +112,8 @@ def train(msg: Message, context: Context) -> Message:
             },
         )
         try:
-            outcome = train_round(site, run, _arrays(msg), run_id, server_round, audit, mu)
+            global_arrays = _arrays(msg, run)  # a model that does not fit is a failed round
+            outcome = train_round(site, run, global_arrays, run_id, server_round, audit, mu)
         except Exception as exc:  # recorded, then the coordinator sees the error reply
             reason = f"{type(exc).__name__}: {exc}"[:500]
             audit.append("round.failed", run_id, "error", {"round": server_round, "reason": reason})
@@ -119,12 +132,17 @@ def train(msg: Message, context: Context) -> Message:
             )
         clip = msg.content.config_records[protocol.CONFIG].get(KEY_CLIPPING_NORM)
         if clip is not None:  # central DP, client-side clipping: clip before signing
-            clip_update(outcome.arrays, _arrays(msg), float(clip))  # type: ignore[arg-type]
+            clip_update(outcome.arrays, global_arrays, float(clip))  # type: ignore[arg-type]
         digest, signature = sign_and_record(audit, site_cfg, run_id, server_round, outcome.arrays)
         meta[protocol.DIGEST], meta[protocol.SIGNATURE] = digest, signature
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in outcome.arrays.items()})
+        arrays, layout = pack(outcome.arrays)
         content = RecordDict(
-            {protocol.ARRAYS: arrays, protocol.METRICS: metrics, protocol.SITE: meta}
+            {
+                protocol.ARRAYS: arrays,
+                protocol.LAYOUT: layout,
+                protocol.METRICS: metrics,
+                protocol.SITE: meta,
+            }
         )
         return Message(content, reply_to=msg)
 
@@ -136,7 +154,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     with _received(msg, context, {"action": "evaluate"}) as received:
         run, site_cfg, run_id, server_round, audit, site = received
-        metrics = local_evaluate(site, run, _arrays(msg)).to_record()
+        metrics = local_evaluate(site, run, _arrays(msg, run)).to_record()
         audit.append("metrics.sent", run_id, "ok", json_safe({"round": server_round, **metrics}))  # type: ignore[arg-type]
     content = RecordDict(
         {

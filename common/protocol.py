@@ -1,9 +1,18 @@
 """The wire contract between ServerApp and ClientApp, and the rounds.jsonl row: named once.
 
 A training or evaluation instruction carries the global model in the ArrayRecord ``ARRAYS``
-and Flower's ConfigRecord ``CONFIG`` (with ``SERVER_ROUND``). A reply carries its weights in
-``ARRAYS`` (training only, and only when the site accepted the round), its numbers in the
-MetricRecord ``METRICS`` and facts about itself in the ConfigRecord ``SITE``.
+with its ConfigRecord ``LAYOUT``, and Flower's ConfigRecord ``CONFIG`` (with
+``SERVER_ROUND``). A reply carries its weights in ``ARRAYS`` and ``LAYOUT`` (training only,
+and only when the site accepted the round), its numbers in the MetricRecord ``METRICS`` and
+facts about itself in the ConfigRecord ``SITE``.
+
+On the wire a model is packed (:mod:`common.packing`): ``ARRAYS`` holds ONE Array named
+``PACKED`` (raw little-endian bytes, stype ``RAW_BYTES``) and ``LAYOUT[LAYOUT_KEY]`` a JSON
+list of ``[name, dtype, shape, offset]``; each side unpacks it against its own reference
+model (a site: the model it builds itself; the coordinator: the global model) and refuses
+any difference. Inside the coordinator, Flower's strategy sees the named arrays as always:
+packing happens only where a message leaves or arrives. Digests (audit, signatures) cover
+the named arrays, never the packed bytes, so they mean what they meant before packing.
 
 Replies come from other parties: :meth:`TrainMetrics.from_record` and
 :meth:`EvalMetrics.from_record` keep exactly the expected keys, require finite numbers (NaN
@@ -25,6 +34,12 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 SITE = "site"
 CONFIG = "config"
+LAYOUT = "layout"  # ConfigRecord beside a packed ARRAYS (common.packing)
+
+# Inside a packed model: the one Array's name and stype, and the layout's key in LAYOUT.
+PACKED = "packed"
+RAW_BYTES = "idc-fl.raw-le"
+LAYOUT_KEY = "entries"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # in CONFIG, put there by Flower's FedProx.configure_train
 

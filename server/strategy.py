@@ -24,10 +24,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from common import keys
+from common import keys, protocol
 from common.audit import AuditLog, digest_update
 from common.config import RunConfig
 from common.errors import FederationError
+from common.packing import pack
 from common.protocol import RoundRow
 from common.rundir import RunDir
 from server.aggregators import base_kwargs
@@ -54,6 +55,25 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
+def packed(messages: Iterable[Message]) -> list[Message]:
+    """The messages with their model packed for the wire (:mod:`common.packing`).
+
+    Flower's strategies give every message of a round the same RecordDict; each distinct
+    model is packed once.
+    """
+    out = list(messages)
+    done: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
+    for msg in out:
+        content = msg.content
+        record = content.array_records.get(protocol.ARRAYS)
+        if record is None or protocol.LAYOUT in content:
+            continue
+        if id(record) not in done:
+            done[id(record)] = pack(to_numpy(record))
+        content[protocol.ARRAYS], content[protocol.LAYOUT] = done[id(record)]
+    return out
+
+
 def fedavg(run: RunConfig) -> FedAvg:
     """Flower's FedAvg with the run's site minimums and weighting (:mod:`server.aggregators`)."""
     return FedAvg(**base_kwargs(run))
@@ -63,7 +83,8 @@ class CoordinatorStrategy(Strategy):
     """Wraps a strategy with the checks and records a coordinator owes.
 
     The wrapped strategy sees a :class:`SiteGrid` (registered nodes only) for sampling, and
-    only replies that :class:`Vetter` accepted, rebuilt to their canonical records.
+    only replies that :class:`Vetter` accepted, rebuilt to their canonical records; the
+    messages it configures leave with their model packed (:func:`packed`).
     """
 
     def __init__(
@@ -145,7 +166,7 @@ class CoordinatorStrategy(Strategy):
         self.global_arrays = to_numpy(arrays)
         self.current = RoundRow(r)
         self.round_started = time.monotonic()
-        messages = list(self.inner.configure_train(r, arrays, config, view))
+        messages = packed(self.inner.configure_train(r, arrays, config, view))
         self.sampled = {m.metadata.dst_node_id for m in messages}
         selected = sorted(self.vetter.name_of(n) for n in self.sampled)
         self._audit(
@@ -238,7 +259,9 @@ class CoordinatorStrategy(Strategy):
         """Send the new global model to every registered site for evaluation."""
         self.global_arrays = to_numpy(arrays)
         view = self.sites_of(grid)
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, view)
+        return packed(
+            self.inner.configure_evaluate(server_round + self.offset, arrays, config, view)
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -7,9 +7,10 @@ on. The order matters and is the contract:
 1. the records: exactly the expected ones, of the expected kinds (a second MetricRecord or
    ArrayRecord, or a missing one, is refused here, before Flower's FedAvg could see it);
 2. the SITE facts (name, status, signature) are strings;
-3. each Array's declared dtype and shape against the global model *before* decoding (a
-   header claiming a huge shape never allocates), then the decode itself (garbage bytes or a
-   pickled object fail), then names, shapes, dtypes and finite values of what was decoded;
+3. the packed model (:mod:`common.packing`): one raw-bytes Array and its layout, whose
+   names, dtypes and shapes must equal the global model's *before* anything is decoded (a
+   layout claiming a huge shape never allocates; the dtype decoded is the global model's,
+   never the sender's), then the exact byte count, then finite values;
 4. only then the digest (which assumes numeric arrays) and the signature;
 5. the metrics through :class:`TrainMetrics`/:class:`EvalMetrics` (expected keys only, finite
    numbers), then the weight bound ``0 < num-examples <= bound``, integral, and an optional
@@ -29,10 +30,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common import protocol
+from common.packing import PackingError, unpack
 
 # The records a reply may hold, by kind of reply.
 TRAIN_RECORDS = {
     protocol.ARRAYS: ArrayRecord,
+    protocol.LAYOUT: ConfigRecord,
     protocol.METRICS: MetricRecord,
     protocol.SITE: ConfigRecord,
 }
@@ -87,60 +90,23 @@ def site_facts(content: RecordDict) -> SiteFacts:
 
 
 def decode_arrays(
-    record: ArrayRecord, reference: Mapping[str, np.ndarray]
+    content: RecordDict, reference: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Decode an update after checking its declared names, dtypes and shapes.
+    """Unpack an update (:mod:`common.packing`) strictly against the global model.
 
     Raises
     ------
     Rejected
         Naming the first array that does not fit the global model or does not decode.
     """
-    names = list(record.keys())
-    missing, extra = sorted(set(reference) - set(names)), sorted(set(names) - set(reference))
-    if missing or extra:
-        raise Rejected(f"array names differ: missing {missing[:3]}, unexpected {extra[:3]}")
-    out = {}
-    for name in names:
-        arr, ref = record[name], reference[name]
-        if str(arr.dtype) != str(ref.dtype) or tuple(arr.shape) != ref.shape:
-            raise Rejected(
-                f"array {name!r} declares {arr.dtype}{tuple(arr.shape)}, "
-                f"expected {ref.dtype}{ref.shape}"
-            )
-        try:
-            out[name] = arr.numpy()
-        except Exception as exc:  # any decode failure is the sender's fault, never ours
-            raise Rejected(f"array {name!r} does not decode: {type(exc).__name__}") from None
-    reason = validate_update(reference, out)
-    if reason is not None:
-        raise Rejected(reason)
-    return out
-
-
-def validate_update(
-    reference: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]
-) -> str | None:
-    """Return why ``update`` cannot be averaged into ``reference``, or None when it can.
-
-    The update must carry exactly the reference's array names, each with the same shape and
-    dtype, and only finite values.
-    """
-    missing = sorted(set(reference) - set(update))
-    extra = sorted(set(update) - set(reference))
-    if missing or extra:
-        return f"array names differ: missing {missing[:3]}, unexpected {extra[:3]}"
-    for name, ref in reference.items():
-        arr = update[name]
-        if not isinstance(arr, np.ndarray):
-            return f"array {name!r} is a {type(arr).__name__}, not a numeric array"
-        if arr.shape != ref.shape:
-            return f"array {name!r} has shape {arr.shape}, expected {ref.shape}"
-        if arr.dtype != ref.dtype:
-            return f"array {name!r} has dtype {arr.dtype}, expected {ref.dtype}"
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            return f"array {name!r} holds NaN or infinity"
-    return None
+    try:
+        return unpack(
+            content.array_records[protocol.ARRAYS],
+            content.config_records[protocol.LAYOUT],
+            reference,
+        )
+    except PackingError as exc:
+        raise Rejected(str(exc)) from None
 
 
 def train_metrics(record: MetricRecord) -> protocol.TrainMetrics:

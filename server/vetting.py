@@ -154,7 +154,7 @@ class Vetter:
         if facts.status != protocol.OK:
             raise Rejected(f"status must be {protocol.OK!r} or {protocol.REFUSED!r}")
         V.check_records(content, V.TRAIN_RECORDS)
-        arrays = V.decode_arrays(content.array_records[protocol.ARRAYS], reference)
+        arrays = V.decode_arrays(content, reference)
         seen.digest = digest_update(arrays)
         seen.signature_valid = facts.signature is not None and keys.verify_update(
             self.site_keys[seen.name], self.run_id, r, seen.digest, facts.signature

@@ -58,13 +58,16 @@ def test_the_extra_loss_moves_the_gradient_only_never_the_reported_loss():
 def _train_message(arrays: dict, config: dict):
     import time
 
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
     from common import protocol
+    from common.packing import pack
 
+    packed, layout = pack(arrays)
     content = RecordDict(
         {
-            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            protocol.ARRAYS: packed,
+            protocol.LAYOUT: layout,
             protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1, **config}),
         }
     )

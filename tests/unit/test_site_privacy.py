@@ -241,10 +241,11 @@ def test_a_dp_reply_carries_no_training_or_validation_metrics(
 
 
 def test_the_clientapp_sends_no_weights_for_a_plain_round_to_a_capped_site(cfg: SiteConfig):
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
     from client.app import train
     from common import protocol
+    from common.packing import pack
 
     (cfg.state_dir / "site.json").write_text(json.dumps({"site-name": cfg.site_name}))
     node = {
@@ -257,9 +258,11 @@ def test_the_clientapp_sends_no_weights_for_a_plain_round_to_a_capped_site(cfg: 
     }
     run = replace(DP_RUN, dp_enabled=False).to_run_config()
     arrays = model_arrays(build_model("group", seed=DP_RUN.seed))
+    packed, layout = pack(arrays)
     content = RecordDict(
         {
-            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            protocol.ARRAYS: packed,
+            protocol.LAYOUT: layout,
             protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1}),
         }
     )

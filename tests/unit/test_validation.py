@@ -28,9 +28,9 @@ from flwr.serverapp import Grid
 from common import keys
 from common.audit import AuditLog, digest_update
 from common.config import RunConfig
+from common.packing import pack
 from common.rundir import RunDir
 from server.strategy import CoordinatorStrategy, TooFewSites, fedavg
-from server.validation import validate_update
 
 REF = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
 EVAL = {"num-examples": 5.0, "loss": 0.5, "accuracy": 0.8}
@@ -133,9 +133,11 @@ class Federation:
         arrays = {"a": np.full((2, 3), value, np.float32), "b": REF["b"]}
         digest = digest_update(arrays)
         sig = keys.sign_update(self.keys[signer or site], "7", 1, digest)
+        packed, layout = pack(arrays)
         content = RecordDict(
             {
-                "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                "arrays": packed,
+                "layout": layout,
                 "metrics": MetricRecord({"num-examples": n}),
                 "site": ConfigRecord(
                     {"site": site, "status": "ok", "digest": digest, "signature": sig}
@@ -178,51 +180,84 @@ def assert_run_goes_on_without_odd(fed: Federation, odd: Message, *words: str) -
     assert [e["outcome"] for e in fed.received("good1")] == ["accepted"]
 
 
-# -- pure checks ---------------------------------------------------------------------------
+# -- the model travels packed ------------------------------------------------------------
 
 
-def test_a_good_update_passes():
-    assert validate_update(REF, {"a": np.full((2, 3), 0.5, np.float32), "b": REF["b"]}) is None
+def test_the_instructions_carry_the_model_packed_and_it_unpacks_to_the_global_model(fed):
+    from common.packing import unpack
 
-
-@pytest.mark.parametrize(
-    "update, words",
-    [
-        ({"a": REF["a"]}, "names"),
-        ({**REF, "c": REF["b"]}, "names"),
-        ({"a": np.zeros((3, 2), np.float32), "b": REF["b"]}, "shape"),
-        ({"a": np.zeros((2, 3), np.float64), "b": REF["b"]}, "dtype"),
-        ({"a": REF["a"], "b": np.array([1, np.nan, 1, 1], np.float32)}, "NaN"),
-        ({"a": REF["a"], "b": np.array([1, np.inf, 1, 1], np.float32)}, "infinity"),
-    ],
-)
-def test_bad_updates_are_named(update, words):
-    reason = validate_update(REF, update)
-    assert reason is not None and words in reason
+    sent = fed.configure_train()
+    for msg in sent.values():
+        assert list(msg.content.array_records["arrays"].keys()) == ["packed"]
+        got = unpack(msg.content["arrays"], msg.content["layout"], REF)
+        assert digest_update(got) == digest_update(REF)
 
 
 # -- 13.4: one odd training reply never ends the run ----------------------------------------
 
 
+def _layout(msg: Message) -> list:
+    return json.loads(msg.content["layout"]["entries"])
+
+
+def _set_layout(msg: Message, entries: list) -> None:
+    msg.content["layout"] = ConfigRecord({"entries": json.dumps(entries)})
+
+
 def test_a_string_typed_array_is_rejected(fed):
     fed.configure_train()
     odd = fed.reply(3, 1.0)
-    odd.content["arrays"]["a"] = Array(np.array([["x"] * 3] * 2))
+    entries = _layout(odd)
+    entries[0][1] = "<U1"  # the attacker's layout says 'a' is text
+    _set_layout(odd, entries)
     assert_run_goes_on_without_odd(fed, odd, "'a'", "<U1")
 
 
-def test_garbage_bytes_in_an_array_are_rejected(fed):
+def test_garbage_bytes_instead_of_the_packed_model_are_rejected(fed):
     fed.configure_train()
     odd = fed.reply(3, 1.0)
-    odd.content["arrays"]["a"] = Array("float32", (2, 3), "numpy.ndarray", b"not an npy file")
-    assert_run_goes_on_without_odd(fed, odd, "'a'", "does not decode")
+    garbage = b"not the model"
+    odd.content["arrays"] = ArrayRecord(
+        {"packed": Array("uint8", (len(garbage),), "idc-fl.raw-le", garbage)}
+    )
+    assert_run_goes_on_without_odd(fed, odd, "does not decode")
+
+
+def test_a_garbage_layout_is_rejected(fed):
+    fed.configure_train()
+    odd = fed.reply(3, 1.0)
+    odd.content["layout"] = ConfigRecord({"entries": "\x00garbage"})
+    assert_run_goes_on_without_odd(fed, odd, "layout does not decode")
 
 
 def test_a_huge_declared_shape_is_rejected_before_decoding(fed):
     fed.configure_train()
     odd = fed.reply(3, 1.0)
-    odd.content["arrays"]["a"] = Array("float32", (10**6, 10**6), "numpy.ndarray", b"")
+    entries = _layout(odd)
+    entries[0][2] = [10**6, 10**6]
+    _set_layout(odd, entries)
     assert_run_goes_on_without_odd(fed, odd, "declares")
+
+
+def test_nan_weights_in_a_validly_signed_reply_are_rejected(fed):
+    fed.configure_train()
+    odd = fed.reply(3, math.nan)
+    assert_run_goes_on_without_odd(fed, odd, "'a'", "NaN")
+
+
+def test_named_arrays_in_the_old_form_are_rejected(fed):
+    fed.configure_train()
+    odd = fed.reply(3, 1.0)
+    named = {"a": np.full((2, 3), 1.0, np.float32), "b": REF["b"]}
+    odd.content["arrays"] = ArrayRecord({k: Array(v) for k, v in named.items()})
+    assert_run_goes_on_without_odd(fed, odd, "one packed array")
+
+
+def test_a_reply_without_its_layout_is_rejected(fed):
+    fed.configure_train()
+    odd = fed.reply(3, 1.0)
+    del odd.content["layout"]
+    assert_run_goes_on_without_odd(fed, odd, "missing ['layout']")
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
