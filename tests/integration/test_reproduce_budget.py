@@ -5,41 +5,20 @@ budget by whole runs."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from common.paths import MODEL_FILE
-from simulation.reproduce import Request, Schedule, reproduce
+from simulation.reproduce import Request, reproduce
 from simulation.synth import SynthSpec, synthesize
+from tests.integration.test_reproduce import TINY
 
 pytestmark = pytest.mark.slow
 
-TWO_EPSILONS = Schedule(
-    name="tiny",
-    patients=None,
-    paper_epochs=1,
-    rounds=1,
-    local_epochs=1,
-    site_counts=(3,),
-    skews=(),
-    local_only=(),
-    dp_epsilons=(8.0, 3.0),
-    dp_rounds=1,
-    candidates=1,
-    batch_size=16,
-)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TWO_EPSILONS = replace(TINY, dp_epsilons=(8.0, 3.0))  # the DP row: two points to stop between
 
 
 def spent_by_one_run(folder: Path, artefact: str) -> Callable[[], float]:
