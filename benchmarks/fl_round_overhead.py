@@ -40,8 +40,13 @@ def ts(entry: dict) -> float:
     return datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).timestamp()
 
 
-def audit_costs(tmp: Path) -> tuple[float, float]:
-    """Seconds per audit append (hash + sign + fsync) and per model digest."""
+def audit_costs(where: Path) -> tuple[float, float]:
+    """Seconds per audit append (hash + sign + fsync) and per model digest.
+
+    Measured in a fresh folder under ``where`` (same disk as the run), so that re-reading an
+    earlier run with ``--from-dir`` measures again instead of tripping on its key files.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="audit-cost-", dir=where))
     key = keys.generate_key_pair(tmp / "k.key", tmp / "k.pub")
     with AuditLog(tmp / "bench.jsonl", key, "bench") as log:
         t0 = time.perf_counter()
@@ -84,11 +89,43 @@ def executor_times(log: Path) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
+SUPERNODE_LINE = re.compile(
+    r"(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}):\s+"
+    r"(?:(?P<verb>Receiving|Sending): (?P<kind>\w+) message|(?P<done>Received|Sent) successfully)"
+)
+
+
+def supernode_times(log: Path) -> dict[str, list[float]]:
+    """Seconds each message spent moving between the SuperLink and this SuperNode.
+
+    Keys ``receive train``, ``send evaluate`` etc.: from Flower's "Receiving: ..." line to its
+    "Received successfully" (the message and its objects pulled through the gateway), and
+    likewise for sending. Needs the launcher's timestamped log lines.
+    """
+    out: dict[str, list[float]] = {}
+    started: tuple[str, float] | None = None
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if not (m := SUPERNODE_LINE.search(line)):
+            continue
+        t = datetime.strptime(m["time"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if m["verb"]:
+            started = (f"{'receive' if m['verb'] == 'Receiving' else 'send'} {m['kind']}", t)
+        elif started is not None:
+            out.setdefault(started[0], []).append(t - started[1])
+            started = None
+    return out
+
+
 def per_round(fed: Federation, sites: list[str], rounds: int) -> list[dict]:
     """Each round's wall time, slowest site's own work, and the legs in between (seconds)."""
     coord = entries(fed.coord / "audit" / "coordinator-audit.jsonl")
     logs = {s: entries(fed.root / s / "audit" / "site-audit.jsonl") for s in sites}
     execs = {s: executor_times(fed.root / s / "logs" / "executor.log") for s in sites}
+    moves: dict[str, list[float]] = {}
+    for s in sites:
+        for key, times in supernode_times(fed.root / s / "logs" / "supernode.log").items():
+            moves.setdefault(key, []).extend(times)
+    transfer = {k: float(np.mean(v)) for k, v in sorted(moves.items())}
     out = []
     for r in range(1, rounds + 1):
         start = first(coord, "round.started", r)
@@ -135,6 +172,7 @@ def per_round(fed: Federation, sites: list[str], rounds: int) -> list[dict]:
                 "executor_pull": float(np.mean([p for p, _ in pulls])) if pulls else float("nan"),
                 "executor_reply": float(np.mean([q for _, q in pulls])) if pulls else float("nan"),
                 "audit_entries": n_entries,
+                "transfer": transfer,
             }
         )
     return out
@@ -167,6 +205,9 @@ def report(row: dict, append: float, digest: float) -> None:
         f"{row['executor_pull']:.2f} s, reply push {row['executor_reply']:.2f} s; audit "
         f"{audit_s * 1000:.0f} ms ({100 * audit_s / row['wall']:.2f}% of the round, goal < 1%)"
     )
+    if row["transfer"]:
+        moves = ", ".join(f"{k} {v:.2f} s" for k, v in row["transfer"].items())
+        print(f"  SuperNode <-> SuperLink, mean per message over the run: {moves}")
 
 
 def federate(tmp: Path, sites: list[str], args: argparse.Namespace) -> list[dict]:

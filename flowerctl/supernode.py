@@ -9,7 +9,9 @@ is neither training nor evaluating. This launcher runs Flower's own ``flower-sup
 entry point unchanged except for those waits: the module's ``time.sleep`` maps 3 s to
 :data:`IDLE_PULL_S` and 0.5 s to :data:`REPLY_POLL_S`, and its ``pull_objects`` starts at
 :data:`OBJECT_BACKOFF_S`. Nothing else moves: the same flags, TLS, node authentication and
-``--isolation process`` (the site's executor still checks every run's app).
+``--isolation process`` (the site's executor still checks every run's app). Its log lines
+carry their time and no colour codes: they go to a file (``logs/supernode.log``) that the
+site's IT reads, and without times nobody can tell how long a message took to arrive.
 
 A faster idle pull costs CPU and TLS handshakes on the coordinator, through its gateway, for
 every site: :data:`IDLE_PULL_S` is chosen by ``benchmarks/fl_round_overhead.py`` (see the
@@ -75,6 +77,13 @@ def patch() -> None:
     loop.pull_objects = functools.partial(loop.pull_objects, initial_backoff=first, backoff_cap=cap)
 
 
+def timed_logs() -> None:
+    """Flower's log lines with their time; colour codes only on a terminal."""
+    from flwr.common.logger import update_console_handler
+
+    update_console_handler(timestamps=True, colored=sys.stdout.isatty())
+
+
 def main() -> int:
     """``python -m flowerctl.supernode FLAGS``: exactly ``flower-supernode FLAGS``."""
     try:
@@ -84,6 +93,7 @@ def main() -> int:
         return 2
     from flwr.supernode.cli import flower_supernode
 
+    timed_logs()
     sys.argv[0] = "flower-supernode"
     flower_supernode()
     return 0

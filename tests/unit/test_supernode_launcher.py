@@ -53,3 +53,20 @@ def test_another_flower_version_is_refused_with_one_line(
         "Flower 1.43.0 is installed: install flwr==1.42.0 (see pyproject.toml)"
     ]
     assert loop.time is time  # nothing was patched
+
+
+def test_log_lines_carry_their_time_and_no_colour_in_a_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+    import logging
+
+    from flwr.common.logger import console_handler
+
+    monkeypatch.setattr(console_handler, "timestamps", console_handler.timestamps)  # restored
+    monkeypatch.setattr(console_handler, "colored", console_handler.colored)
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # not a terminal, as under idc-client
+    supernode.timed_logs()
+    record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "Received successfully", (), None)
+    line = console_handler.format(record)
+    assert "\x1b[" not in line and time.strftime("%Y-%m-%d") in line, line
