@@ -66,7 +66,12 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patients", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sites", type=int, default=1, help="stain groups (patients round-robin)")
-    p.add_argument("--site-shift", type=float, default=0.0, help="per-site stain shift, 0..1")
+    p.add_argument(
+        "--site-shift",
+        type=float,
+        default=0.0,
+        help="per-site stain shift, 0 (none) to 1 (strongest)",
+    )
     p.add_argument("--min-patches", type=int, default=40, help="fewest patches per patient")
     p.add_argument("--max-patches", type=int, default=80, help="most patches per patient")
     p.add_argument("--workers", type=int, default=2)

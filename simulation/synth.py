@@ -65,10 +65,10 @@ class SynthSpec:
             f"an int in [1, patients={self.patients}]",
         )
         _check(
-            _is_real(self.site_shift) and 0.0 <= self.site_shift < math.inf,
+            _is_real(self.site_shift) and 0.0 <= self.site_shift <= 1.0,
             "site_shift",
             self.site_shift,
-            "a finite number >= 0",
+            "a number in [0, 1] (0: no shift, 1: the strongest)",
         )
         lo, hi = _pair("positive_fraction", self.positive_fraction)
         _check(

@@ -157,6 +157,7 @@ def test_refuses_foreign_output_folder(tmp_path):
         ("sites", 13),
         ("site_shift", -0.5),
         ("site_shift", float("nan")),
+        ("site_shift", 1.5),
         ("positive_fraction", (0.6, 0.1)),
         ("positive_fraction", (-0.1, 0.5)),
         ("positive_fraction", (0.5, 1.5)),
