@@ -10,7 +10,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from flowerctl.gateway import FLEET_PATHS, Gateway, allowed
+from flowerctl.gateway import FLEET_PATHS, Gateway, allowed, configure_logging
 
 SIGNED = {  # Flower's node-auth headers: they must reach the SuperLink byte for byte
     "flwr-public-key": "QUJD+/==",
@@ -47,7 +47,8 @@ async def _echo(scope, receive, send):
     body = await request.body()
     headers = {k.decode(): v.decode() for k, v in scope["headers"]}
     reply = {"path": scope["path"], "headers": headers, "size": len(body)}
-    await JSONResponse(reply, headers={"x-upstream": "yes"})(scope, receive, send)
+    status = 401 if scope["path"] == "/v1/fleet/pull-messages" else 200  # a bad node signature
+    await JSONResponse(reply, status, headers={"x-upstream": "yes"})(scope, receive, send)
 
 
 def _through(gateway: Gateway, method: str, path: str, **kwargs) -> httpx.Response:
@@ -100,3 +101,20 @@ def test_a_refusal_is_a_403_and_one_log_line_naming_method_path_and_caller(gatew
     assert len(lines) == 2, lines
     assert lines[0] == "refused #1: POST '/v1/control/list-nodes' from 10.0.0.7:4242"
     assert lines[1].startswith("refused #2: POST '/v1/runtime/acquire-task?x=")
+
+
+def test_an_upstream_refusal_is_logged_with_the_caller_and_passed_calls_are_not(
+    gateway, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, _ = gateway
+    for name in ("httpx", "httpcore"):  # restored after the test
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
+    configure_logging()
+    with caplog.at_level(logging.INFO):
+        assert _through(gw, "POST", "/v1/fleet/pull-messages").status_code == 401
+        assert _through(gw, "POST", "/v1/fleet/push-object", content=b"x").status_code == 200
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "POST /v1/fleet/pull-messages from 10.0.0.7: the SuperLink answered HTTP 401"
+    ], lines
