@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client.held import HELD_MODEL
 from common import protocol
 from common.config import RunConfig, SiteConfig
 from common.metrics import json_safe
@@ -26,15 +27,28 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
-def _arrays(msg: Message, run: RunConfig) -> dict[str, np.ndarray]:
+def _held_digest(msg: Message) -> str | None:
+    """The digest of the model a train instruction says this site holds (None: it is sent)."""
+    layout = msg.content.config_records.get(protocol.LAYOUT)
+    digest = layout.get(protocol.HELD) if layout is not None else None
+    if digest is not None and not isinstance(digest, str):
+        raise ValueError(f"{protocol.HELD!r} must be text, got {type(digest).__name__}")
+    return digest
+
+
+def _arrays(msg: Message, run: RunConfig, run_id: str) -> dict[str, np.ndarray]:
     """The instruction's model, unpacked strictly against the model this site builds itself.
 
     A model that differs in any name, dtype or shape, or holds a non-finite float, fails
-    here (:class:`common.packing.PackingError`) before it reaches training or evaluation.
+    here (:class:`common.packing.PackingError`) before it reaches training or evaluation. A
+    train instruction that names a model the site holds (:mod:`client.held`) gets that one,
+    checked when it arrived for evaluation.
     """
     from common.model import build_model
     from common.site_data import model_arrays
 
+    if (digest := _held_digest(msg)) is not None:
+        return HELD_MODEL.take(run_id, digest)
     reference = model_arrays(build_model(run.norm, seed=run.seed, kind=run.model))
     content = msg.content
     return unpack(
@@ -97,7 +111,12 @@ def train(msg: Message, context: Context) -> Message:
     from client.site import clip_update, sign_and_record
 
     mu = _proximal_mu(msg)  # a bad mu fails before anything is recorded
-    asked = {"action": "train"} | ({"proximal_mu": mu} if mu else {})
+    held = _held_digest(msg)
+    asked = (
+        {"action": "train"}
+        | ({"proximal_mu": mu} if mu else {})
+        | ({"model_held": held} if held else {})
+    )
     with _received(msg, context, asked) as received:
         run, site_cfg, run_id, server_round, audit, site = received
         audit.append(
@@ -112,7 +131,7 @@ def train(msg: Message, context: Context) -> Message:
             },
         )
         try:
-            global_arrays = _arrays(msg, run)  # a model that does not fit is a failed round
+            global_arrays = _arrays(msg, run, run_id)  # a model that does not fit: failed round
             outcome = train_round(site, run, global_arrays, run_id, server_round, audit, mu)
         except Exception as exc:  # recorded, then the coordinator sees the error reply
             reason = f"{type(exc).__name__}: {exc}"[:500]
@@ -154,12 +173,16 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     with _received(msg, context, {"action": "evaluate"}) as received:
         run, site_cfg, run_id, server_round, audit, site = received
-        metrics = local_evaluate(site, run, _arrays(msg, run)).to_record()
+        arrays = _arrays(msg, run, run_id)
+        metrics = local_evaluate(site, run, arrays).to_record()
         audit.append("metrics.sent", run_id, "ok", json_safe({"round": server_round, **metrics}))  # type: ignore[arg-type]
+    meta = ConfigRecord({protocol.SITE_NAME: site_cfg.site_name})
+    if (holds := HELD_MODEL.keep(run_id, arrays)) is not None:
+        meta[protocol.HOLDS] = holds  # the next train instruction may name it instead
     content = RecordDict(
         {
             protocol.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
-            protocol.SITE: ConfigRecord({protocol.SITE_NAME: site_cfg.site_name}),
+            protocol.SITE: meta,
         }
     )
     return Message(content, reply_to=msg)

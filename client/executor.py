@@ -98,6 +98,9 @@ class SiteExecutor:
 
     def __init__(self, address: str, site: SiteConfig, gate: Gate) -> None:
         from client.app import app  # the installed ClientApp (torch and handlers, once)
+        from client.held import HELD_MODEL
+
+        HELD_MODEL.enabled = True  # this process outlives messages: it keeps the model
 
         self.address, self.site, self.gate, self.app = address, site, gate, app
         self.accepted_runs: set[int] = set()  # only to log `app.accepted` once per run

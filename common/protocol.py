@@ -63,6 +63,12 @@ EPSILON_TOTAL = "epsilon-total"
 VAL_POSITIVES = "val-positives"
 VAL_NEGATIVES = "val-negatives"
 NO_CAP = -1.0  # epsilon-cap of a site that set no cap
+# Each global model crosses the network once a round. A site whose executor keeps the model it
+# last evaluated names it in its evaluation reply (HOLDS, in the SITE record: the model's
+# digest); the next train instruction to that site then carries no weights, only that digest
+# (HELD, in place of the packed layout), and the site trains from its own copy.
+HOLDS = "holds-model"
+HELD = "held-model"
 
 
 def _finite(

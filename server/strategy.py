@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
@@ -74,6 +74,19 @@ def packed(messages: Iterable[Message]) -> list[Message]:
     return out
 
 
+def naming_held(msg: Message, digest: str) -> Message:
+    """``msg`` naming the model ``digest`` that its site holds, in place of the packed model.
+
+    The message gets its own RecordDict: the others of the round share theirs and still carry
+    the model.
+    """
+    content = {k: v for k, v in msg.content.items() if k not in (protocol.ARRAYS, protocol.LAYOUT)}
+    content[protocol.ARRAYS] = ArrayRecord()
+    content[protocol.LAYOUT] = ConfigRecord({protocol.HELD: digest})
+    msg.content = RecordDict(content)
+    return msg
+
+
 def fedavg(run: RunConfig) -> FedAvg:
     """Flower's FedAvg with the run's site minimums and weighting (:mod:`server.aggregators`)."""
     return FedAvg(**base_kwargs(run))
@@ -113,6 +126,9 @@ class CoordinatorStrategy(Strategy):
         self.state_extra: dict[str, Any] = {"run_id": run_id}
         self.sampled: set[int] = set()
         self.round_started = time.monotonic()
+        # node -> digest of the model it evaluated and keeps (protocol.HOLDS): the next train
+        # instruction to it names that model instead of carrying it again
+        self.holding: dict[int, str] = {}
 
     @property
     def node_names(self) -> dict[int, str]:
@@ -166,7 +182,13 @@ class CoordinatorStrategy(Strategy):
         self.global_arrays = to_numpy(arrays)
         self.current = RoundRow(r)
         self.round_started = time.monotonic()
+        digest = digest_update(self.global_arrays)
         messages = packed(self.inner.configure_train(r, arrays, config, view))
+        held = {n for n, d in self.holding.items() if d == digest}
+        messages = [
+            naming_held(m, digest) if m.metadata.dst_node_id in held else m for m in messages
+        ]
+        self.holding = {}  # a claim serves one train instruction
         self.sampled = {m.metadata.dst_node_id for m in messages}
         selected = sorted(self.vetter.name_of(n) for n in self.sampled)
         self._audit(
@@ -177,7 +199,8 @@ class CoordinatorStrategy(Strategy):
                 "run_id": self.run_id,
                 "round": r,
                 "sites_selected": selected,
-                "global_digest": digest_update(self.global_arrays),
+                "global_digest": digest,
+                "sites_holding_it": sorted(self.vetter.name_of(n) for n in self.sampled & held),
             },
         )
         return messages
@@ -269,9 +292,13 @@ class CoordinatorStrategy(Strategy):
         """Vet and record per-site evaluations, average the good ones, commit the round."""
         r = server_round + self.offset
         assert self.current is not None
-        good = [
-            ok for msg in replies if (ok := self.vetter.evaluate(r, msg, self.current)) is not None
-        ]
+        good, digest = [], digest_update(self.global_arrays)
+        for msg in replies:
+            if (ok := self.vetter.evaluate(r, msg, self.current)) is None:
+                continue
+            good.append(ok)
+            if msg.content.config_records[protocol.SITE].get(protocol.HOLDS) == digest:
+                self.holding[msg.metadata.src_node_id] = digest
         metrics = self.inner.aggregate_evaluate(r, good) if good else None
         self.current.evaluate = _floats(metrics)
         self._commit(r)

@@ -164,6 +164,17 @@ def test_two_rounds_over_tls_with_registered_sites_only(fed, site_data):
     # the SuperLink never admitted the intruder: no node of its key, before or after the run
     assert intruder not in listed_keys(fed)
     assert_audit(fed)
+    # each global model crossed the network once a round: round 2 trained from the model the
+    # sites kept from round 1's evaluation, and the coordinator recorded whom it spared
+    for name in ("hosp0", "hosp1"):
+        site_log = (fed.root / name / "audit" / "site-audit.jsonl").read_text().splitlines()
+        trains = [e for e in map(json.loads, site_log) if e["action"] == "message.received"]
+        trains = [e["details"] for e in trains if e["details"]["action"] == "train"]
+        assert ["model_held" in d for d in trains] == [False, True], trains
+    coord_log = (fed.coord / "audit" / "coordinator-audit.jsonl").read_text().splitlines()
+    started = [e for e in map(json.loads, coord_log) if e["action"] == "round.started"]
+    assert [e["details"]["sites_holding_it"] for e in started] == [[], ["hosp0", "hosp1", "hosp2"]]
+    assert started[1]["details"]["global_digest"] == trains[1]["model_held"]
 
 
 def test_a_site_then_the_coordinator_crash_and_the_run_resumes(fed, site_data):
