@@ -8,7 +8,7 @@ import torch
 
 from common.metrics import BALANCED_ACCURACY, score
 from common.patch_types import PatchSet
-from common.threshold import BINS, best_exact, histograms
+from common.threshold import BINS, best_edge, best_exact, histograms
 from simulation.scoring import (
     AT_CHOSEN,
     both,
@@ -93,7 +93,13 @@ def test_a_federated_run_uses_the_coordinators_threshold_when_its_histograms_res
     pos, neg = histograms(labels, probs)
     record = {"threshold": 0.3, "threshold_source": "validation: 6 patches, 2 sites, round 2"}
     choice = federated_choice(record, _rounds(pos, neg), Brightness(), patches, val)
-    assert choice.threshold == 0.3
+    assert choice.threshold == 0.3 and choice.balanced_accuracy is None  # not the best edge
+    edge, bacc = best_edge(pos, neg) or (0.0, 0.0)
+    record = {**record, "threshold": edge}
+    assert (
+        federated_choice(record, _rounds(pos, neg), Brightness(), patches, val).balanced_accuracy
+        == bacc
+    )
     assert choice.source == (
         "coordinator, summed validation histograms: validation: 6 patches, 2 sites, round 2"
     )
