@@ -22,28 +22,24 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1  # noqa: E402
+from common.metrics import BALANCED_ACCURACY  # noqa: E402
 from common.privacy import PRIVACY_UNIT  # noqa: E402
 from simulation.report import fmt, md_table, write_json  # noqa: E402
+from simulation.reproduce_rows import (  # noqa: E402
+    HEAD,
+    THRESHOLDS,
+    both_rows,
+    chosen_t,
+    confusion_md,
+)
 from simulation.reproduce_targets import targets  # noqa: E402
 from simulation.scoring import AT_CHOSEN  # noqa: E402
 
-HEAD = (ACCURACY, BALANCED_ACCURACY, F1, AUC)
 PAPER_FIGURES = ("curves.png", "confusion.png", "confusion-chosen.png", "examples.png")
 BOTH_SIDES = (
     "**This protocol puts patches of one patient on both sides**: the split is by patch, "
     "so the test set shares patients (and their slides' stain and tissue) with training. "
     "Its accuracy is not a result on new patients; row 2 is."
-)
-THRESHOLDS = (
-    "Every model is scored twice on its test patients: **at 0.5** and **at the "
-    "validation-chosen threshold t**, the one that maximises balanced accuracy on that run's "
-    "own validation patients (the test patients never choose). Centralized, pooled and "
-    "local-only models: exactly, on their validation patients' P(IDC). FedAvg and DP-SGD: the "
-    "coordinator's own choice from the sites' summed validation histograms (what the product "
-    "deploys), or, where those 50 bins cannot resolve the model (every P(IDC) in one bin), the "
-    "exact choice on the sites' pooled validation patients; `results.json` names each "
-    "threshold's source. The targets table uses the numbers at the validation-chosen threshold."
 )
 PATIENT_MEANING = (
     "For a patient: every number below is protected per patch. A patient with k patches in a "
@@ -76,41 +72,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _metrics_row(name: str, m: Mapping[str, Any], extra: tuple[str, ...] = ()) -> list[str]:
-    return [name, *extra, *(fmt(m.get(k), m.get(f"{k}_std")) for k in HEAD)]
-
-
-def chosen_t(m: Mapping[str, Any]) -> str:
-    """The validation-chosen threshold(s) of scores ``m``, as the report writes them."""
-    at = m[AT_CHOSEN]
-    if "threshold" in at:
-        return f"t={at['threshold']:.3g}"
-    if at.get("thresholds"):
-        return "t=" + ", ".join(f"{t:.3g}" for t in at["thresholds"])
-    return "t of each site"
-
-
-def _gap(m: Mapping[str, Any], ref: Mapping[str, Any] | None) -> str:
-    if ref is None:
-        return ""
-    return f" (gap {100 * (m[BALANCED_ACCURACY] - ref[BALANCED_ACCURACY]):+.1f} BAC points)"
-
-
-def both_rows(
-    name: str,
-    m: Mapping[str, Any],
-    extra: tuple[str, ...] = (),
-    ref: Mapping[str, Any] | None = None,
-) -> list[list[str]]:
-    """A row at 0.5 and one at the validation-chosen threshold (gaps against ``ref``'s)."""
-    rows = [_metrics_row(f"{name}, at 0.5{_gap(m, ref)}", m, extra)]
-    if AT_CHOSEN in m:
-        at, ref_at = m[AT_CHOSEN], None if ref is None else ref[AT_CHOSEN]
-        label = f"{name}, at the validation-chosen threshold {chosen_t(m)}{_gap(at, ref_at)}"
-        rows.append(_metrics_row(label, at, extra))
-    return rows
-
-
 def _status(row: Mapping[str, Any] | None) -> str | None:
     if row is None:
         return "not requested"
@@ -119,14 +80,6 @@ def _status(row: Mapping[str, Any] | None) -> str | None:
     if "error" in row:
         return f"FAILED: {row['error']}"
     return None
-
-
-def _confusion_md(cm: list[list[int]]) -> str:
-    rows = []
-    for name, (a, b) in zip(("true IDC(-)", "true IDC(+)"), cm, strict=True):
-        total = max(a + b, 1)
-        rows.append([name, f"{a} ({100 * a / total:.1f}%)", f"{b} ({100 * b / total:.1f}%)"])
-    return md_table(["", "predicted IDC(-)", "predicted IDC(+)"], rows)
 
 
 def _paper(row: Mapping[str, Any], out: Path) -> str:
@@ -145,11 +98,11 @@ validation loss).
 
 Confusion matrix on the test patches (counts and % of the true class), at 0.5:
 
-{_confusion_md(test["confusion"])}
+{confusion_md(test["confusion"])}
 
 and at the validation-chosen threshold {chosen_t(test)}:
 
-{_confusion_md(test[AT_CHOSEN]["confusion"])}
+{confusion_md(test[AT_CHOSEN]["confusion"])}
 
 ![curves](figures/paper-curves.png) ![confusion](figures/paper-confusion.png)
 ![confusion at the chosen threshold](figures/paper-confusion-chosen.png)

@@ -13,7 +13,7 @@ from common.privacy import PRIVACY_UNIT
 from simulation.cli import main as sim_main
 from simulation.report import fmt
 from simulation.reproduce import Request, Schedule, reproduce
-from simulation.reproduce_report import chosen_t
+from simulation.reproduce_rows import chosen_t
 from simulation.scoring import AT_CHOSEN
 from simulation.synth import SynthSpec, synthesize
 
