@@ -10,6 +10,15 @@ choice is as good as one over the pooled patches restricted to those edges (a st
 
 Without both classes (or without any histogram, e.g. sites of an older idc-fl) there is
 nothing to choose on: the default 0.5 is kept and the source says why.
+
+What the histograms cannot resolve: two patches in one bin are the same to them. A model whose
+P(IDC) is nearly constant (a short or heavily noised run: every patch near the class prior,
+yet ranked well, AUC 0.7 or more) puts every validation patch in one or two bins; then every
+edge calls (nearly) all patches one class, :func:`best_edge` finds balanced accuracy 0.5 at
+best and the tie keeps 0.5, which calls every patch the majority class. :func:`resolves`
+says when that is so. Where the probabilities themselves are at hand (the simulation scores
+its own validation patients in process), :func:`best_exact` takes the candidates from the
+unique probabilities and has no such blind spot; the wire keeps its :data:`BINS` bins.
 """
 
 from __future__ import annotations
@@ -93,3 +102,38 @@ def choose(
         return Choice(DEFAULT, f"default {DEFAULT:g}: validation held one class only ({where})")
     edge, bacc = found
     return Choice(edge, f"validation: {where}", bacc)
+
+
+def resolves(positives: Sequence[int], negatives: Sequence[int]) -> bool:
+    """Whether summed histograms can separate anything: both classes, two or more bins used."""
+    pos, neg = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
+    return bool(pos.sum() > 0 and neg.sum() > 0 and np.count_nonzero(pos + neg) >= 2)
+
+
+def best_exact(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float] | None:
+    """The threshold maximising balanced accuracy of ``p >= t`` on these patches, and that accuracy.
+
+    Candidates are the unique probabilities themselves, so the accuracy returned is exactly
+    what the threshold gives on these patches, however close together they are. Ties go to
+    the candidate nearest the default 0.5; None without both classes.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    pos, neg = np.sort(probs[labels == 1]), np.sort(probs[labels == 0])
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    cand = np.unique(probs)
+    recall = (len(pos) - np.searchsorted(pos, cand, "left")) / len(pos)
+    specificity = np.searchsorted(neg, cand, "left") / len(neg)
+    bacc = (recall + specificity) / 2
+    best = np.flatnonzero(np.isclose(bacc, bacc.max(), rtol=0, atol=1e-12))
+    k = best[np.argmin(np.abs(cand[best] - DEFAULT))]
+    return float(cand[k]), float(bacc[k])
+
+
+def choose_exact(labels: np.ndarray, probs: np.ndarray, where: str) -> Choice:
+    """The threshold chosen on validation patches' own probabilities (``where``: which ones)."""
+    found = best_exact(labels, probs)
+    if found is None:
+        return Choice(DEFAULT, f"default {DEFAULT:g}: validation held one class only ({where})")
+    t, bacc = found
+    return Choice(t, f"validation, exact: {len(np.asarray(labels))} patches, {where}", bacc)

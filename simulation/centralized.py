@@ -19,8 +19,10 @@ from common.model import Norm, build_model
 from common.partition import Split, balance, split_by_patient, split_random
 from common.plots import plot_confusion, plot_curves, plot_examples
 from common.recipe import Recipe
-from common.site_data import EVAL_BATCH, Loader
-from common.training import TrainConfig, evaluate, predict, resolve_device, train
+from common.site_data import EVAL_BATCH
+from common.training import TrainConfig, train
+from simulation.scoring import AT_CHOSEN, both, on_validation, probabilities
+from simulation.scoring import eval_loader as eval_loader  # its old home: benchmarks use it
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +102,6 @@ def fit(
     return model, result.history
 
 
-def eval_loader(patches: PatchSet, idx: np.ndarray) -> Loader:
-    """A plain, unshuffled loader over ``idx``."""
-    return make_loader(PatchDataset(patches.images, patches.labels, idx), EVAL_BATCH, False)
-
-
 def run_centralized(
     data: Path, out: Path, config: BaselineConfig, cache_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -120,10 +117,10 @@ def run_centralized(
         len(split.test),
     )
     model, history = fit(patches, split.train, split.val, config)
-    device = resolve_device()
-    loader = eval_loader(patches, split.test)
-    test = evaluate(model, loader, device)
-    labels, probs, _ = predict(model, loader, device)
+    where = f"this run's {config.split}-split validation part, seed {config.seed}"
+    choice = on_validation(model, patches, split.val, where)
+    labels, probs, loss = probabilities(model, patches, split.test)
+    test = both((labels, probs, loss), choice)
     summary: dict[str, Any] = {
         "config": asdict(config),
         "data": {
@@ -134,12 +131,18 @@ def run_centralized(
         },
         "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "history": history,
-        "test": test.as_dict(),
+        "test": test,  # at 0.5, and under AT_CHOSEN at the validation-chosen threshold
     }
     (out / "metrics.json").write_text(json.dumps(json_safe(summary), indent=2))
     torch.save(model.state_dict(), out / "model.pt")
     plot_curves(history, out / "curves.png")
-    plot_confusion(test.confusion, out / "confusion.png", "test")
+    plot_confusion(test["confusion"], out / "confusion.png", "test at 0.5")
+    chosen = test[AT_CHOSEN]
+    plot_confusion(
+        chosen["confusion"],
+        out / "confusion-chosen.png",
+        f"test at the validation-chosen threshold {chosen['threshold']:.3g}",
+    )
     plot_examples(patches.images[split.test], labels, probs, out / "examples.png")
     return summary
 

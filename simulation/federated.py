@@ -19,21 +19,28 @@ import numpy as np
 
 from common.config import Norm
 from common.data import PatchSet, scan
-from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, CONFUSION, EXAMPLES, F1
-from common.model import build_model, model_kind
+from common.metrics import BALANCED_ACCURACY
 from common.partition import Split
 from common.provenance import load_model
 from common.rundir import RunDir
-from common.site_data import Site, set_weights
-from common.training import evaluate, resolve_device
+from common.site_data import Site
+from common.threshold import Choice
 from simulation import sim_runtime
-from simulation.centralized import eval_loader, fit
+from simulation.centralized import fit
 from simulation.partitioners import PatientTable, partition, site_positive_shares
 from simulation.plan import DPSpec, SimPlan, noise_for_plan, plan_facts
+from simulation.scoring import (
+    AT_CHOSEN,
+    as_model,
+    federated_choice,
+    mean_spread,
+    metrics,
+    on_validation,
+    score,
+)
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
-HEADLINE = (ACCURACY, BALANCED_ACCURACY, F1, AUC)
 STRATEGY_NAMES = {
     "fedavg": "FedAvg",
     "fedprox": "FedProx",
@@ -130,17 +137,15 @@ def prepare(plan: SimPlan, out: Path, say: Say = log.info) -> Prepared:
     return Prepared(sites_dir, table, parts, pooled, offsets)
 
 
-def score(
-    arrays: dict[str, np.ndarray], norm: Norm, patches: PatchSet, idx: np.ndarray
-) -> dict[str, Any]:
-    """Headline metrics of a model given as exchanged arrays on ``patches[idx]``."""
-    model = build_model(norm, seed=0, kind=model_kind(arrays))
-    return _metrics(set_weights(model, arrays), patches, idx)
-
-
-def _metrics(model: Any, patches: PatchSet, idx: np.ndarray) -> dict[str, Any]:
-    res = evaluate(model, eval_loader(patches, idx), resolve_device()).as_dict()
-    return {k: res[k] for k in (*HEADLINE, CONFUSION, EXAMPLES)}
+def final_choice(
+    run: Path, norm: Norm, prep: Prepared, sites: Sequence[Site]
+) -> tuple[Any, Choice]:
+    """The final model of the run folder ``run`` and the threshold it is scored at."""
+    run_dir = RunDir(run)
+    final, record = load_model(run_dir.final_model)
+    model = as_model(final, norm)
+    val = prep.pooled_split(sites).val
+    return model, federated_choice(record, run_dir.read_rounds(), model, prep.pooled, val)
 
 
 def run_fedavg(
@@ -172,12 +177,13 @@ def fedavg_scores(
     for r in range(plan.rounds + 1):
         m = score(run_dir.read_checkpoint(r), norm, prep.pooled, test)
         curve.append({"epoch": r * plan.local_epochs, **m})
-    final, _ = load_model(run_dir.final_model)
+    model, choice = final_choice(root / "run", norm, prep, sites)
     per_site = {
-        s.config.site_name: score(final, norm, prep.pooled, s.split.test + o)
+        s.config.site_name: metrics(model, prep.pooled, s.split.test + o, choice)
         for s, o in zip(sites, prep.offsets, strict=True)
     }
-    return {"union": curve[-1], "curve": curve, "sites": per_site}
+    union = metrics(model, prep.pooled, test, choice)
+    return {"union": union, "curve": curve, "sites": per_site}
 
 
 def centralized(plan: SimPlan, prep: Prepared, sites: Sequence[Site]) -> dict[str, Any]:
@@ -187,11 +193,13 @@ def centralized(plan: SimPlan, prep: Prepared, sites: Sequence[Site]) -> dict[st
     """
     split = prep.pooled_split(sites)
     model, history = fit(prep.pooled, split.train, split.test, plan.baseline())
+    choice = on_validation(model, prep.pooled, split.val, "pooled validation of the sites")
     per_site = {
-        s.config.site_name: _metrics(model, prep.pooled, s.split.test + o)
+        s.config.site_name: metrics(model, prep.pooled, s.split.test + o, choice)
         for s, o in zip(sites, prep.offsets, strict=True)
     }
-    return {"union": _metrics(model, prep.pooled, split.test), "curve": history, "sites": per_site}
+    union = metrics(model, prep.pooled, split.test, choice)
+    return {"union": union, "curve": history, "sites": per_site}
 
 
 def local_only(plan: SimPlan, prep: Prepared, sites: Sequence[Site], say: Say) -> dict[str, Any]:
@@ -201,25 +209,17 @@ def local_only(plan: SimPlan, prep: Prepared, sites: Sequence[Site], say: Say) -
     for site in sites:
         name = site.config.site_name
         model, history = fit(site.patches, site.split.train, site.split.test, plan.baseline())
-        out["sites"][name] = _metrics(model, site.patches, site.split.test)
-        out["union_by_site"][name] = _metrics(model, prep.pooled, test)
+        choice = on_validation(model, site.patches, site.split.val, f"{name}'s own validation")
+        out["sites"][name] = metrics(model, site.patches, site.split.test, choice)
+        out["union_by_site"][name] = metrics(model, prep.pooled, test, choice)
         out["curves"][name] = history
         say(
             f"  local-only {name}: balanced accuracy on its own test "
             f"{out['sites'][name][BALANCED_ACCURACY]:.3f}"
         )
-    out["union"] = mean_spread([out["union_by_site"][n] for n in out["union_by_site"]])
-    return out
-
-
-def mean_spread(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of each headline metric over ``rows`` (NaNs skipped) and its standard deviation."""
-    out: dict[str, Any] = {}
-    for key in HEADLINE:
-        vals = np.array([r[key] for r in rows if r.get(key) is not None], dtype=np.float64)
-        vals = vals[np.isfinite(vals)]
-        out[key] = float(vals.mean()) if len(vals) else float("nan")
-        out[f"{key}_std"] = float(vals.std()) if len(vals) else float("nan")
+    unions = list(out["union_by_site"].values())
+    out["union"] = mean_spread(unions)
+    out["union"][AT_CHOSEN] = mean_spread([u[AT_CHOSEN] for u in unions])
     return out
 
 

@@ -22,13 +22,20 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1  # noqa: E402
+from common.metrics import BALANCED_ACCURACY  # noqa: E402
 from common.privacy import PRIVACY_UNIT  # noqa: E402
 from simulation.report import fmt, md_table, write_json  # noqa: E402
+from simulation.reproduce_rows import (  # noqa: E402
+    HEAD,
+    THRESHOLDS,
+    both_rows,
+    chosen_t,
+    confusion_md,
+)
 from simulation.reproduce_targets import targets  # noqa: E402
+from simulation.scoring import AT_CHOSEN  # noqa: E402
 
-HEAD = (ACCURACY, BALANCED_ACCURACY, F1, AUC)
-PAPER_FIGURES = ("curves.png", "confusion.png", "examples.png")
+PAPER_FIGURES = ("curves.png", "confusion.png", "confusion-chosen.png", "examples.png")
 BOTH_SIDES = (
     "**This protocol puts patches of one patient on both sides**: the split is by patch, "
     "so the test set shares patients (and their slides' stain and tissue) with training. "
@@ -65,10 +72,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _metrics_row(name: str, m: Mapping[str, Any], extra: tuple[str, ...] = ()) -> list[str]:
-    return [name, *extra, *(fmt(m.get(k), m.get(f"{k}_std")) for k in HEAD)]
-
-
 def _status(row: Mapping[str, Any] | None) -> str | None:
     if row is None:
         return "not requested"
@@ -79,17 +82,9 @@ def _status(row: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def _confusion_md(cm: list[list[int]]) -> str:
-    rows = []
-    for name, (a, b) in zip(("true IDC(-)", "true IDC(+)"), cm, strict=True):
-        total = max(a + b, 1)
-        rows.append([name, f"{a} ({100 * a / total:.1f}%)", f"{b} ({100 * b / total:.1f}%)"])
-    return md_table(["", "predicted IDC(-)", "predicted IDC(+)"], rows)
-
-
 def _paper(row: Mapping[str, Any], out: Path) -> str:
     test, sizes = row["test"], row["split_sizes"]
-    table = md_table(["", *HEAD], [_metrics_row("paper protocol, test patches", test)])
+    table = md_table(["", *HEAD], both_rows("paper protocol, test patches", test))
     for name in PAPER_FIGURES:
         shutil.copyfile(Path(row["folder"]) / name, out / "figures" / f"paper-{name}")
     return f"""{BOTH_SIDES}
@@ -101,11 +96,16 @@ validation loss).
 
 {table}
 
-Confusion matrix on the test patches (counts and % of the true class):
+Confusion matrix on the test patches (counts and % of the true class), at 0.5:
 
-{_confusion_md(test["confusion"])}
+{confusion_md(test["confusion"])}
+
+and at the validation-chosen threshold {chosen_t(test)}:
+
+{confusion_md(test[AT_CHOSEN]["confusion"])}
 
 ![curves](figures/paper-curves.png) ![confusion](figures/paper-confusion.png)
+![confusion at the chosen threshold](figures/paper-confusion-chosen.png)
 ![examples: right and wrong](figures/paper-examples.png)
 """
 
@@ -116,22 +116,17 @@ def _central(row: Mapping[str, Any]) -> str:
         applied = ", ".join(f"{k}={v}" for k, v in c["recipe"]["applied"].items())
         mark = " (chosen)" if c["candidate"] == row["chosen"] else ""
         sizes = c["split_sizes"]
-        rows.append(
-            _metrics_row(
-                f"candidate {c['candidate']}{mark}",
-                c["test"],
-                (
-                    applied,
-                    f"{sizes['train']}/{sizes['val']}/{sizes['test']}",
-                    fmt(c["val_balanced_accuracy"]),
-                ),
-            )
+        extra = (
+            applied,
+            f"{sizes['train']}/{sizes['val']}/{sizes['test']}",
+            fmt(c["val_balanced_accuracy"]),
         )
-    header = ["", "recipe applied", "train/val/test patches", "val. balanced acc.", *HEAD]
+        rows += both_rows(f"candidate {c['candidate']}{mark}", c["test"], extra)
+    header = ["", "recipe applied", "train/val/test patches", "val. BAC at its t", *HEAD]
     return f"""{_skipped_md(row)}Patients split once by seed {row["seed"]} into
 train/validation/test (60/10/30). Each candidate's test patients were scored once; the
-chosen one has the best validation balanced accuracy (at its lowest-validation-loss epoch);
-the test played no part in choosing.
+chosen one has the best validation balanced accuracy (its lowest-validation-loss epoch, at
+its own validation-chosen threshold); the test played no part in choosing.
 Rows 3 and 4 split patients per site, so each of their comparisons trains its own pooled
 baseline on the same sites' patients and scores it on the same test patients as FedAvg.
 
@@ -150,11 +145,10 @@ def _fedavg(row: Mapping[str, Any], out: Path) -> str:
     for name, run in row["runs"].items():
         fed = next(iter(run["fedavg"].values()))
         cen, loc = run["centralized"]["union"], run.get("local_only")
-        gap = fed["union"][BALANCED_ACCURACY] - cen[BALANCED_ACCURACY]
-        rows.append(_metrics_row(f"{name}: pooled, same patients", cen))
-        rows.append(_metrics_row(f"{name}: FedAvg (gap {100 * gap:+.1f} BAC points)", fed["union"]))
+        rows += both_rows(f"{name}: pooled, same patients", cen)
+        rows += both_rows(f"{name}: FedAvg", fed["union"], ref=cen)
         if loc:
-            rows.append(_metrics_row(f"{name}: local-only, mean ± sd", loc["union"]))
+            rows += both_rows(f"{name}: local-only, mean ± sd", loc["union"])
     _plot_rounds(row, out / "figures" / "fedavg-rounds.png")
     applied = ", ".join(f"{k}={v}" for k, v in row["recipe"]["applied"].items()) or "none"
     return f"""{_skipped_md(row)}Each partition is its own comparison: FedAvg and a pooled
@@ -197,10 +191,12 @@ def _dp(row: Mapping[str, Any], out: Path) -> str:
                 f"{s['noise_multiplier']:.3f}",
                 fmt(s["epsilon_spent_max"]),
             )
-            rows.append(_metrics_row(model, s, extra))
-        ax.plot(
-            [s["epsilon"] for s in summ], [s[BALANCED_ACCURACY] for s in summ], "o-", label=model
-        )
+            rows += both_rows(model, s, extra)
+        eps = [s["epsilon"] for s in summ]
+        ax.plot(eps, [s[BALANCED_ACCURACY] for s in summ], "o-", label=f"{model}, at 0.5")
+        at = [s[AT_CHOSEN][BALANCED_ACCURACY] for s in summ if AT_CHOSEN in s]
+        if len(at) == len(eps):
+            ax.plot(eps, at, "s--", label=f"{model}, at the validation-chosen threshold")
     ax.set(xlabel="total epsilon per site (delta 1e-5)", ylabel="balanced accuracy", xscale="log")
     ax.set_ylim(0, 1)
     ax.legend()
@@ -252,6 +248,8 @@ def _header(r: Mapping[str, Any]) -> str:
   ({d["idc_patches"]} IDC), digest `{d["digest"]}`.
 - Schedule `{s["name"]}`: {sched}.
 - Seeds: {r["seeds"]} (rows 1-3 use the first; row 4 every one).
+
+{THRESHOLDS}
 
 ## Privacy unit
 

@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 
 from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1
-from common.provenance import load_model
-from common.rundir import RunDir
 from simulation import sim_runtime
-from simulation.federated import Prepared, Say, prepare, run_fedavg, score
+from simulation.federated import Prepared, Say, final_choice, prepare, run_fedavg
 from simulation.plan import DPSpec, SimPlan, noise_for_plan, plan_facts
+from simulation.scoring import AT_CHOSEN, metrics
 
 log = logging.getLogger(__name__)
 SWEPT = (BALANCED_ACCURACY, AUC, F1, ACCURACY)
@@ -77,8 +76,8 @@ def one_point(
     )
     root = out / "runs" / tag(epsilon, plan.seed)
     rows = run_fedavg(plan, prep, root, dp, say)
-    final, _ = load_model(RunDir(root / "run").final_model)
-    metrics = score(final, plan.norm, prep.pooled, prep.pooled_split(sites).test)
+    model, choice = final_choice(root / "run", plan.norm, prep, sites)
+    test = metrics(model, prep.pooled, prep.pooled_split(sites).test, choice)
     spent = sim_runtime.epsilon_by_site(rows)
     return {
         "epsilon": epsilon,
@@ -88,12 +87,26 @@ def one_point(
         "epsilon_spent_max": max(spent.values()) if dp and spent else 0.0,
         "epsilon_spent": spent,
         "run": str(root / "run"),
-        **{k: metrics[k] for k in SWEPT},
+        **{k: test[k] for k in SWEPT},
+        AT_CHOSEN: test[AT_CHOSEN],
     }
 
 
+def _mean_std(row: dict[str, Any], points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    for key in SWEPT:
+        vals = np.array([p[key] for p in points if p[key] is not None], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        row[key] = float(vals.mean()) if len(vals) else float("nan")
+        row[f"{key}_std"] = float(vals.std()) if len(vals) > 1 else float("nan")
+    return row
+
+
 def summarise(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds, one row per epsilon (in the order given)."""
+    """Mean and standard deviation over seeds, one row per epsilon (in the order given).
+
+    At 0.5 (top level) and at each point's validation-chosen threshold (:data:`AT_CHOSEN`,
+    with the thresholds themselves).
+    """
     rows = []
     for eps in dict.fromkeys(p["epsilon"] for p in points):
         mine = [p for p in points if p["epsilon"] == eps]
@@ -104,12 +117,10 @@ def summarise(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "noise_multiplier": float(np.mean([p["noise_multiplier"] for p in mine])),
             "epsilon_spent_max": max(p["epsilon_spent_max"] for p in mine),
         }
-        for key in SWEPT:
-            vals = np.array([p[key] for p in mine if p[key] is not None], dtype=np.float64)
-            vals = vals[np.isfinite(vals)]
-            row[key] = float(vals.mean()) if len(vals) else float("nan")
-            row[f"{key}_std"] = float(vals.std()) if len(vals) > 1 else float("nan")
-        rows.append(row)
+        chosen = [p[AT_CHOSEN] for p in mine if AT_CHOSEN in p]
+        if chosen:
+            row[AT_CHOSEN] = _mean_std({"thresholds": [c["threshold"] for c in chosen]}, chosen)
+        rows.append(_mean_std(row, mine))
     return rows
 
 
@@ -144,9 +155,11 @@ def run_sweep(
                 say(f"epsilon {eps:g}, seed {seed}: not run, the time allowed is spent")
                 continue
             points.append(one_point(replace(plan, seed=seed), prep, eps, spec, out, say))
+            p, at = points[-1], points[-1][AT_CHOSEN]
             say(
-                f"  -> balanced accuracy {points[-1][BALANCED_ACCURACY]:.4f}, "
-                f"AUC {points[-1][AUC]:.4f}"
+                f"  -> balanced accuracy {p[BALANCED_ACCURACY]:.4f} at 0.5, "
+                f"{at[BALANCED_ACCURACY]:.4f} at the validation-chosen threshold "
+                f"{at['threshold']:.4g}; AUC {p[AUC]:.4f}"
             )
     results = {
         "plan": plan_facts(plan),

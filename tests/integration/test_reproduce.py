@@ -13,6 +13,8 @@ from common.privacy import PRIVACY_UNIT
 from simulation.cli import main as sim_main
 from simulation.report import fmt
 from simulation.reproduce import Request, Schedule, reproduce
+from simulation.reproduce_rows import chosen_t
+from simulation.scoring import AT_CHOSEN
 from simulation.synth import SynthSpec, synthesize
 
 pytestmark = pytest.mark.slow
@@ -73,15 +75,47 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_runs(tmp_path, on
     assert run["fedavg"]["fedavg"]["union"][BALANCED_ACCURACY] == fed[BALANCED_ACCURACY]
     assert returned["rows"]["paper"]["test"][ACCURACY] == paper[ACCURACY]
 
-    # report.md shows exactly those numbers
+    # every row is scored at 0.5 and at a threshold chosen on its own validation patients
+    for scored in (paper, central, compare["centralized"]["union"]):
+        assert scored[AT_CHOSEN]["threshold_source"].startswith("validation, exact: ")
+    summary = json.loads((out / "fedavg" / "iid-3" / "fedavg" / "run" / "summary.json").read_text())
+    fed_t = fed[AT_CHOSEN]
+    if fed_t["threshold_source"].startswith("coordinator"):  # the run's own choice, as deployed
+        assert fed_t["threshold"] == summary["threshold"]["threshold"]
+    else:  # its histograms could not resolve the model: the sites' pooled validation
+        assert "pooled validation" in fed_t["threshold_source"]
+    assert doc["rows"]["central"]["test"][AT_CHOSEN] == central[AT_CHOSEN]
+
+    # report.md shows exactly those numbers, both of each
     report = (out / "report.md").read_text()
-    assert _line(report, "| paper protocol, test patches").endswith(_cells(paper) + " |")
-    assert _line(report, "| candidate 0 (chosen)").endswith(_cells(central) + " |")
-    assert _cells(fed) in _line(report, "| iid-3: FedAvg")
-    gap = fed[BALANCED_ACCURACY] - compare["centralized"]["union"][BALANCED_ACCURACY]
-    assert f"gap {100 * gap:+.1f} BAC points" in report
-    target = _line(report, "| 1 | paper protocol, test accuracy")
-    assert fmt(paper[ACCURACY]) in target and ("NOT met" in target) == (paper[ACCURACY] < 0.9075)
+    for start, m in (
+        ("| paper protocol, test patches", paper),
+        ("| candidate 0 (chosen)", central),
+    ):
+        assert _line(report, f"{start}, at 0.5 |").endswith(_cells(m) + " |")
+        chosen = _line(report, f"{start}, at the validation-chosen threshold {chosen_t(m)} |")
+        assert chosen.endswith(_cells(m[AT_CHOSEN]) + " |")
+    assert _cells(fed) in _line(report, "| iid-3: FedAvg, at 0.5")
+    assert _cells(fed_t) in _line(
+        report, f"| iid-3: FedAvg, at the validation-chosen threshold {chosen_t(fed)}"
+    )
+    pooled = compare["centralized"]["union"]
+    gap = fed[BALANCED_ACCURACY] - pooled[BALANCED_ACCURACY]
+    assert f"at 0.5 (gap {100 * gap:+.1f} BAC points)" in report
+    gap_t = fed_t[BALANCED_ACCURACY] - pooled[AT_CHOSEN][BALANCED_ACCURACY]
+    assert f"{chosen_t(fed)} (gap {100 * gap_t:+.1f} BAC points)" in report
+
+    # the targets use the numbers at the validation-chosen threshold, and say so
+    acc = paper[AT_CHOSEN][ACCURACY]
+    target = _line(report, "| 1 | paper protocol, test accuracy at the validation-chosen")
+    assert fmt(acc) in target and ("NOT met" in target) == (acc < 0.9075)
+    by_row = {t["what"]: t["measured"] for t in doc["targets"]}
+    key = "centralized patient split, test balanced_accuracy at the validation-chosen threshold"
+    assert by_row[key] == central[AT_CHOSEN][BALANCED_ACCURACY]
+    fed_key = (
+        "FedAvg iid-3 minus pooled on the same patients, BAC at the validation-chosen threshold"
+    )
+    assert by_row[fed_key] == pytest.approx(gap_t)
     assert _line(report, "| 4 | DP-SGD minus FedAvg iid").endswith("not run |")
     assert _line(report, "| 4 | DP-SGD step time").endswith("(benchmarks/dp_overhead.py) |")
     assert "## 4. DP-SGD per site\n\n_not requested_" in report

@@ -13,6 +13,7 @@ import pytest
 
 from common.paths import MODEL_FILE
 from simulation.reproduce import Request, reproduce
+from simulation.scoring import AT_CHOSEN
 from simulation.synth import SynthSpec, synthesize
 from tests.integration.test_reproduce import TINY
 
@@ -51,7 +52,13 @@ def test_the_dp_sweep_stops_between_epsilons_and_names_what_it_skipped(
     assert not (out / "dp" / "paper" / "runs" / "eps-3-seed-0").exists()
     assert "paper eps-3-seed-0" in row["not_run"]  # a later model is not started either
     assert [s["epsilon"] for s in paper["summary"]] == [8.0]
+    # the DP point is scored at 0.5 and at its own run's validation-chosen threshold
+    at, summary = paper["points"][0][AT_CHOSEN], paper["summary"][0]
+    assert at["threshold_source"].startswith(("coordinator", "validation, exact"))
+    assert summary[AT_CHOSEN]["thresholds"] == [at["threshold"]]
+    assert summary[AT_CHOSEN]["balanced_accuracy"] == at["balanced_accuracy"]
     report = (out / "report.md").read_text()
+    assert f"| paper, at the validation-chosen threshold t={at['threshold']:.3g} |" in report
     assert "**Not run, --max-minutes reached: paper eps-3-seed-0" in report
     assert any("epsilon 3, seed 0: not run" in line for line in said), said
 

@@ -24,6 +24,7 @@ from flowerctl import alive, descendants
 from simulation.cli import main as sim_main
 from simulation.federated import run_compare
 from simulation.plan import SimPlan
+from simulation.scoring import AT_CHOSEN
 from simulation.synth import SynthSpec, synthesize
 
 pytestmark = pytest.mark.slow
@@ -150,6 +151,13 @@ def test_fedavg_simulation_learns_compares_and_leaves_nothing_running(
     assert results["fedavg"]["fedavg"]["union"]["examples"] == n_test
     assert results["centralized"]["union"]["examples"] == n_test
     assert set(results["local_only"]["sites"]) == set(names)
+    # each contender at 0.5 and at a threshold chosen on validation patients only
+    for name in names:
+        site = results["local_only"]["sites"][name][AT_CHOSEN]
+        assert site["threshold_source"].endswith(f"{name}'s own validation"), site
+    assert results["local_only"]["union"][AT_CHOSEN]["balanced_accuracy"] is not None
+    fed_source = results["fedavg"]["fedavg"]["union"][AT_CHOSEN]["threshold_source"]
+    assert fed_source.startswith(("coordinator", "validation, exact")), fed_source
     # the ClientApp's own evaluation of the final model matches ours on each site's test
     for name in names:
         ours = results["fedavg"]["fedavg"]["sites"][name]["accuracy"]

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from common import protocol
 from common.protocol import EvalMetrics, RoundRow
-from common.threshold import BINS, best_edge, choose, histograms
+from common.threshold import (
+    BINS,
+    best_edge,
+    best_exact,
+    choose,
+    choose_exact,
+    histograms,
+    resolves,
+)
 from server.coordinator import decision_threshold
 
 
@@ -116,3 +124,53 @@ def test_the_final_round_sums_its_sites() -> None:
     choice = decision_threshold([earlier.to_row(), row.to_row()], 2)
     assert choice.source == "validation: 16 patches, 2 sites, round 2"
     assert 10 / BINS < choice.threshold <= 40 / BINS
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 60))
+def test_the_exact_choice_is_the_best_threshold_on_the_patches(seed: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = np.round(rng.random(n), 2)  # rounded: ties between patches happen
+    found = best_exact(y, p)
+    if y.min() == y.max():
+        assert found is None
+        return
+    assert found is not None
+    t, bacc = found
+    assert bacc == pytest.approx(pooled_bacc(y, p, t))  # exactly what t gives
+    for cand in np.linspace(0, 1, 201):  # no threshold, on the grid or between, does better
+        assert pooled_bacc(y, p, cand) <= bacc + 1e-9
+
+
+def nearly_constant(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """P(IDC) of a short DP run: all near the prior 0.29, ranked well (AUC about 0.8)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.29).astype(np.int64)
+    return y, 0.2901 + 0.0008 * np.clip(rng.normal(0.4 + 0.3 * y, 0.2), 0, 1)
+
+
+def test_nearly_constant_probabilities_defeat_the_histograms_not_the_exact_choice() -> None:
+    y, p = nearly_constant()
+    pos, neg = histograms(y, p)
+    assert np.count_nonzero(np.add(pos, neg)) == 1 and not resolves(pos, neg)
+    edge, hist_bacc = best_edge(pos, neg) or (0.0, 0.0)
+    assert (edge, hist_bacc) == (0.5, 0.5)  # every patch called negative: chance
+    choice = choose_exact(y, p, "site-a's validation")
+    assert 0.29 < choice.threshold < 0.291 and choice.balanced_accuracy is not None
+    assert choice.balanced_accuracy > 0.7 and pooled_bacc(y, p, choice.threshold) > 0.7
+    assert choice.source == "validation, exact: 400 patches, site-a's validation"
+
+
+def test_resolves_needs_both_classes_and_two_bins() -> None:
+    pos, neg = [0] * BINS, [0] * BINS
+    pos[14], neg[14] = 5, 9
+    assert not resolves(pos, neg)
+    neg[13] = 1
+    assert resolves(pos, neg)
+    assert not resolves([0] * BINS, neg)
+
+
+def test_one_class_exact_keeps_the_default_and_says_why() -> None:
+    choice = choose_exact(np.ones(5, np.int64), np.linspace(0.1, 0.9, 5), "site-a")
+    assert choice.threshold == 0.5 and "one class" in choice.source and "site-a" in choice.source
