@@ -100,6 +100,12 @@ def choose(
     found = best_edge(positives, negatives)
     if found is None:
         return Choice(DEFAULT, f"default {DEFAULT:g}: validation held one class only ({where})")
+    if not resolves(positives, negatives):  # say so rather than dress 0.5 up as a choice
+        return Choice(
+            DEFAULT,
+            f"default {DEFAULT:g}: the validation histograms put every patch in one bin, "
+            f"nothing to choose on ({where})",
+        )
     edge, bacc = found
     return Choice(edge, f"validation: {where}", bacc)
 

@@ -73,6 +73,12 @@ def test_one_class_or_no_histograms_keep_the_default_and_say_why() -> None:
     assert one.threshold == 0.5 and "one class" in one.source and "round 3" in one.source
     old = choose(None, None, 0, 3)
     assert old.threshold == 0.5 and "older idc-fl" in old.source
+    # seen on real patches (DP-SGD, paper network): all 2,101 validation patches in bin 0
+    pos, neg = [0] * BINS, [0] * BINS
+    pos[0], neg[0] = 700, 1401
+    blind = choose(pos, neg, 5, 2)
+    assert blind.threshold == 0.5 and blind.balanced_accuracy is None
+    assert "every patch in one bin" in blind.source and not blind.source.startswith("validation")
 
 
 def test_source_names_patches_sites_and_round() -> None:
