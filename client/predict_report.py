@@ -25,6 +25,7 @@ import numpy as np
 
 from common.data import UNLABELLED, PatchSet
 from common.metrics import BALANCED_ACCURACY, score
+from common.threshold import best_exact
 
 DEFAULT_THRESHOLD = 0.5  # the default operating point of common.score
 RECORD_KEY = "threshold"
@@ -85,17 +86,10 @@ def best_threshold(labels: np.ndarray, probs: np.ndarray) -> dict[str, float] | 
     returned balanced accuracy is exactly what that threshold gives on these patches. Ties go
     to the candidate nearest the default.
     """
-    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    pos, neg = np.sort(probs[labels == 1]), np.sort(probs[labels == 0])
-    if len(pos) == 0 or len(neg) == 0:
+    found = best_exact(labels, probs)
+    if found is None:
         return None
-    cand = np.unique(probs)
-    recall = (len(pos) - np.searchsorted(pos, cand, "left")) / len(pos)
-    specificity = np.searchsorted(neg, cand, "left") / len(neg)
-    bacc = (recall + specificity) / 2
-    best = np.flatnonzero(np.isclose(bacc, bacc.max(), rtol=0, atol=1e-12))
-    k = best[np.argmin(np.abs(cand[best] - DEFAULT_THRESHOLD))]
-    return {"threshold": float(cand[k]), BALANCED_ACCURACY: float(bacc[k])}
+    return {"threshold": found[0], BALANCED_ACCURACY: found[1]}
 
 
 def _label_text(label: int) -> str:

@@ -42,13 +42,7 @@ def fed(tmp_path):
 
 def _evaluate_round_one(fed: Federation, claims: dict[int, str | None]) -> str:
     """Round 1 trained and evaluated; ``claims``: what each node says it holds."""
-    fed.configure_train()
-    fed.strategy.aggregate_train(1, [*fed.honest(), fed.reply(3, 2.0)])
-    record = ArrayRecord({k: Array(v) for k, v in REF.items()})
-    sent = {
-        m.metadata.dst_node_id: m
-        for m in fed.strategy.configure_evaluate(1, record, ConfigRecord(), fed.grid)
-    }
+    sent = fed.trained_then_evaluating()
     replies = []
     for node, claim in claims.items():
         site = ConfigRecord({"site": fed.grid.nodes[node - 1].name})

@@ -8,7 +8,8 @@ from pathlib import Path
 from common.config import RunConfig
 from simulation.plan import SimPlan
 from simulation.recipe import Recipe, RecipePlan, known_keys, supports, with_recipe
-from simulation.reproduce_targets import targets
+from simulation.reproduce_targets import CHOSEN, targets
+from simulation.scoring import AT_CHOSEN
 
 
 def test_unknown_keys_and_bad_values_are_kept_aside_never_sent():
@@ -57,13 +58,16 @@ def test_targets_of_rows_that_did_not_run_are_not_run():
 
 
 def test_targets_compare_fedavg_with_its_own_pooled_baseline():
+    def union(at_half: float, chosen: float) -> dict:  # targets use the chosen threshold's
+        return {"balanced_accuracy": at_half, AT_CHOSEN: {"balanced_accuracy": chosen}}
+
     run = {
-        "fedavg": {"fedavg": {"union": {"balanced_accuracy": 0.80}}},
-        "centralized": {"union": {"balanced_accuracy": 0.85}},
+        "fedavg": {"fedavg": {"union": union(0.90, 0.80)}},
+        "centralized": {"union": union(0.50, 0.85)},
     }
     rows = {"fedavg": {"runs": {"iid-5": run, "label-skew-5": run}}}
     got = {t["what"]: t for t in targets({"rows": rows}) if t["row"] == "3"}
-    iid = got["FedAvg iid-5 minus pooled on the same patients, BAC"]
-    skew = got["FedAvg label-skew-5 minus pooled on the same patients, BAC"]
+    iid = got[f"FedAvg iid-5 minus pooled on the same patients, BAC {CHOSEN}"]
+    skew = got[f"FedAvg label-skew-5 minus pooled on the same patients, BAC {CHOSEN}"]
     assert abs(iid["measured"] + 0.05) < 1e-12 and iid["verdict"] == "NOT met"
     assert skew["verdict"] == "NOT met"

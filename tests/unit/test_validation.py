@@ -151,6 +151,14 @@ class Federation:
     def honest(self) -> list[Message]:
         return [self.reply(1, 1.0), self.reply(2, 3.0)]
 
+    def trained_then_evaluating(self) -> dict[int, Message]:
+        """Round 1 trained by all three; the evaluation instructions sent, by node."""
+        self.configure_train()
+        self.strategy.aggregate_train(1, [*self.honest(), self.reply(3, 2.0)])
+        record = ArrayRecord({k: Array(v) for k, v in REF.items()})
+        evaluating = self.strategy.configure_evaluate(1, record, ConfigRecord(), self.grid)
+        return {m.metadata.dst_node_id: m for m in evaluating}
+
     def log(self) -> list[dict]:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
 
@@ -401,13 +409,7 @@ def test_too_few_registered_sites_names_the_ignored_strangers(tmp_path):
 
 
 def _evaluate(fed: Federation, odd_metrics: MetricRecord | None, **records) -> object:
-    fed.configure_train()
-    fed.strategy.aggregate_train(1, [*fed.honest(), fed.reply(3, 2.0)])
-    record = ArrayRecord({k: Array(v) for k, v in REF.items()})
-    sent = {
-        m.metadata.dst_node_id: m
-        for m in fed.strategy.configure_evaluate(1, record, ConfigRecord(), fed.grid)
-    }
+    sent = fed.trained_then_evaluating()
 
     def reply(node: int, metrics: MetricRecord) -> Message:
         site = ConfigRecord({"site": fed.grid.nodes[node - 1].name})
