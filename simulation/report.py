@@ -66,7 +66,7 @@ def headline_rows(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, An
     return rows
 
 
-def _chosen_bac(metrics: Mapping[str, Any]) -> str:
+def chosen_bac(metrics: Mapping[str, Any]) -> str:
     """Balanced accuracy at the validation-chosen threshold (``n/a`` where none was chosen)."""
     at = metrics.get(AT_CHOSEN) or {}
     return fmt(at.get(BALANCED_ACCURACY), at.get(f"{BALANCED_ACCURACY}_std"))
@@ -83,7 +83,7 @@ CHOSEN_NOTE = (
 def compare_table(results: Mapping[str, Any]) -> str:
     """The headline table on the union of every site's test patients."""
     rows = [
-        [name] + [fmt(m.get(k), m.get(f"{k}_std")) for k, _ in COLUMNS] + [_chosen_bac(m)]
+        [name] + [fmt(m.get(k), m.get(f"{k}_std")) for k, _ in COLUMNS] + [chosen_bac(m)]
         for name, m in headline_rows(results)
     ]
     return md_table(["model", *(label for _, label in COLUMNS), CHOSEN_HEADER], rows)
@@ -263,7 +263,7 @@ def sweep_table(results: Mapping[str, Any]) -> str:
                 fmt(r[BALANCED_ACCURACY], r[f"{BALANCED_ACCURACY}_std"]),
                 fmt(r[AUC], r[f"{AUC}_std"]),
                 fmt(r[F1], r[f"{F1}_std"]),
-                _chosen_bac(r),
+                chosen_bac(r),
                 str(len(r["seeds"])),
             ]
         )

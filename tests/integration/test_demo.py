@@ -33,4 +33,8 @@ def test_demo_runs_from_a_fresh_folder_with_the_default_relative_out(tmp_path: P
     report = tmp_path / "runs" / "demo" / "results" / "report.md"
     assert report.is_file(), res.stdout[-2000:]
     assert "federated + DP" in res.stdout
+    # each row also at the threshold chosen on validation patients (a number, or n/a)
+    dp_row = next(ln for ln in res.stdout.splitlines() if ln.startswith("| federated + DP"))
+    assert len(dp_row.strip("|").split("|")) == 6, dp_row
+    assert "| balanced accuracy at the validation-chosen threshold |" in res.stdout
     assert f"report: {report}" in res.stdout
