@@ -59,6 +59,17 @@ def wait_for(predicate, timeout: float, what: str, watch=(), poll: float = 0.5):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C (SIGINT) acts as it does for a command typed at a terminal.
+
+    A test suite started in the background by a non-interactive shell inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt: `idc-server run` could not be
+    detached by the SIGINT the tests send (seen: it followed its run for 17 more
+    rounds).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Federation:
     """A coordinator and sites in ``root``; every process it starts is stopped by PID."""
 
@@ -103,6 +114,7 @@ class Federation:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_as_from_a_terminal,
         )
         self.procs[name] = proc
         return proc
