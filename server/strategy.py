@@ -122,6 +122,7 @@ class CoordinatorStrategy(Strategy):
         self.by_fingerprint = {keys.public_key_fingerprint(k): n for n, k in site_keys.items()}
         self.view: SiteGrid | None = None
         self.global_arrays: dict[str, np.ndarray] = {}
+        self.global_digest = ""  # digest_update(global_arrays), computed once per model
         self.current: RoundRow | None = None
         self.state_extra: dict[str, Any] = {"run_id": run_id}
         self.sampled: set[int] = set()
@@ -180,9 +181,9 @@ class CoordinatorStrategy(Strategy):
         if not self.vetter.keyless:  # a node's name is its key's name in the registry
             self.node_names.update(sites)
         self.global_arrays = to_numpy(arrays)
+        self.global_digest = digest = digest_update(self.global_arrays)
         self.current = RoundRow(r)
         self.round_started = time.monotonic()
-        digest = digest_update(self.global_arrays)
         messages = packed(self.inner.configure_train(r, arrays, config, view))
         held = {n for n, d in self.holding.items() if d == digest}
         messages = [
@@ -281,6 +282,7 @@ class CoordinatorStrategy(Strategy):
     ) -> Iterable[Message]:
         """Send the new global model to every registered site for evaluation."""
         self.global_arrays = to_numpy(arrays)
+        self.global_digest = digest_update(self.global_arrays)
         view = self.sites_of(grid)
         return packed(
             self.inner.configure_evaluate(server_round + self.offset, arrays, config, view)
@@ -292,7 +294,7 @@ class CoordinatorStrategy(Strategy):
         """Vet and record per-site evaluations, average the good ones, commit the round."""
         r = server_round + self.offset
         assert self.current is not None
-        good, digest = [], digest_update(self.global_arrays)
+        good, digest = [], self.global_digest
         for msg in replies:
             if (ok := self.vetter.evaluate(r, msg, self.current)) is None:
                 continue
@@ -309,7 +311,7 @@ class CoordinatorStrategy(Strategy):
         cur = self.current
         cur.seconds = round(time.monotonic() - self.round_started, 3)
         self.run_dir.commit_round(r, cur.to_row(), self.global_arrays, self.state_extra)
-        digest = digest_update(self.global_arrays)
+        digest = self.global_digest
         self._audit(
             "checkpoint.written",
             f"round {r}",
