@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
@@ -28,12 +28,12 @@ from common import keys, protocol
 from common.audit import AuditLog, digest_update
 from common.config import RunConfig
 from common.errors import FederationError
-from common.packing import pack
 from common.protocol import RoundRow
 from common.rundir import RunDir
 from server.aggregators import base_kwargs
 from server.sitegrid import SiteGrid
 from server.vetting import Vetter, same_metric_keys
+from server.wire import floats, naming_held, packed, to_numpy
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
@@ -41,50 +41,6 @@ POLL_SECONDS = 0.5
 
 class TooFewSites(FederationError, RuntimeError):
     """Fewer sites than the minimum connected or replied in time; the run stops."""
-
-
-def _floats(record: MetricRecord | None) -> dict[str, float]:
-    """Scalar metrics as plain floats (lists, which we never send, are dropped)."""
-    if record is None:
-        return {}
-    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
-
-
-def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """An ArrayRecord as named numpy arrays."""
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def packed(messages: Iterable[Message]) -> list[Message]:
-    """The messages with their model packed for the wire (:mod:`common.packing`).
-
-    Flower's strategies give every message of a round the same RecordDict; each distinct
-    model is packed once.
-    """
-    out = list(messages)
-    done: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
-    for msg in out:
-        content = msg.content
-        record = content.array_records.get(protocol.ARRAYS)
-        if record is None or protocol.LAYOUT in content:
-            continue
-        if id(record) not in done:
-            done[id(record)] = pack(to_numpy(record))
-        content[protocol.ARRAYS], content[protocol.LAYOUT] = done[id(record)]
-    return out
-
-
-def naming_held(msg: Message, digest: str) -> Message:
-    """``msg`` naming the model ``digest`` that its site holds, in place of the packed model.
-
-    The message gets its own RecordDict: the others of the round share theirs and still carry
-    the model.
-    """
-    content = {k: v for k, v in msg.content.items() if k not in (protocol.ARRAYS, protocol.LAYOUT)}
-    content[protocol.ARRAYS] = ArrayRecord()
-    content[protocol.LAYOUT] = ConfigRecord({protocol.HELD: digest})
-    msg.content = RecordDict(content)
-    return msg
 
 
 def fedavg(run: RunConfig) -> FedAvg:
@@ -234,7 +190,7 @@ class CoordinatorStrategy(Strategy):
         if agg is None:
             raise TooFewSites(f"round {r}: aggregation produced no model")
         agg = self._as_global_dtypes(agg)
-        self.current.train = _floats(metrics)
+        self.current.train = floats(metrics)
         self._audit(
             "aggregate.computed",
             f"round {r}",
@@ -302,7 +258,7 @@ class CoordinatorStrategy(Strategy):
             if msg.content.config_records[protocol.SITE].get(protocol.HOLDS) == digest:
                 self.holding[msg.metadata.src_node_id] = digest
         metrics = self.inner.aggregate_evaluate(r, good) if good else None
-        self.current.evaluate = _floats(metrics)
+        self.current.evaluate = floats(metrics)
         self._commit(r)
         return metrics
 
