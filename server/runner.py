@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,8 +14,9 @@ import flowerctl
 from common import config_digest, keys
 from common.audit import AuditLog
 from common.cli_util import DefaultsFormatter, add_command
-from common.config import RunConfig, Scalar
+from common.config import RunConfig
 from common.fileio import read_json
+from common.overrides import parse_overrides
 from common.paths import CoordPaths
 from common.rundir import RunDir
 from server import ops
@@ -46,28 +46,6 @@ def app_hash(root: Path = PROJECT_ROOT) -> str:
     for p in files:
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
-
-
-def parse_overrides(
-    items: list[str], base: Mapping[str, Scalar] | None = None
-) -> dict[str, Scalar]:
-    """``key=value`` pairs over ``base``, checked by :class:`RunConfig` (bad keys and values named).
-
-    Values parse as TOML scalars (numbers, booleans, quoted strings); anything else is a string.
-    """
-    import tomli
-
-    out: dict[str, Scalar] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"--run-config entries must be key=value, got {item!r}")
-        try:
-            out[key.strip()] = tomli.loads(f"v = {value.strip()}")["v"]
-        except tomli.TOMLDecodeError:
-            out[key.strip()] = value.strip()
-    RunConfig.from_run_config({**(base or {}), **out})
-    return out
 
 
 def previous_config(run_dir: Path) -> RunConfig:

@@ -106,7 +106,7 @@ def _plan(args: argparse.Namespace, seed: int | None = None) -> SimPlan:
     gpus = args.gpus_per_site
     if gpus is None:
         gpus = auto_gpus_per_site(args.sites, args.ray_address)
-    return SimPlan(
+    plan = SimPlan(
         data=args.data,
         sites=args.sites,
         partition=args.partition,
@@ -128,6 +128,12 @@ def _plan(args: argparse.Namespace, seed: int | None = None) -> SimPlan:
         server_learning_rate=args.server_learning_rate,
         server_momentum=args.server_momentum,
     )
+    if not args.recipe:
+        return plan
+    from common.overrides import parse_recipe
+    from simulation.recipe import Recipe, with_recipe
+
+    return with_recipe(plan, Recipe.of(parse_recipe(args.recipe)))
 
 
 def _federated(args: argparse.Namespace) -> int:
@@ -231,6 +237,15 @@ def _add_site_arguments(p: argparse.ArgumentParser) -> None:
         "private Ray on this machine; every node needs this project installed",
     )
     _add_strategy_arguments(p)
+    p.add_argument(
+        "--recipe",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training-recipe keys of the run config, for the FedAvg runs and the pooled and "
+        "local-only baselines alike: model=gap (the DP-friendly network), augment, "
+        "weight-decay, lr-schedule, ema, dp.augmult (see `idc-server run --help`)",
+    )
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds per FedAvg run")
     p.add_argument("--out", type=Path, required=True, help="results folder (replaced if ours)")
 

@@ -195,6 +195,12 @@ def privacy_text(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{PRIVACY_UNIT}"
 
 
+def recipe_note(plan: Mapping[str, Any]) -> str:
+    """`` Recipe: model=gap, ...`` for a plan run with recipe overrides, else nothing."""
+    pairs = plan.get("overrides") or []
+    return (" Recipe: " + ", ".join(f"`{k}={v}`" for k, v in pairs) + ".") if pairs else ""
+
+
 def write_compare(out: Path, results: Mapping[str, Any]) -> Path:
     """results.json, curves.png and report.md in ``out``; returns the report's path."""
     write_json(out / "results.json", results)
@@ -217,7 +223,7 @@ def write_compare(out: Path, results: Mapping[str, Any]) -> Path:
   `{plan["partition"]}` (`partition.json` lists each site's patients).
 - Schedule: FedAvg {plan["rounds"]} rounds x {plan["local_epochs"]} local epoch(s); the others
   train for the same number of epochs. Learning rate {plan["lr"]:g}, batch
-  {plan["batch_size"]}, norm `{plan["norm"]}`, seed {plan["seed"]}.
+  {plan["batch_size"]}, norm `{plan["norm"]}`, seed {plan["seed"]}.{recipe_note(plan)}
 - Held out: the union of every site's own test patients ({union["patients"]} patients,
   {union["patches"]} patches), split exactly as the ClientApp splits them. Every model is
   scored on them; nothing was selected on them (no early stopping).
@@ -316,7 +322,8 @@ def write_sweep(out: Path, results: Mapping[str, Any]) -> Path:
 
 - Data: `{plan["data"]}` in {plan["sites"]} virtual sites, partition `{plan["partition"]}`.
 - Schedule: {plan["rounds"]} rounds x {plan["local_epochs"]} local epoch(s), learning rate
-  {plan["lr"]:g}, batch {plan["batch_size"]}, norm `group` for every point (DP-SGD needs it).
+  {plan["lr"]:g}, batch {plan["batch_size"]}, norm `group` for every point (DP-SGD needs
+  it).{recipe_note(plan)}
 - DP-SGD at every site: clipping norm {dp["max_grad_norm"]:g}, delta {dp["delta"]:g},
   {dp["accountant"].upper()} accountant. Epsilon is the total budget of each site over the
   whole run; the noise multiplier was computed offline so that no site exceeds it (the

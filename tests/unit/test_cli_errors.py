@@ -115,6 +115,24 @@ def test_unknown_and_bad_overrides_are_named(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ("local-epochs=3", "not a recipe key"),  # the simulation's own flag, not the recipe's
+        ("modle=gap", "'modle'"),
+        ("model=gapp", "'model'"),
+        ("ema=2", "'ema'"),
+        ("model", "key=value"),
+    ],
+)
+def test_a_bad_recipe_is_one_line_before_any_work(tmp_path, capsys, entry, says):
+    out = tmp_path / "out"
+    argv = ["federated", "--data", str(tmp_path), "--sites", "2", "--rounds", "1"]
+    assert sim_cli.main([*argv, "--out", str(out), "--recipe", entry]) == EXIT_BAD_INPUT
+    one_error_line(capsys, "--recipe", says)
+    assert not out.exists()
+
+
 def test_a_bug_is_one_line_too_and_minus_v_shows_the_trace(monkeypatch, capsys):
     def broken(args: argparse.Namespace) -> int:
         raise KeyError("surprise")
