@@ -78,7 +78,10 @@ def patch() -> None:
 
 
 def timed_logs() -> None:
-    """Flower's log lines with their time; colour codes only on a terminal."""
+    """Flower's log lines with their time; colour codes only on a terminal.
+
+    Also used by the coordinator's ServerApp process (``serverapp.log``).
+    """
     from flwr.common.logger import update_console_handler
 
     update_console_handler(timestamps=True, colored=sys.stdout.isatty())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 import threading
 import time
@@ -45,6 +46,7 @@ from flwr.superlink.grid import HttpGrid
 from flwr.superlink.grid import http_grid as flower_grid
 
 from flowerctl.runtime import check_flower_version, push_task_output
+from flowerctl.supernode import timed_logs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the installed idc-fl (editable install)
 # Flower's HttpGrid looks for replies every 3 s; the SuperLink's Runtime API is on loopback,
@@ -186,9 +188,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     shorten_object_backoff()
-    # Opacus's import runs logging.basicConfig (a root handler on stderr): Flower's lines,
-    # already printed by Flower's own handler, would reach serverapp.log twice.
+    # serverapp.log is a file the coordinator's operators read: every line timed, no colours.
+    # Flower's lines through its own handler; the coordinator's own (vetting, commits) through
+    # a root handler in the same form (without one, Python's last resort prints bare messages).
+    # Opacus's import would add a root handler too (logging.basicConfig): this one comes first,
+    # and Flower's lines do not propagate to it, else they would appear twice.
+    timed_logs()
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(asctime)s: %(name)s: %(message)s", force=True
+    )
     FLOWER_LOGGER.propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll, 10 a second
     task = ServerAppTask(args.runtime_api, args.ca.read_bytes() if args.ca else None, token)
     mirror_output_to_queue(task.queue)  # the ServerApp's output also goes to `flwr log`
     register_signal_handlers(

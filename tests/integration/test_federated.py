@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 
 import numpy as np
@@ -176,6 +177,15 @@ def test_two_rounds_over_tls_with_registered_sites_only(fed, site_data):
     started = [e for e in map(json.loads, coord_log) if e["action"] == "round.started"]
     assert [e["details"]["sites_holding_it"] for e in started] == [[], ["hosp0", "hosp1", "hosp2"]]
     assert started[1]["details"]["global_digest"] == trains[1]["model_held"]
+    # the ServerApp's log, a file the coordinator's operators read: each line timed, no colours
+    lines = (fed.coord / "logs" / "serverapp.log").read_text().splitlines()
+    assert any("[ROUND 2/2]" in line for line in lines), lines[:20]
+    assert not [x for x in lines if "HTTP Request" in x][:3]  # no line per request
+    assert not [
+        x
+        for x in lines
+        if "\x1b[" in x or not re.match(r"[A-Z]+ \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", x)
+    ][:3]
 
 
 def test_a_site_then_the_coordinator_crash_and_the_run_resumes(fed, site_data):
