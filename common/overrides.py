@@ -1,7 +1,7 @@
 """``KEY=VALUE`` run-config overrides from a command line, checked by :class:`RunConfig`.
 
-``idc-server run --run-config`` and ``idc-sim federated/privacy-sweep --recipe`` read them the
-same way.
+``idc-server run --run-config`` and ``idc-sim federated/privacy-sweep --recipe``
+(:func:`simulation.recipe.parse_recipe`) read them the same way.
 """
 
 from __future__ import annotations
@@ -31,25 +31,3 @@ def parse_overrides(
             out[key.strip()] = value.strip()
     RunConfig.from_run_config({**(base or {}), **out})
     return out
-
-
-# The training recipe's keys (the rest of a run config is the simulation's own: rounds, epochs,
-# learning rate and batch size have their flags, DP and sites come from the command).
-RECIPE_KEYS = ("model", "augment", "weight-decay", "lr-schedule", "ema", "dp.augmult")
-
-
-def parse_recipe(items: list[str]) -> dict[str, Scalar]:
-    """``--recipe KEY=VALUE`` items: recipe keys only (:data:`RECIPE_KEYS`), values checked."""
-    for item in items:
-        key = item.partition("=")[0].strip()
-        if "=" in item and key not in RECIPE_KEYS:
-            raise ValueError(
-                f"--recipe: {key!r} is not a recipe key; recipe keys: {', '.join(RECIPE_KEYS)} "
-                "(rounds, epochs, learning rate, batch size and DP have their own flags)"
-            )
-    try:
-        return parse_overrides(items, flag="--recipe")
-    except ValueError as exc:
-        raise ValueError(
-            str(exc) if str(exc).startswith("--recipe") else f"--recipe: {exc}"
-        ) from None

@@ -130,8 +130,7 @@ def _plan(args: argparse.Namespace, seed: int | None = None) -> SimPlan:
     )
     if not args.recipe:
         return plan
-    from common.overrides import parse_recipe
-    from simulation.recipe import Recipe, with_recipe
+    from simulation.recipe import Recipe, parse_recipe, with_recipe
 
     return with_recipe(plan, Recipe.of(parse_recipe(args.recipe)))
 

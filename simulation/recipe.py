@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig, Scalar
+from common.overrides import parse_overrides
 from simulation.centralized import BaselineConfig
 from simulation.plan import DPSpec, SimPlan
 
@@ -106,6 +107,31 @@ _BASELINE_FIELDS: dict[str, tuple[str, type]] = {
     "model": ("model", str),
     "norm": ("norm", str),
 }
+
+
+# What `idc-sim --recipe` takes: the levers a baseline shares with the federated runs, less the
+# plan's own flags (learning rate, batch size, norm), and DP-SGD's augmentation multiplicity.
+RECIPE_KEYS: tuple[str, ...] = (
+    *(k for k in _BASELINE_FIELDS if k not in ("learning-rate", "batch-size", "norm")),
+    "dp.augmult",
+)
+
+
+def parse_recipe(items: list[str]) -> dict[str, Scalar]:
+    """``--recipe KEY=VALUE`` items: recipe keys only (:data:`RECIPE_KEYS`), values checked."""
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if "=" in item and key not in RECIPE_KEYS:
+            raise ValueError(
+                f"--recipe: {key!r} is not a recipe key; recipe keys: {', '.join(RECIPE_KEYS)} "
+                "(rounds, epochs, learning rate, batch size and DP have their own flags)"
+            )
+    try:
+        return parse_overrides(items, flag="--recipe")
+    except ValueError as exc:
+        raise ValueError(
+            str(exc) if str(exc).startswith("--recipe") else f"--recipe: {exc}"
+        ) from None
 
 
 def baseline_fields(overrides: Mapping[str, Scalar]) -> dict[str, Any]:
