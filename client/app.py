@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+HISTOGRAMS_SENT = "histograms.sent"  # a refinement's counts left the site (server.refine)
 
 
 def _held_digest(msg: Message) -> str | None:
@@ -185,4 +186,28 @@ def evaluate(msg: Message, context: Context) -> Message:
             protocol.SITE: meta,
         }
     )
+    return Message(content, reply_to=msg)
+
+
+@app.query()
+def refine(msg: Message, context: Context) -> Message:
+    """The final global model's validation histograms on a narrower range (no test data).
+
+    After its last round the coordinator asks once more, on the range where the sites'
+    validation patches fell (:mod:`server.refine`), to choose the decision threshold finer
+    than :data:`common.threshold.BINS` bins on [0, 1] allow. Counts only, as in evaluation.
+    """
+    from client.site import refine_histograms
+    from common.threshold import check_span
+
+    span = check_span(msg.content.config_records[protocol.CONFIG].get(protocol.VAL_RANGE))
+    held = _held_digest(msg)
+    asked = {"action": "refine", "range": list(span)} | ({"model_held": held} if held else {})
+    with _received(msg, context, asked) as received:
+        run, site_cfg, run_id, server_round, audit, site = received
+        arrays = _arrays(msg, run, run_id)
+        counts = refine_histograms(site, run, arrays, span).to_record()
+        audit.append(HISTOGRAMS_SENT, run_id, "ok", {"round": server_round, **counts})
+    meta = ConfigRecord({protocol.SITE_NAME: site_cfg.site_name})
+    content = RecordDict({protocol.METRICS: MetricRecord(counts), protocol.SITE: meta})  # type: ignore[arg-type]
     return Message(content, reply_to=msg)

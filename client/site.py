@@ -19,10 +19,10 @@ from common.audit import UPDATE_SENT, AuditLog, digest_update
 from common.config import RunConfig, SiteConfig
 from common.model import build_model
 from common.paths import SitePaths
-from common.protocol import EvalMetrics, TrainMetrics
+from common.protocol import EvalMetrics, Histograms, TrainMetrics
 from common.recipe import Recipe
 from common.site_data import Site, model_arrays, set_weights
-from common.threshold import histograms
+from common.threshold import Range, histograms
 from common.training import (
     ExtraLoss,
     TrainConfig,
@@ -128,10 +128,7 @@ def local_evaluate(site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray])
     set_weights(model, arrays)
     accel = run_accel(run)
     res = evaluate(model, site.eval_batches("test", run.seed, accel), accel.device, accel)
-    labels, probs, _ = predict(
-        model, site.eval_batches("val", run.seed, accel), accel.device, accel
-    )
-    positives, negatives = histograms(labels, probs)
+    positives, negatives = histograms(*_validation_probs(site, run, model))
     return EvalMetrics(
         num_examples=float(res.examples),
         loss=res.loss,
@@ -142,6 +139,26 @@ def local_evaluate(site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray])
         val_positives=tuple(positives),
         val_negatives=tuple(negatives),
     )
+
+
+def _validation_probs(
+    site: Site, run: RunConfig, model: torch.nn.Module
+) -> tuple[np.ndarray, np.ndarray]:
+    accel = run_accel(run)
+    labels, probs, _ = predict(
+        model, site.eval_batches("val", run.seed, accel), accel.device, accel
+    )
+    return labels, probs
+
+
+def refine_histograms(
+    site: Site, run: RunConfig, arrays: Mapping[str, np.ndarray], span: Range
+) -> Histograms:
+    """The global model's validation histograms on ``span`` (a refinement query; no test data)."""
+    model = build_model(run.norm, seed=run.seed, kind=run.model)
+    set_weights(model, arrays)
+    positives, negatives = histograms(*_validation_probs(site, run, model), span)
+    return Histograms(tuple(positives), tuple(negatives))
 
 
 def clip_update(

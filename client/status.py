@@ -50,6 +50,8 @@ def _fact(entry: dict[str, Any]) -> str | None:
         return "update sent"
     if action == "metrics.sent":
         return f"evaluated (balanced accuracy {details.get('balanced-accuracy', math.nan):.3f})"
+    if action == "histograms.sent":
+        return "sent validation histograms for the decision threshold"
     if action == "round.failed":
         return f"failed: {details.get('reason')}"
     return None

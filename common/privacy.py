@@ -46,7 +46,9 @@ PRIVACY_UNIT = (
     "updates a site sends in DP rounds, and nothing else that leaves it: each reply's count "
     "of training patches and its epsilon figures, a refused round and its reason, and the "
     "coordinator's evaluation of every global model on the site's held-out test patients "
-    "(their count, loss, accuracy, balanced accuracy, F1, AUC: not differentially private). "
+    "(their count, loss, accuracy, balanced accuracy, F1, AUC) and counts of its validation "
+    "patches per P(IDC) bin (50 bins, and once more on a narrower range after the last round, "
+    "to choose the decision threshold): none of these is differentially private. "
     "Training and validation loss and accuracy are not sent in DP rounds."
 )
 

@@ -69,6 +69,10 @@ NO_CAP = -1.0  # epsilon-cap of a site that set no cap
 # (HELD, in place of the packed layout), and the site trains from its own copy.
 HOLDS = "holds-model"
 HELD = "held-model"
+# A refinement query (after the last round, :mod:`server.refine`): its CONFIG names the range
+# [lo, hi] of P(IDC) the site bins its validation patches on; the reply's METRICS hold only
+# VAL_POSITIVES and VAL_NEGATIVES (:class:`Histograms`).
+VAL_RANGE = "val-range"
 
 
 def _finite(
@@ -175,6 +179,29 @@ class EvalMetrics:
 
 
 _HISTOGRAMS = ("val_positives", "val_negatives")
+
+
+@dataclass(frozen=True)
+class Histograms:
+    """A refinement reply's numbers: the validation histograms on the range it was asked."""
+
+    positives: tuple[int, ...]
+    negatives: tuple[int, ...]
+
+    def to_record(self) -> dict[str, list[int]]:
+        """The MetricRecord content."""
+        return {VAL_POSITIVES: list(self.positives), VAL_NEGATIVES: list(self.negatives)}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Histograms:
+        """Both histograms as whole counts (other keys ignored); ValueError names the bad key."""
+        counts = []
+        for key in (VAL_POSITIVES, VAL_NEGATIVES):
+            value = record.get(key)
+            if not isinstance(value, list | tuple):
+                raise ValueError(f"metric {key!r} must be a list of counts, got {value!r:.60}")
+            counts.append(tuple(check_counts(key, value)))
+        return cls(*counts)
 
 
 @dataclass

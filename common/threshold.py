@@ -18,7 +18,15 @@ edge calls (nearly) all patches one class, :func:`best_edge` finds balanced accu
 best and the tie keeps 0.5, which calls every patch the majority class. :func:`resolves`
 says when that is so. Where the probabilities themselves are at hand (the simulation scores
 its own validation patients in process), :func:`best_exact` takes the candidates from the
-unique probabilities and has no such blind spot; the wire keeps its :data:`BINS` bins.
+unique probabilities and has no such blind spot.
+
+Refinement (:mod:`server.refine`): after the last round the coordinator asks the sites once
+more for the final model's histograms, still :data:`BINS` bins, on the narrower range
+:func:`zoom_range` reads off the last round's sums (where the patches actually fell). A patch
+outside the range is counted in the first or last bin, which keeps every interior edge exact;
+edges inside the range become up to :data:`BINS` times finer. The range is never narrower
+than :data:`MIN_SPAN` (one coarse bin), so one query never resolves P(IDC) finer than
+``1 / BINS**2``.
 """
 
 from __future__ import annotations
@@ -30,16 +38,55 @@ import numpy as np
 
 BINS = 50
 DEFAULT = 0.5
+MIN_SPAN = 1.0 / BINS  # the narrowest range a refinement may ask for: one coarse bin
+WORTH_REFINING = 0.5  # refine when the last round's patches span at most this much of [0, 1]
+Range = tuple[float, float]
 
 
-def histograms(labels: np.ndarray, probs: np.ndarray) -> tuple[list[int], list[int]]:
-    """Counts of positives and of negatives per P(IDC) bin (:data:`BINS` bins on [0, 1])."""
+def histograms(
+    labels: np.ndarray, probs: np.ndarray, span: Range = (0.0, 1.0)
+) -> tuple[list[int], list[int]]:
+    """Counts of positives and of negatives per P(IDC) bin (:data:`BINS` bins on ``span``).
+
+    A probability outside ``span`` counts in the nearest end bin (see the module's note).
+    """
+    lo, hi = check_span(span)
     labels = np.asarray(labels)
-    probs = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
-    edges = np.linspace(0.0, 1.0, BINS + 1)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), lo, hi)
+    edges = np.linspace(lo, hi, BINS + 1)
     pos, _ = np.histogram(probs[labels == 1], bins=edges)
     neg, _ = np.histogram(probs[labels == 0], bins=edges)
     return [int(c) for c in pos], [int(c) for c in neg]
+
+
+def check_span(span: object) -> Range:
+    """A histogram range from another party: ``[lo, hi]`` in [0, 1], :data:`MIN_SPAN` or wider."""
+    if not isinstance(span, list | tuple) or len(span) != 2:
+        raise ValueError(f"a histogram range must be two numbers [lo, hi], got {span!r}")
+    lo, hi = span
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v):
+            raise ValueError(f"a histogram range must hold finite numbers, got {span!r}")
+    if not (0.0 <= lo < hi <= 1.0) or hi - lo < MIN_SPAN - 1e-12:
+        raise ValueError(
+            f"a histogram range must satisfy 0 <= lo < hi <= 1 and hi - lo >= {MIN_SPAN:g}, "
+            f"got {list(span)!r}"
+        )
+    return float(lo), float(hi)
+
+
+def zoom_range(positives: Sequence[int], negatives: Sequence[int]) -> Range | None:
+    """The part of [0, 1] the summed histograms occupy, when refining there is worth it.
+
+    None when there is nothing to choose on (one class) or the patches already spread over
+    more than :data:`WORTH_REFINING` of [0, 1].
+    """
+    pos, neg = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
+    if len(pos) != BINS or pos.sum() == 0 or neg.sum() == 0:
+        return None
+    used = np.flatnonzero(pos + neg)
+    lo, hi = used[0] / BINS, (used[-1] + 1) / BINS
+    return (float(lo), float(hi)) if hi - lo <= WORTH_REFINING + 1e-12 else None
 
 
 def check_counts(name: str, counts: Sequence[float]) -> list[int]:
@@ -65,14 +112,23 @@ class Choice:
     balanced_accuracy: float | None = None
 
     def record(self) -> dict[str, object]:
-        """The model record's keys (``threshold``, ``threshold_source``)."""
-        return {"threshold": self.threshold, "threshold_source": self.source}
+        """The model record's keys (``threshold``, ``threshold_source``, and the accuracy)."""
+        out: dict[str, object] = {"threshold": self.threshold, "threshold_source": self.source}
+        if self.balanced_accuracy is not None:
+            out[VALIDATION_BAC] = self.balanced_accuracy
+        return out
 
 
-def best_edge(positives: Sequence[int], negatives: Sequence[int]) -> tuple[float, float] | None:
+VALIDATION_BAC = "threshold_validation_balanced_accuracy"
+
+
+def best_edge(
+    positives: Sequence[int], negatives: Sequence[int], span: Range = (0.0, 1.0)
+) -> tuple[float, float] | None:
     """The bin edge maximising balanced accuracy of ``p >= edge``, and that accuracy.
 
-    Ties go to the edge nearest the default 0.5; None without both classes.
+    ``span``: the range the histograms were binned on. Ties go to the edge nearest the
+    default 0.5; None without both classes.
     """
     pos, neg = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
     if pos.sum() == 0 or neg.sum() == 0:
@@ -82,7 +138,8 @@ def best_edge(positives: Sequence[int], negatives: Sequence[int]) -> tuple[float
     specificity = neg.cumsum()[k - 1] / neg.sum()  # negatives below edge k
     bacc = (recall + specificity) / 2
     best = np.flatnonzero(np.isclose(bacc, bacc.max(), rtol=0, atol=1e-12))
-    edges = k / BINS
+    lo, hi = span
+    edges = lo + k * (hi - lo) / BINS
     i = best[np.argmin(np.abs(edges[best] - DEFAULT))]
     return float(edges[i]), float(bacc[i])
 
@@ -107,6 +164,22 @@ def choose(
             f"nothing to choose on ({where})",
         )
     edge, bacc = found
+    return Choice(edge, f"validation: {where}", bacc)
+
+
+def choose_refined(
+    positives: Sequence[int], negatives: Sequence[int], span: Range, sites: int, round_: int
+) -> Choice | None:
+    """The threshold from a refinement's summed histograms on ``span``; None if they cannot tell."""
+    found = best_edge(positives, negatives, span)
+    if found is None or not resolves(positives, negatives):
+        return None
+    patches = int(sum(positives) + sum(negatives))
+    edge, bacc = found
+    where = (
+        f"{patches} patches, {sites} site{'s' if sites != 1 else ''}, round {round_}, "
+        f"refined on [{span[0]:g}, {span[1]:g}]"
+    )
     return Choice(edge, f"validation: {where}", bacc)
 
 

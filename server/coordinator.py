@@ -29,6 +29,7 @@ from common.registry import declared_patches, site_public_keys
 from common.rundir import RunDir
 from common.threshold import Choice, choose
 from server.aggregators import flower_strategy
+from server.refine import refine
 from server.runrecord import read_record, set_state
 from server.strategy import CoordinatorStrategy
 
@@ -160,10 +161,16 @@ class Coordinator:
 
     def run(self, grid: Grid) -> None:  # noqa: D102
         self.run_loop(grid)
-        self.finish()
+        last = int(self.dir.read_state().get("completed_round", 0))
+        row = next((r for r in self.dir.read_rounds() if int(r.get("round", -1)) == last), None)
+        self.finish(refine(self.strategy, grid, last, row, self.cfg.round_timeout))
 
-    def finish(self) -> None:
-        """Final model, summary and curves from what the rounds committed."""
+    def finish(self, refined: Choice | None = None) -> None:
+        """Final model, summary and curves from what the rounds committed.
+
+        ``refined``: the threshold chosen finer after the last round (:mod:`server.refine`),
+        else the last round's coarse choice stands.
+        """
         last = int(self.dir.read_state().get("completed_round", 0))
         arrays = self.dir.read_checkpoint(last)
         rows = self.dir.read_rounds()
@@ -178,6 +185,10 @@ class Coordinator:
         }
         summary["central_dp"] = self.client_level_privacy(last)
         threshold = decision_threshold(rows, last)
+        if refined is not None and (refined.balanced_accuracy or 0) >= (
+            threshold.balanced_accuracy or 0
+        ):  # the finer edges won on validation (they need not include every coarse edge)
+            threshold = refined
         summary["threshold"] = threshold.record()
         self.dir.write_json("summary.json", summary)
         if rows:

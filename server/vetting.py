@@ -45,7 +45,7 @@ class _Seen:
     signature_valid: bool = False
 
 
-def _reason(exc: Exception) -> str:
+def reason_of(exc: Exception) -> str:
     """One line for the record: our own verdict as is, anything else named as malformed."""
     text = (
         str(exc) if isinstance(exc, Rejected) else f"malformed reply: {type(exc).__name__}: {exc}"
@@ -115,7 +115,7 @@ class Vetter:
         try:
             metrics, arrays, refusal = self._read_train(r, msg, reference, seen)
         except Exception as exc:  # noqa: BLE001 - whatever a reply holds, only it is rejected
-            reason = _reason(exc)
+            reason = reason_of(exc)
             self._received(r, seen, reason, {})
             row.rejected.append({"site": seen.name, "reason": reason, "kind": "invalid"})
             log.warning("round %d: update from %s rejected: %s", r, seen.name, reason)
@@ -226,7 +226,7 @@ class Vetter:
             bound, where = self.weight_bound(name)
             V.check_weight(metrics.num_examples, bound, where)
         except Exception as exc:  # noqa: BLE001 - whatever a reply holds, only it is rejected
-            reason = _reason(exc)
+            reason = reason_of(exc)
             row.rejected.append(
                 {"site": name, "reason": reason, "kind": "invalid", "phase": "evaluate"}
             )

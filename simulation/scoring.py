@@ -29,7 +29,14 @@ from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, CONFUSION, EXAMPLES
 from common.metrics import score as score_at
 from common.model import build_model, model_kind
 from common.site_data import EVAL_BATCH, Loader, set_weights
-from common.threshold import DEFAULT, Choice, best_edge, choose_exact, resolves
+from common.threshold import (
+    DEFAULT,
+    VALIDATION_BAC,
+    Choice,
+    best_edge,
+    choose_exact,
+    resolves,
+)
 from common.training import predict, resolve_device
 
 AT_CHOSEN = "at_validation_threshold"
@@ -125,8 +132,10 @@ def coordinator_choice(
     if pos is None or neg is None or not resolves(pos, neg):
         return None
     source = (record or {}).get("threshold_source", "source not recorded")
-    best = best_edge(pos, neg)  # its balanced accuracy there, when it is the histograms' edge
-    bacc = best[1] if best is not None and abs(best[0] - value) < 1e-9 else None
+    bacc = (record or {}).get(VALIDATION_BAC)  # recorded since refinement (server.refine)
+    if not isinstance(bacc, int | float):
+        best = best_edge(pos, neg)  # its balanced accuracy there, when it is the histograms' edge
+        bacc = best[1] if best is not None and abs(best[0] - value) < 1e-9 else None
     return Choice(float(value), f"coordinator, summed validation histograms: {source}", bacc)
 
 

@@ -163,6 +163,29 @@ def test_two_rounds_over_tls_with_registered_sites_only(fed, site_data):
     source = load_model(RunDir(run_dir).final_model)[1]["threshold_source"]
     chose = source.startswith("validation: ") or "every patch in one bin" in source
     assert chose and "round 2" in source, source
+    # ... then once more, finer, on the band where the final model put them: every site
+    # answered from the model it kept (no weights sent again), with counts only
+    coord_entries = [
+        json.loads(x)
+        for x in (fed.coord / "audit" / "coordinator-audit.jsonl").read_text().splitlines()
+    ]
+    [refined] = [e for e in coord_entries if e["action"] == "threshold.refined"]
+    assert refined["outcome"] == "ok" and refined["details"]["sites"] == ["hosp0", "hosp1", "hosp2"]
+    final_digest = [e for e in coord_entries if e["action"] == "checkpoint.written"][-1]["details"][
+        "digest"
+    ]
+    for name in ("hosp0", "hosp1", "hosp2"):
+        site_log = [
+            json.loads(x)
+            for x in (fed.root / name / "audit" / "site-audit.jsonl").read_text().splitlines()
+        ]
+        [asked] = [
+            e["details"]
+            for e in site_log
+            if e["action"] == "message.received" and e["details"]["action"] == "refine"
+        ]
+        assert asked["range"] == refined["details"]["range"] and asked["model_held"] == final_digest
+        assert [e["details"]["round"] for e in site_log if e["action"] == "histograms.sent"] == [2]
     # the SuperLink never admitted the intruder: no node of its key, before or after the run
     assert intruder not in listed_keys(fed)
     assert_audit(fed)

@@ -13,6 +13,7 @@ from common import protocol
 from common.protocol import EvalMetrics, RoundRow
 from common.threshold import (
     BINS,
+    VALIDATION_BAC,
     best_edge,
     best_exact,
     choose,
@@ -86,7 +87,11 @@ def test_source_names_patches_sites_and_round() -> None:
     pos[45], neg[5] = 4, 6
     choice = choose(pos, neg, 2, 7)
     assert choice.source == "validation: 10 patches, 2 sites, round 7"
-    assert choice.record() == {"threshold": choice.threshold, "threshold_source": choice.source}
+    assert choice.record() == {
+        "threshold": choice.threshold,
+        "threshold_source": choice.source,
+        VALIDATION_BAC: 1.0,  # what the threshold gives on those validation patches
+    }
 
 
 def _eval(pos: list[int] | None, neg: list[int] | None) -> EvalMetrics:
