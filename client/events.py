@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import protocol
-from common.protocol import EvalMetrics, TrainMetrics
+from common.protocol import EvalMetrics, Histograms, TrainMetrics
 
 if TYPE_CHECKING:  # the console reads events without importing Flower
     from flwr.app import Message
@@ -82,6 +82,15 @@ def from_reply(run_id: int, message: Message, reply: Message, ok: bool, why: str
                 "epsilon_total": train.epsilon_total,
                 "epsilon_cap": train.epsilon_cap,
             }
+        if action == "query":  # a refinement (server.refine): counts only
+            counts = Histograms.from_record(metrics)
+            span = message.content.config_records[protocol.CONFIG][protocol.VAL_RANGE]
+            return {
+                **event,
+                "event": "refine",
+                "patches": sum(counts.positives) + sum(counts.negatives),
+                "range": [float(x) for x in span],  # type: ignore[union-attr]
+            }
         result = EvalMetrics.from_record(metrics)
         return {
             **event,
@@ -129,6 +138,12 @@ def describe(event: dict[str, Any]) -> str:
         return (
             f"{where}: evaluation done on {event.get('patches')} test patches "
             f"(balanced accuracy {float(event.get('balanced_accuracy', math.nan)):.3f})"
+        )
+    if kind == "refine":
+        lo, hi = event.get("range") or (math.nan, math.nan)
+        return (
+            f"{where}: sent histograms of P(IDC) on {event.get('patches')} validation patches, "
+            f"binned on [{lo:g}, {hi:g}], for the decision threshold (counts only)"
         )
     if kind == "failed":
         return f"{where}: {event.get('action')} failed: {event.get('reason')}"

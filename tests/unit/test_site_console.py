@@ -14,7 +14,8 @@ from flwr.common import MessageType
 from client import console, events
 from client.sitestate import AlreadyRunning, StartLock, StartSettings, parse_server, running_pid
 from common import protocol
-from common.protocol import EvalMetrics, TrainMetrics
+from common.protocol import EvalMetrics, Histograms, TrainMetrics
+from common.threshold import BINS
 
 
 @pytest.mark.parametrize(
@@ -172,3 +173,12 @@ def test_events_from_real_replies_carry_round_patches_epsilon_and_status():
     reply = Message(RecordDict({protocol.METRICS: MetricRecord(result)}), reply_to=evaluate)  # type: ignore[arg-type]
     line = events.describe(events.from_reply(7, evaluate, reply, True, ""))
     assert line == "run 7 round 3: evaluation done on 24 test patches (balanced accuracy 0.550)"
+    query = _sent(MessageType.QUERY)
+    query.content.config_records[protocol.CONFIG][protocol.VAL_RANGE] = [0.25, 0.5]
+    counts = Histograms((1,) + (0,) * (BINS - 1), (0,) * (BINS - 2) + (2, 3)).to_record()
+    reply = Message(RecordDict({protocol.METRICS: MetricRecord(counts)}), reply_to=query)  # type: ignore[arg-type]
+    line = events.describe(events.from_reply(7, query, reply, True, ""))
+    assert line == (
+        "run 7 round 3: sent histograms of P(IDC) on 6 validation patches, binned on "
+        "[0.25, 0.5], for the decision threshold (counts only)"
+    )
