@@ -25,8 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' process harness
 
 from common import keys
-from common.audit import AuditLog, digest_update
+from common.audit import AuditLog
 from common.config import RunConfig
+from common.digests import digest_update
 from server.coordinator import initial_arrays
 from simulation.synth import SynthSpec, synthesize
 from tests.integration.federation import Federation, split_synth_by_site

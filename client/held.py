@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.audit import digest_update
+from common.digests import digest_update
 
 
 class NotHeld(LookupError):

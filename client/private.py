@@ -31,7 +31,8 @@ import numpy as np
 
 from client.site import local_config, local_train
 from common import accounting
-from common.audit import AuditLog, rotated_files
+from common.audit import AuditLog
+from common.audit_format import rotated_files
 from common.config import Accountant, RunConfig, SiteConfig
 from common.ledger import LedgerEntry, LedgerError, PrivacyLedger, history
 from common.model import build_model

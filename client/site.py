@@ -15,8 +15,9 @@ import torch
 
 from common import keys
 from common.accel import Accel
-from common.audit import UPDATE_SENT, AuditLog, digest_update
+from common.audit import UPDATE_SENT, AuditLog
 from common.config import RunConfig, SiteConfig
+from common.digests import digest_update
 from common.model import build_model
 from common.paths import SitePaths
 from common.protocol import EvalMetrics, Histograms, TrainMetrics

@@ -1,6 +1,6 @@
 """Append-only, hash-chained, signed JSON Lines audit log written by the coordinator and sites.
 
-Format: one canonical JSON object per line (see :func:`canonical_json`) with ``seq`` (0, 1, 2,
+Format (:mod:`common.audit_format`): one canonical JSON object per line with ``seq`` (0, 1, 2,
 ... across rotated files), ``time`` (UTC ISO-8601 ``Z``, clamped so it never decreases),
 ``actor``, ``action``, ``object``, ``outcome``, optional ``details`` (JSON values; NaN and
 infinity refused), ``prev`` and ``sig``. ``sig`` is the owner's ECDSA-SHA256 signature
@@ -31,19 +31,16 @@ appends ``update.sent`` (object: the run id) with details ``{"run_id": str, "rou
 "digest": str}`` when it hands an update to Flower; the coordinator appends
 ``update.received`` (object: the site name) with details ``{"run_id", "round", "digest",
 "signature_valid": bool, "accepted": bool, ...}`` for every update that arrives, accepted or
-not. Digests come from :func:`digest_arrays`.
+not. Digests come from :func:`common.digests.digest_update`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
-import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Mapping
@@ -51,23 +48,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from common import keys
+from common.audit_format import (
+    GENESIS,
+    canonical_json,
+    clean_details,
+    entry_hash,
+    format_time,
+    parse_entry,
+    parse_time,
+    rotated_files,
+    signing_bytes,
+)
 from common.errors import RefusedError
 
 logger = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
 UPDATE_SENT = "update.sent"
 UPDATE_RECEIVED = "update.received"
 # A run's app checked by an executor (the site's, the coordinator's) before any of it runs.
 APP_ACCEPTED = "app.accepted"
 APP_REFUSED = "app.refused"
-
-_TEXT_FIELDS = ("time", "actor", "action", "object", "outcome", "prev", "sig")
-_FIELDS = frozenset({"seq", "details", *_TEXT_FIELDS})
-_ARRAYS_TAG = b"idc-arrays-v1\n"
 
 
 class AuditError(RefusedError, RuntimeError):
@@ -79,89 +80,6 @@ class LogHead(NamedTuple):
 
     seq: int
     hash: str
-
-
-def canonical_json(value: Mapping[str, Any]) -> bytes:
-    """Return the canonical UTF-8 JSON bytes of a mapping (sorted keys, no spaces)."""
-    text = json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-    return text.encode("utf-8")
-
-
-def signing_bytes(entry: Mapping[str, Any]) -> bytes:
-    """Return the bytes an entry's ``sig`` covers: the canonical entry without ``sig``."""
-    return canonical_json({k: v for k, v in entry.items() if k != "sig"})
-
-
-def entry_hash(entry: Mapping[str, Any]) -> str:
-    """Return the chain hash of an entry: SHA-256 hex of its canonical bytes, ``sig`` included."""
-    return hashlib.sha256(canonical_json(entry)).hexdigest()
-
-
-def format_time(moment: datetime) -> str:
-    """Format an aware datetime as UTC ISO-8601 with microseconds and a ``Z`` suffix."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(value: object) -> datetime:
-    """Parse an entry's ``time``; raise ValueError unless it is ISO-8601 UTC ending in ``Z``."""
-    if not isinstance(value, str) or not value.endswith("Z"):
-        raise ValueError(f"time {value!r} is not UTC ISO-8601 ending in Z")
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ValueError(f"time {value!r} is not UTC ISO-8601 ending in Z") from exc
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def parse_entry(line: bytes) -> dict[str, Any]:
-    """Parse one raw log line and check its shape, not its chain link or signature.
-
-    Raises
-    ------
-    ValueError
-        If the line is cut short, is not canonical JSON, or has missing, unknown or
-        wrongly typed fields. The message says which.
-    """
-    if not line.endswith(b"\n"):
-        raise ValueError("partial line without a trailing newline (truncated write?)")
-    try:
-        entry = json.loads(line, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(entry, dict):
-        raise ValueError("not a JSON object")
-    missing = _FIELDS - {"details"} - entry.keys()
-    unknown = entry.keys() - _FIELDS
-    if missing or unknown:
-        raise ValueError(f"missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
-    seq = entry["seq"]
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise ValueError(f"seq {seq!r} is not a non-negative integer")
-    for name in _TEXT_FIELDS:
-        if not isinstance(entry[name], str):
-            raise ValueError(f"{name} {entry[name]!r} is not a string")
-    if not isinstance(entry.get("details", {}), dict):
-        raise ValueError(f"details {entry['details']!r} is not an object")
-    parse_time(entry["time"])
-    # Duplicate keys, extra spaces or escapes would let a line read differently from what was
-    # signed; the writer only ever writes the canonical form, so demand exactly that.
-    if canonical_json(entry) + b"\n" != line:
-        raise ValueError("line is not in canonical JSON form")
-    return entry
-
-
-def rotated_files(path: Path) -> list[tuple[int, Path]]:
-    """Return the rotated files ``<name>.<N>`` next to ``path`` as ``(N, file)``, oldest first."""
-    pattern = re.compile(re.escape(path.name) + r"\.([1-9][0-9]*)")
-    if not path.parent.is_dir():
-        return []
-    matches = (pattern.fullmatch(p.name) for p in path.parent.iterdir())
-    return sorted((int(m.group(1)), path.parent / m.group(0)) for m in matches if m)
 
 
 class AuditLog:
@@ -339,7 +257,7 @@ class AuditLog:
         for name, value in (("action", action), ("object", object), ("outcome", outcome)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"audit {name} must be a non-empty string, got {value!r}")
-        clean = _clean_details(details, action)
+        clean = clean_details(details, action)
         with self._lock:
             if self._failure is not None or self._file is None:
                 raise AuditError(f"audit log {self.path} is unusable ({self._failure or 'closed'})")
@@ -436,60 +354,3 @@ class AuditLog:
 
 def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
-
-
-def _clean_details(details: Mapping[str, Any] | None, action: str) -> dict[str, Any] | None:
-    # Round-tripping turns tuples into lists and fails early on values JSON cannot hold, so
-    # the returned entry is exactly what a reader of the file will see.
-    if details is None:
-        return None
-    if not isinstance(details, Mapping):
-        raise TypeError(f"details for {action!r} must be a mapping, got {type(details)}")
-    try:
-        return dict(json.loads(canonical_json(details)))
-    except TypeError as exc:
-        raise TypeError(f"details for {action!r} hold a non-JSON value: {exc}") from exc
-    except ValueError as exc:
-        raise ValueError(f"details for {action!r} hold a non-JSON value: {exc}") from exc
-
-
-def digest_bytes(data: bytes) -> str:
-    """Return the SHA-256 hex digest of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def digest_arrays(named_arrays: Mapping[str, np.ndarray]) -> str:
-    """Return a SHA-256 hex digest of named numeric arrays (model weights or an update).
-
-    Covers, in the mapping's order, each name, dtype, shape and the values' C-order bytes,
-    each length-prefixed so no two different inputs share a byte stream. Byte order is
-    normalised to little-endian, so the digest depends only on names, dtypes, shapes and
-    values, not on memory layout or the host.
-
-    Raises
-    ------
-    TypeError
-        If a name is not a string or an array is not a numeric ``numpy.ndarray``.
-    """
-    digest = hashlib.sha256(_ARRAYS_TAG)
-    digest.update(len(named_arrays).to_bytes(8, "big"))
-    for name, array in named_arrays.items():
-        if not isinstance(name, str):
-            raise TypeError(f"array name {name!r} is not a string")
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"array {name!r} is a {type(array).__name__}, not a numpy.ndarray")
-        if array.dtype.kind not in "biufc":
-            raise TypeError(f"array {name!r} has non-numeric dtype {array.dtype}")
-        # asarray, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
-        little = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
-        header = canonical_json({"name": name, "dtype": little.dtype.str, "shape": little.shape})
-        digest.update(len(header).to_bytes(8, "big"))
-        digest.update(header)
-        digest.update(little.nbytes.to_bytes(8, "big"))
-        digest.update(little.data)  # hashlib reads the C-contiguous buffer without a copy
-    return digest.hexdigest()
-
-
-def digest_update(named_arrays: Mapping[str, np.ndarray]) -> str:
-    """Digest of model weights independent of the order they travel in (names sorted)."""
-    return digest_arrays({k: named_arrays[k] for k in sorted(named_arrays)})

@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from common import keys
-from common.audit import (
+from common.audit import UPDATE_RECEIVED, UPDATE_SENT, LogHead
+from common.audit_format import (
     GENESIS,
-    UPDATE_RECEIVED,
-    UPDATE_SENT,
-    LogHead,
     entry_hash,
     parse_entry,
     parse_time,

@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.audit import LogHead, digest_update
+from common.audit import LogHead
 from common.config import Norm
+from common.digests import digest_update
 from common.errors import RefusedError
 from common.fileio import atomic_write
 from common.metrics import json_safe

@@ -19,8 +19,9 @@ from flwr.serverapp.strategy import (
 
 from common import keys
 from common.accounting import epsilon
-from common.audit import AuditLog, digest_update
+from common.audit import AuditLog
 from common.config import RunConfig
+from common.digests import digest_update
 from common.model import build_model
 from common.paths import CoordPaths
 from common.plots import plot_round_curves

@@ -25,8 +25,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys, protocol
-from common.audit import AuditLog, digest_update
+from common.audit import AuditLog
 from common.config import RunConfig
+from common.digests import digest_update
 from common.errors import FederationError
 from common.protocol import RoundRow
 from common.rundir import RunDir

@@ -26,8 +26,9 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message  # a reply with its metadata, new content
 
 from common import keys, protocol
-from common.audit import UPDATE_RECEIVED, AuditLog, digest_update
+from common.audit import UPDATE_RECEIVED, AuditLog
 from common.config import RunConfig
+from common.digests import digest_update
 from common.protocol import RoundRow
 from server import validation as V
 from server.validation import Rejected

@@ -11,23 +11,15 @@ from hypothesis import given, settings
 from hypothesis.extra import numpy as hnp
 
 from common import keys
-from common.audit import (
-    GENESIS,
-    AuditError,
-    AuditLog,
-    LogHead,
-    canonical_json,
-    digest_arrays,
-    digest_bytes,
-    entry_hash,
-    signing_bytes,
-)
+from common.audit import AuditError, AuditLog, LogHead
+from common.audit_format import GENESIS, canonical_json, entry_hash, signing_bytes
 from common.audit_verify import (
     cross_check,
     format_cross_check,
     format_verify_report,
     verify_log,
 )
+from common.digests import digest_arrays, digest_bytes
 
 
 def new_key():

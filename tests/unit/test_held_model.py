@@ -7,8 +7,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from client.held import HeldModel, NotHeld
 from common import protocol
-from common.audit import digest_update
 from common.config import RunConfig
+from common.digests import digest_update
 from tests.unit.test_validation import EVAL, REF, Federation, flower_task  # noqa: F401
 
 

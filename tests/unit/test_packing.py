@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from common import protocol
-from common.audit import digest_update
+from common.digests import digest_update
 from common.model import build_model
 from common.packing import PackingError, pack, unpack
 from common.site_data import model_arrays

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.audit import LogHead, digest_update
+from common.audit import LogHead
+from common.digests import digest_update
 from common.model import build_model
 from common.provenance import (
     FORMAT,
@@ -113,7 +114,8 @@ def test_run_metadata_is_honest_about_epsilon_and_fingerprints() -> None:
 
 def test_coordinator_finish_writes_a_model_that_names_the_run_end(tmp_path: Path) -> None:
     from common import keys
-    from common.audit import AuditLog, entry_hash, parse_entry
+    from common.audit import AuditLog
+    from common.audit_format import entry_hash, parse_entry
     from common.config import RunConfig
     from server.coordinator import Coordinator, initial_arrays
 

@@ -26,8 +26,9 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
 from common import keys
-from common.audit import AuditLog, digest_update
+from common.audit import AuditLog
 from common.config import RunConfig
+from common.digests import digest_update
 from common.packing import pack
 from common.rundir import RunDir
 from server.strategy import CoordinatorStrategy, TooFewSites, fedavg
