@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -205,8 +206,46 @@ def train(
     optimizer (and its wrapped model and loader) instead. With averaging on, validation, the
     best epoch and the returned model all use the averaged weights. ``extra_loss`` and
     ``criterion`` are passed to :func:`train_epoch`.
+
+    ``config.seed`` fixes the run: the global torch RNG (dropout's masks) is seeded from it for
+    the call and the caller's stream restored after, so the same seed gives the same model in
+    any process (each process otherwise starts torch at a random seed). DP-SGD's sampling and
+    noise never come from it (:mod:`common.privacy` draws their generators from secrets).
     """
     device = resolve_device(config.device)
+    with _seeded(config.seed, device):
+        return _train(
+            model,
+            train_loader,
+            config,
+            device,
+            val_loader,
+            optimizer,
+            on_epoch,
+            extra_loss,
+            criterion,
+        )
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _train(
+    model: nn.Module,
+    train_loader: Batches,
+    config: TrainConfig,
+    device: torch.device,
+    val_loader: Batches | None,
+    optimizer: torch.optim.Optimizer | None,
+    on_epoch: Callable[[dict[str, float]], None] | None,
+    extra_loss: ExtraLoss | None,
+    criterion: Criterion | None,
+) -> TrainResult:
     accel = Accel.resolve(device, config.precision, config.channels_last, config.compile)
     accel.prepare(model)
     if optimizer is None:

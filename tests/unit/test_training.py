@@ -97,3 +97,20 @@ def test_bad_config_is_refused():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="learning rate"):
         TrainConfig(lr=-1)
+
+
+def test_the_seed_fixes_the_run_whatever_the_process_rng_and_leaves_it_untouched():
+    """Dropout draws from torch's global RNG, which every process seeds at random."""
+    images, labels = toy(64)
+    weights, after = [], []
+    for process_seed in (1, 2):
+        torch.manual_seed(process_seed)  # stands in for a fresh process's random seed
+        model = build_model("group", seed=0)
+        loader = make_loader(PatchDataset(images, labels), 16, True, seed=3)
+        train(model, loader, TrainConfig(epochs=1, lr=1e-3, patience=None, seed=3))
+        weights.append(torch.cat([v.flatten() for v in model.state_dict().values()]))
+        after.append(torch.rand(1).item())
+    assert torch.equal(weights[0], weights[1])
+    torch.manual_seed(1)
+    first = torch.rand(1).item()
+    assert after[0] == first  # training consumed nothing from the caller's stream
