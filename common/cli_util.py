@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +120,31 @@ def dispatch(
     where = " ".join(
         str(v) for v in (prog, args.command, getattr(args, "audit_command", None)) if v
     )
+    with _terminate_as_interrupt():
+        return _run(args, where, prepare)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, systemd, a CI timeout) unwinds like Ctrl-C while a command runs.
+
+    Python's default for SIGTERM ends the process at once, skipping every ``finally`` and
+    ``with`` exit: the SuperLink, Ray and Flower processes a command started would be left
+    running. As an interrupt they are stopped on the way out, as after Ctrl-C.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run(
+    args: argparse.Namespace, where: str, prepare: Callable[[argparse.Namespace], None] | None
+) -> int:
     try:
         if prepare is not None:
             prepare(args)

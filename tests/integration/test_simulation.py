@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ import torch
 from common.audit_verify import cross_check, verify_log
 from common.data import load_patches
 from common.dataset import PatchDataset, make_loader
+from common.errors import EXIT_INTERRUPTED
 from common.keys import load_public_key
 from common.model import build_model
 from common.privacy import PRIVACY_UNIT
@@ -228,3 +233,25 @@ def test_privacy_sweep_writes_table_plot_and_json(synth_data, tmp_path, capsys, 
     assert "| balanced accuracy at the validation-chosen threshold |" in table
     png = (out / "sweep.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 5000
+
+
+def test_a_terminated_simulation_stops_everything_it_started(synth_data, tmp_path):
+    """``kill PID`` on idc-sim (a CI timeout, systemd) unwinds like Ctrl-C: nothing is left."""
+    data, _ = synth_data
+    cmd = [sys.executable, "-m", "simulation.cli", "federated", "--data", str(data)]
+    cmd += ["--sites", "3", "--partition", "site-shift", "--rounds", "50", "--batch-size", "16"]
+    cmd += ["--norm", "group", "--out", str(tmp_path / "out")]
+    log = tmp_path / "idc-sim.log"
+    root = Path(__file__).resolve().parents[2]
+    with ProcessWatcher() as watcher, log.open("w") as sink:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while "round 1/50" not in log.read_text():  # a round is done: Ray and the sites are up
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    assert proc.returncode == EXIT_INTERRUPTED, log.read_text()[-2000:]
+    assert "idc-sim federated: interrupted" in log.read_text()
+    assert watcher.saw("flower-superlink") and watcher.survivors() == []
