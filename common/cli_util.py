@@ -37,8 +37,10 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,  # importing Flower or Ray installs a root handler at WARNING first
     )
-    if not verbose:  # one line per HTTP poll of the SuperLink drowns the progress lines
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not verbose:  # one line per HTTP poll of the SuperLink drowns the progress lines,
+        # and Flower's database migrations announce each alembic plugin they load
+        for noisy in ("httpx", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 PACKAGE = "idc-fl"
