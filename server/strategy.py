@@ -175,6 +175,7 @@ class CoordinatorStrategy(Strategy):
             for msg in replies
             if (ok := self.vetter.train(r, msg, self.global_arrays, self.current)) is not None
         ]
+        accepted.sort(key=self._site_of)  # replies arrive in any order; float sums do not commute
         self._record_silent(r, self.sampled - {m.metadata.src_node_id for m in replies})
         if len(accepted) < self.run.min_sites:
             self._audit(
@@ -217,6 +218,9 @@ class CoordinatorStrategy(Strategy):
         cast = {k: v.astype(self.global_arrays[k].dtype) for k, v in arrays.items()}
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in cast.items()})
 
+    def _site_of(self, msg: Message) -> str:
+        return self.vetter.name_of(msg.metadata.src_node_id)
+
     def _record_silent(self, r: int, nodes: set[int]) -> None:
         assert self.current is not None
         waited = time.monotonic() - self.round_started
@@ -258,6 +262,7 @@ class CoordinatorStrategy(Strategy):
             good.append(ok)
             if msg.content.config_records[protocol.SITE].get(protocol.HOLDS) == digest:
                 self.holding[msg.metadata.src_node_id] = digest
+        good.sort(key=self._site_of)
         metrics = self.inner.aggregate_evaluate(r, good) if good else None
         self.current.evaluate = floats(metrics)
         self._commit(r)

@@ -445,3 +445,14 @@ def test_an_odd_evaluation_is_left_out_of_the_average(fed, metrics, records, wor
     assert entry["object"] == "odd" and words in entry["details"]["reason"]
     committed = json.loads((fed.tmp / "run" / "rounds.jsonl").read_text())
     assert committed["round"] == 1 and sorted(committed["evaluations"]) == ["good1", "good2"]
+
+
+def test_the_average_does_not_depend_on_the_order_replies_arrive_in(fed):
+    """Float sums do not commute: 1e8, 1, -1e8 in float32 average to 0 or 1/3 by order."""
+    averages = []
+    for order in ((1, 2, 3), (3, 1, 2), (2, 3, 1)):
+        fed.configure_train()
+        values = {1: 1e8, 2: 1.0, 3: -1e8}
+        agg, _ = fed.strategy.aggregate_train(1, [fed.reply(n, values[n]) for n in order])
+        averages.append(agg["a"].numpy().copy())
+    assert all(np.array_equal(averages[0], a) for a in averages[1:]), averages
