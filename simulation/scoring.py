@@ -123,20 +123,28 @@ def mean_spread(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def coordinator_choice(
     record: Mapping[str, Any] | None, rounds: Sequence[Mapping[str, Any]]
 ) -> Choice | None:
-    """The coordinator's recorded threshold, or None where its histograms could not resolve."""
-    value = (record or {}).get("threshold")
+    """The coordinator's recorded threshold, or None where its histograms could not resolve.
+
+    A record that carries the threshold's validation balanced accuracy was chosen on
+    histograms that resolved (the last round's or the refinement's, :mod:`server.refine`);
+    an older record is judged by the last round's histograms.
+    """
+    record = record or {}
+    value = record.get("threshold")
     if not isinstance(value, int | float) or not 0 < value < 1:
         return None
+    told = record.get("threshold_source", "source not recorded")
+    source = f"coordinator, summed validation histograms: {told}"
+    bacc = record.get(VALIDATION_BAC)
+    if isinstance(bacc, int | float):
+        return Choice(float(value), source, float(bacc))
     last = (rounds[-1] if rounds else {}).get("validation") or {}
     pos, neg = last.get("positives"), last.get("negatives")
     if pos is None or neg is None or not resolves(pos, neg):
         return None
-    source = (record or {}).get("threshold_source", "source not recorded")
-    bacc = (record or {}).get(VALIDATION_BAC)  # recorded since refinement (server.refine)
-    if not isinstance(bacc, int | float):
-        best = best_edge(pos, neg)  # its balanced accuracy there, when it is the histograms' edge
-        bacc = best[1] if best is not None and abs(best[0] - value) < 1e-9 else None
-    return Choice(float(value), f"coordinator, summed validation histograms: {source}", bacc)
+    best = best_edge(pos, neg)  # its balanced accuracy there, when it is the histograms' edge
+    found = best[1] if best is not None and abs(best[0] - value) < 1e-9 else None
+    return Choice(float(value), source, found)
 
 
 def federated_choice(

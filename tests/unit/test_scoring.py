@@ -8,7 +8,7 @@ import torch
 
 from common.metrics import BALANCED_ACCURACY, score
 from common.patch_types import PatchSet
-from common.threshold import BINS, best_edge, best_exact, histograms
+from common.threshold import BINS, VALIDATION_BAC, best_edge, best_exact, histograms
 from simulation.scoring import (
     AT_CHOSEN,
     both,
@@ -122,3 +122,17 @@ def test_no_validation_patches_keep_the_default_and_say_so() -> None:
     patches, _, _ = grey_patches()
     choice = on_validation(Brightness(), patches, np.arange(0), "site-b")
     assert choice.threshold == 0.5 and "no validation patches" in choice.source
+
+
+def test_a_threshold_the_coordinator_refined_counts_though_the_last_round_could_not_resolve():
+    patches, val, _ = grey_patches()
+    one_bin = [0] * BINS
+    one_bin[14] = 6  # the last round saw one bin; the refinement zoomed into it and chose
+    record = {
+        "threshold": 0.2913,
+        "threshold_source": "validation: 12 patches, 2 sites, round 2, refined on [0.28, 0.3]",
+        VALIDATION_BAC: 0.75,
+    }
+    choice = federated_choice(record, _rounds(one_bin, one_bin), Brightness(), patches, val)
+    assert (choice.threshold, choice.balanced_accuracy) == (0.2913, 0.75)
+    assert choice.source.endswith("refined on [0.28, 0.3]")
