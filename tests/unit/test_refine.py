@@ -29,13 +29,8 @@ from common.threshold import (
 )
 from server.refine import THRESHOLD_REFINED, refine
 from tests.unit.test_site_privacy import _audit, cfg, trained  # noqa: F401
+from tests.unit.test_threshold import pooled_bacc as _bacc
 from tests.unit.test_validation import EVAL, FakeGrid, Federation, flower_task  # noqa: F401
-
-
-def _bacc(labels: np.ndarray, probs: np.ndarray, t: float) -> float:
-    pred = probs >= t
-    return float((pred[labels == 1].mean() + (~pred[labels == 0]).mean()) / 2)
-
 
 # -- the histograms on a range -------------------------------------------------------------
 
