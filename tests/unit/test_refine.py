@@ -28,7 +28,7 @@ from common.threshold import (
     zoom_range,
 )
 from server.refine import THRESHOLD_REFINED, refine
-from tests.unit.test_site_privacy import _audit, cfg, trained  # noqa: F401
+from tests.unit.test_site_privacy import _audit, _site_dir
 from tests.unit.test_threshold import pooled_bacc as _bacc
 from tests.unit.test_validation import EVAL, FakeGrid, Federation, flower_task  # noqa: F401
 
@@ -239,6 +239,16 @@ def test_a_holder_is_sent_the_models_name_only(fed) -> None:
 # -- the site answers with counts only -----------------------------------------------------
 
 
+@pytest.fixture
+def cfg(tmp_path):
+    """A small site folder (keys, patches in the Kaggle layout), nothing trained."""
+    from simulation.synth import SynthSpec, synthesize
+
+    synthesize(tmp_path / "synth", SynthSpec(patients=6, patches_per_patient=(6, 8), seed=3))
+    (tmp_path / "synth" / "synth.json").unlink()
+    return _site_dir(tmp_path / "site", tmp_path / "synth")
+
+
 def _query(arrays: dict, span: object) -> Message:
     packed, layout = pack(arrays)
     config = ConfigRecord({protocol.SERVER_ROUND: 3, protocol.VAL_RANGE: span})  # type: ignore[dict-item]
@@ -249,7 +259,7 @@ def _query(arrays: dict, span: object) -> Message:
     return Message(content, metadata=meta)
 
 
-def test_the_site_bins_its_validation_patches_on_the_range_and_records_it(cfg) -> None:  # noqa: F811
+def test_the_site_bins_its_validation_patches_on_the_range_and_records_it(cfg) -> None:
     from client.app import HISTOGRAMS_SENT
     from client.app import refine as refine_handler
     from client.site import run_accel
