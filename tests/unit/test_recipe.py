@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from simulation import cli as sim_cli
+from simulation import federated_cli
 from simulation.plan import SimPlan
 from simulation.recipe import Recipe, RecipePlan, known_keys, supports, with_recipe
 from simulation.reproduce_targets import CHOSEN, targets
@@ -79,7 +80,7 @@ def test_idc_sim_recipe_flag_reaches_the_fedavg_runs_and_both_baselines(tmp_path
         ["federated", "--data", str(tmp_path), "--sites", "3", "--rounds", "2", "--out", "o"]
         + ["--recipe", "model=gap", "ema=0.99", "lr-schedule=cosine"]
     )
-    plan = sim_cli._plan(args)
+    plan = federated_cli._plan(args)
     assert isinstance(plan, RecipePlan)
     run = plan.run_config(tmp_path / "r", tmp_path / "c", tmp_path / "s")
     assert (run.model, run.ema, run.lr_schedule, run.num_server_rounds) == (
@@ -91,7 +92,7 @@ def test_idc_sim_recipe_flag_reaches_the_fedavg_runs_and_both_baselines(tmp_path
     base = plan.baseline()
     assert (base.model, base.ema, base.lr_schedule, base.epochs) == ("gap", 0.99, "cosine", 2)
     sweep = sim_cli.build_parser().parse_args(args_without_recipe(tmp_path))
-    plain = sim_cli._plan(sweep, seed=0)
+    plain = federated_cli._plan(sweep, seed=0)
     assert not isinstance(plain, RecipePlan)
     assert plain.run_config(tmp_path / "r", tmp_path / "c", tmp_path / "s").model == "paper"
 
