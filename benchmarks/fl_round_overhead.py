@@ -117,10 +117,22 @@ def supernode_times(log: Path) -> dict[str, list[float]]:
     return out
 
 
+AFTER_THE_ROUNDS = {"threshold.refined", "histograms.sent"}  # server.refine, once per run
+
+
+def round_entries(path: Path) -> list[dict]:
+    """The audit entries of the rounds themselves (the threshold's refinement left out)."""
+    return [
+        e
+        for e in entries(path)
+        if e["action"] not in AFTER_THE_ROUNDS and (e["details"] or {}).get("action") != "refine"
+    ]
+
+
 def per_round(fed: Federation, sites: list[str], rounds: int) -> list[dict]:
     """Each round's wall time, slowest site's own work, and the legs in between (seconds)."""
-    coord = entries(fed.coord / "audit" / "coordinator-audit.jsonl")
-    logs = {s: entries(fed.root / s / "audit" / "site-audit.jsonl") for s in sites}
+    coord = round_entries(fed.coord / "audit" / "coordinator-audit.jsonl")
+    logs = {s: round_entries(fed.root / s / "audit" / "site-audit.jsonl") for s in sites}
     execs = {s: executor_times(fed.root / s / "logs" / "executor.log") for s in sites}
     moves: dict[str, list[float]] = {}
     for s in sites:
