@@ -22,7 +22,8 @@ unique probabilities and has no such blind spot.
 
 Refinement (:mod:`server.refine`): after the last round the coordinator asks the sites once
 more for the final model's histograms, still :data:`BINS` bins, on the narrower range
-:func:`zoom_range` reads off the last round's sums (where the patches actually fell). A patch
+:func:`zoom_range` reads off the last round's sums (around the best coarse edge, where the
+patches actually fell). A patch
 outside the range is counted in the first or last bin, which keeps every interior edge exact;
 edges inside the range become up to :data:`BINS` times finer. The range is never narrower
 than :data:`MIN_SPAN` (one coarse bin), so one query never resolves P(IDC) finer than
@@ -39,7 +40,8 @@ import numpy as np
 BINS = 50
 DEFAULT = 0.5
 MIN_SPAN = 1.0 / BINS  # the narrowest range a refinement may ask for: one coarse bin
-WORTH_REFINING = 0.5  # refine when the last round's patches span at most this much of [0, 1]
+WORTH_REFINING = 0.5  # an unresolved model: refine when its patches span at most this much
+ZOOM_HALF_WIDTH = 0.1  # a resolved one: refine this far either side of its best coarse edge
 Range = tuple[float, float]
 
 
@@ -76,16 +78,24 @@ def check_span(span: object) -> Range:
 
 
 def zoom_range(positives: Sequence[int], negatives: Sequence[int]) -> Range | None:
-    """The part of [0, 1] the summed histograms occupy, when refining there is worth it.
+    """Where to refine: around the best coarse edge, within the bins the patches fill.
 
-    None when there is nothing to choose on (one class) or the patches already spread over
-    more than :data:`WORTH_REFINING` of [0, 1].
+    The range is the occupied bins within :data:`ZOOM_HALF_WIDTH` of the best edge (at most
+    0.2 wide: bins of 0.004), so a model whose P(IDC) crowds near its threshold gets finer
+    edges there however widely the rest spreads. Where the histograms cannot resolve the
+    model (every patch in one bin) it is the bins the patches fill, if they span at most
+    :data:`WORTH_REFINING`. None when there is nothing to choose on (one class).
     """
     pos, neg = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
     if len(pos) != BINS or pos.sum() == 0 or neg.sum() == 0:
         return None
     used = np.flatnonzero(pos + neg)
     lo, hi = used[0] / BINS, (used[-1] + 1) / BINS
+    found = best_edge(positives, negatives) if resolves(positives, negatives) else None
+    if found is not None:
+        a, b = max(lo, found[0] - ZOOM_HALF_WIDTH), min(hi, found[0] + ZOOM_HALF_WIDTH)
+        if b - a >= MIN_SPAN - 1e-12:
+            return float(a), float(b)
     return (float(lo), float(hi)) if hi - lo <= WORTH_REFINING + 1e-12 else None
 
 

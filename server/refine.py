@@ -7,8 +7,8 @@ coarsely as those few edges allow: at 10 iid sites on the shared real patches th
 cost 4 balanced-accuracy points on the test patients against the exact choice. So, once the
 rounds are done, the coordinator asks every site that sent the last round's histograms for
 the final model's histograms again, still :data:`~common.threshold.BINS` counts, on the range
-:func:`common.threshold.zoom_range` reads off the summed counts; a site that kept the model
-from its evaluation (:mod:`client.held`) is sent only its digest.
+:func:`common.threshold.zoom_range` reads off the summed counts (around the best coarse edge);
+a site that kept the model from its evaluation (:mod:`client.held`) is sent only its digest.
 
 The refined choice replaces the coarse one only if every one of those sites answered with
 counts that add up to what it sent for that round (same patches, same model): anything else

@@ -65,12 +65,21 @@ def test_a_narrow_band_is_resolved_finer_after_zooming() -> None:
     assert "refined on" in after.source and "round 4" in after.source
 
 
-def test_no_zoom_for_one_class_or_patches_already_spread() -> None:
-    labels = np.array([1, 0] * 50)
-    spread = np.linspace(0.01, 0.99, 100)
-    assert zoom_range(*histograms(labels, spread)) is None
-    assert zoom_range(*histograms(np.ones(100, int), np.full(100, 0.3))) is None
-    one_bin = zoom_range(*histograms(labels, np.full(100, 0.305)))
+def test_the_zoom_is_around_the_best_edge_where_the_patches_are() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 600)
+    # spread over all of [0, 1], yet most crowded where the classes meet (about 0.691)
+    crowd = 0.691 + 0.006 * (labels - 0.5) + rng.normal(0, 0.004, 600)
+    probs = np.where(rng.random(600) < 0.3, rng.random(600), crowd)
+    coarse = histograms(labels, probs)
+    edge = best_edge(*coarse)
+    span = zoom_range(*coarse)
+    assert edge is not None and span is not None
+    assert span[0] < edge[0] < span[1] and span[1] - span[0] <= 0.2 + 1e-9
+    finer = choose_refined(*histograms(labels, probs, span), span, 5, 4)
+    assert finer is not None and finer.balanced_accuracy > edge[1] + 0.1  # 0.52 -> 0.72
+    assert zoom_range(*histograms(np.ones(100, int), np.full(100, 0.3))) is None  # one class
+    one_bin = zoom_range(*histograms(labels[:100], np.full(100, 0.305)))
     assert one_bin == pytest.approx((0.3, 0.32))  # the narrowest range a site answers
 
 
