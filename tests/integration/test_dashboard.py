@@ -94,5 +94,5 @@ def test_the_page_shows_sites_round_and_audit_while_a_run_goes_on(two_sites, tmp
     assert f"run {run_id}: finished, round 2 of 2 completed" in by_id(dom, "run")
     assert "hosp0" in by_id(dom, "privacy") and "no DP" in by_id(dom, "privacy")
     record = load_model(RunDir(run_dir).final_model)[1] or {}
-    assert 0 < record["threshold"] < 1 and record["threshold_source"].endswith("round 2")
+    assert 0 < record["threshold"] < 1 and "round 2" in record["threshold_source"]
     assert dash.poll() is None  # it served the whole run
