@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
@@ -33,20 +33,10 @@ from common.threshold import Choice, Range, choose_refined, zoom_range
 from server import validation as V
 from server.strategy import CoordinatorStrategy
 from server.vetting import reason_of
+from server.wire import naming_held
 
 log = logging.getLogger(__name__)
 THRESHOLD_REFINED = "threshold.refined"
-
-
-def _content(
-    config: ConfigRecord, model: tuple[ArrayRecord, ConfigRecord] | None, held: str | None
-) -> RecordDict:
-    if held is not None:
-        model = (ArrayRecord(), ConfigRecord({protocol.HELD: held}))
-    assert model is not None
-    return RecordDict(
-        {protocol.ARRAYS: model[0], protocol.LAYOUT: model[1], protocol.CONFIG: config}
-    )
 
 
 def _read(strategy: CoordinatorStrategy, msg: Message) -> tuple[str, protocol.Histograms]:
@@ -89,18 +79,22 @@ class Refinement:
         config = ConfigRecord(
             {protocol.SERVER_ROUND: self.last, protocol.VAL_RANGE: list(self.span)}
         )
-        model = pack(s.global_arrays)
-        messages = [
-            Message(
-                _content(
-                    config, model, s.global_digest if s.holding.get(n) == s.global_digest else None
-                ),
+        arrays, layout = pack(s.global_arrays)
+        content: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+            protocol.ARRAYS: arrays,
+            protocol.LAYOUT: layout,
+            protocol.CONFIG: config,
+        }
+        messages = []
+        for n in nodes:
+            msg = Message(
+                RecordDict(content),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
                 group_id=str(self.last),
             )
-            for n in nodes
-        ]
+            held = s.holding.get(n) == s.global_digest
+            messages.append(naming_held(msg, s.global_digest) if held else msg)
         pos, neg = np.zeros(len(self.coarse[0]), np.int64), np.zeros(len(self.coarse[1]), np.int64)
         answered: set[str] = set()
         for msg in view.send_and_receive(messages, timeout=timeout):
