@@ -195,9 +195,10 @@ def refine(msg: Message, context: Context) -> Message:
 
     After its last round the coordinator asks once more, on the range where the sites'
     validation patches fell (:mod:`server.refine`), to choose the decision threshold finer
-    than :data:`common.threshold.BINS` bins on [0, 1] allow. Counts only, as in evaluation.
+    than :data:`common.threshold.BINS` bins on [0, 1] allow. Counts only, as in evaluation,
+    and once a run (:func:`client.site.claim_refinement`).
     """
-    from client.site import refine_histograms
+    from client.site import claim_refinement, refine_histograms
     from common.threshold import check_span
 
     span = check_span(msg.content.config_records[protocol.CONFIG].get(protocol.VAL_RANGE))
@@ -205,6 +206,7 @@ def refine(msg: Message, context: Context) -> Message:
     asked = {"action": "refine", "range": list(span)} | ({"model_held": held} if held else {})
     with _received(msg, context, asked) as received:
         run, site_cfg, run_id, server_round, audit, site = received
+        claim_refinement(site_cfg, run_id)
         arrays = _arrays(msg, run, run_id)
         counts = refine_histograms(site, run, arrays, span).to_record()
         audit.append(HISTOGRAMS_SENT, run_id, "ok", {"round": server_round, **counts})

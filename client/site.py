@@ -7,7 +7,9 @@ here reads a Flower Context: the handlers parse it into :class:`RunConfig` and
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,6 +20,7 @@ from common.accel import Accel
 from common.audit import UPDATE_SENT, AuditLog
 from common.config import RunConfig, SiteConfig
 from common.digests import digest_update
+from common.fileio import atomic_write, read_json
 from common.model import build_model
 from common.paths import SitePaths
 from common.protocol import EvalMetrics, Histograms, TrainMetrics
@@ -150,6 +153,29 @@ def _validation_probs(
         model, site.eval_batches("val", run.seed, accel), accel.device, accel
     )
     return labels, probs
+
+
+def claim_refinement(config: SiteConfig, run_id: str) -> None:
+    """Answer one threshold refinement a run: record this one, refuse any later one.
+
+    A refinement bins the site's validation P(IDC) on a range as narrow as
+    :data:`common.threshold.MIN_SPAN`; the coordinator asks once, after the last round
+    (:mod:`server.refine`). A second query of the same run could only be narrowing in on
+    single patches, so it is refused (ValueError: the coordinator gets an error reply). The
+    claim is written before anything is computed; a record that cannot be read or written
+    refuses the query (fail closed).
+    """
+    path = SitePaths(config.state_dir).refinements
+    answered = read_json(path) if path.exists() else {}
+    if not isinstance(answered, dict):
+        raise ValueError(f"{path} is not a record of refinements; restore it or remove it")
+    if run_id in answered:
+        raise ValueError(
+            f"site {config.site_name} answers one threshold refinement a run and answered run "
+            f"{run_id}'s at {answered[run_id]}"
+        )
+    answered[run_id] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    atomic_write(path, json.dumps(answered, indent=1).encode(), mode=0o600)
 
 
 def refine_histograms(

@@ -119,6 +119,11 @@ class SitePaths:
         return self.root / "approved-apps.json"
 
     @property
+    def refinements(self) -> Path:
+        """Runs whose threshold refinement query this site answered (one a run)."""
+        return self.root / "refinements.json"
+
+    @property
     def cache(self) -> Path:
         """Decoded-patch cache of a running site (never next to the data)."""
         return self.root / "cache"

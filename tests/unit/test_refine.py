@@ -7,6 +7,7 @@ ClientApp query handler on a real site folder (real model, data, audit log).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -258,13 +259,13 @@ def cfg(tmp_path):
     return _site_dir(tmp_path / "site", tmp_path / "synth")
 
 
-def _query(arrays: dict, span: object) -> Message:
+def _query(arrays: dict, span: object, run_id: int = 7) -> Message:
     packed, layout = pack(arrays)
     config = ConfigRecord({protocol.SERVER_ROUND: 3, protocol.VAL_RANGE: span})  # type: ignore[dict-item]
     content = RecordDict(
         {protocol.ARRAYS: packed, protocol.LAYOUT: layout, protocol.CONFIG: config}
     )
-    meta = Metadata(7, "m1", 0, 1, "", "", time.time(), 600.0, "query", 1, 2)
+    meta = Metadata(run_id, "m1", 0, 1, "", "", time.time(), 600.0, "query", 1, 2)
     return Message(content, metadata=meta)
 
 
@@ -308,3 +309,38 @@ def test_the_site_bins_its_validation_patches_on_the_range_and_records_it(cfg) -
     assert [d for d in received if d["action"] == "refine"] == [
         {"round": 3, "action": "refine", "range": [0.3, 0.7]}
     ]
+
+
+def test_a_site_answers_one_refinement_a_run_and_refuses_the_next(cfg) -> None:
+    """A coordinator narrowing in on single patches with query after query gets one answer."""
+    from client.app import HISTOGRAMS_SENT
+    from client.app import refine as refine_handler
+    from common.model import build_model
+    from common.paths import SitePaths
+    from common.site_data import model_arrays
+
+    run = RunConfig()
+    node = {
+        "site-name": cfg.site_name,
+        "data-dir": str(cfg.data_dir),
+        "state-dir": str(cfg.state_dir),
+        "cache-dir": str(cfg.cache_dir),
+    }
+    arrays = model_arrays(build_model(run.norm, seed=5, kind=run.model))
+    context = Context(7, 1, node, RecordDict(), run.to_run_config())
+    refine_handler(_query(arrays, [0.3, 0.7]), context)
+    with pytest.raises(ValueError, match="one threshold refinement a run and answered run 7"):
+        refine_handler(_query(arrays, [0.4, 0.42]), context)
+    # the second query is on record as received, and nothing more left the site
+    asked = [e["details"]["range"] for e in _audit(cfg, "message.received")]
+    assert asked == [[0.3, 0.7], [0.4, 0.42]]
+    assert len(_audit(cfg, HISTOGRAMS_SENT)) == 1
+    # another run gets its own answer
+    refine_handler(_query(arrays, [0.4, 0.42], run_id=8), context)
+    assert len(_audit(cfg, HISTOGRAMS_SENT)) == 2
+    assert sorted(json.loads(SitePaths(cfg.state_dir).refinements.read_text())) == ["7", "8"]
+    # a record the site cannot read refuses (fail closed)
+    SitePaths(cfg.state_dir).refinements.write_text("[")
+    with pytest.raises(ValueError, match="refinements.json is not valid JSON"):
+        refine_handler(_query(arrays, [0.3, 0.7], run_id=9), context)
+    assert len(_audit(cfg, HISTOGRAMS_SENT)) == 2
