@@ -269,13 +269,10 @@ def _query(arrays: dict, span: object, run_id: int = 7) -> Message:
     return Message(content, metadata=meta)
 
 
-def test_the_site_bins_its_validation_patches_on_the_range_and_records_it(cfg) -> None:
-    from client.app import HISTOGRAMS_SENT
-    from client.app import refine as refine_handler
-    from client.site import run_accel
+def _site_context(cfg) -> tuple[RunConfig, dict, Context]:  # noqa: ANN001
+    """A run config, a model's arrays (seed 5) and the Context the site's handlers get."""
     from common.model import build_model
-    from common.site_data import Site, model_arrays, set_weights
-    from common.training import predict
+    from common.site_data import model_arrays
 
     run = RunConfig()
     node = {
@@ -285,7 +282,18 @@ def test_the_site_bins_its_validation_patches_on_the_range_and_records_it(cfg) -
         "cache-dir": str(cfg.cache_dir),
     }
     arrays = model_arrays(build_model(run.norm, seed=5, kind=run.model))
-    context = Context(7, 1, node, RecordDict(), run.to_run_config())
+    return run, arrays, Context(7, 1, node, RecordDict(), run.to_run_config())
+
+
+def test_the_site_bins_its_validation_patches_on_the_range_and_records_it(cfg) -> None:
+    from client.app import HISTOGRAMS_SENT
+    from client.app import refine as refine_handler
+    from client.site import run_accel
+    from common.model import build_model
+    from common.site_data import Site, set_weights
+    from common.training import predict
+
+    run, arrays, context = _site_context(cfg)
     reply = refine_handler(_query(arrays, [0.3, 0.7]), context)
     got = protocol.Histograms.from_record(reply.content.metric_records[protocol.METRICS])
     # the same counts as binning the site's own validation patches here
@@ -315,19 +323,9 @@ def test_a_site_answers_one_refinement_a_run_and_refuses_the_next(cfg) -> None:
     """A coordinator narrowing in on single patches with query after query gets one answer."""
     from client.app import HISTOGRAMS_SENT
     from client.app import refine as refine_handler
-    from common.model import build_model
     from common.paths import SitePaths
-    from common.site_data import model_arrays
 
-    run = RunConfig()
-    node = {
-        "site-name": cfg.site_name,
-        "data-dir": str(cfg.data_dir),
-        "state-dir": str(cfg.state_dir),
-        "cache-dir": str(cfg.cache_dir),
-    }
-    arrays = model_arrays(build_model(run.norm, seed=5, kind=run.model))
-    context = Context(7, 1, node, RecordDict(), run.to_run_config())
+    _, arrays, context = _site_context(cfg)
     refine_handler(_query(arrays, [0.3, 0.7]), context)
     with pytest.raises(ValueError, match="one threshold refinement a run and answered run 7"):
         refine_handler(_query(arrays, [0.4, 0.42]), context)
