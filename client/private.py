@@ -14,12 +14,16 @@ What the site sets holds whatever the coordinator asks:
 - **A lost ledger stops the site.** When the site's audit log records more spent rounds
   than the ledger holds (deleted, emptied or cut), every round is refused until the ledger
   is restored from a backup (:func:`check_ledger`).
+- **The noise is secret.** A real site draws DP-SGD's sampling and noise from the secure
+  random source; no run config can seed them (only a virtual site of ``idc-sim`` does:
+  :func:`noise_seed`).
 - **A DP reply carries no training or validation metrics**: only the patch count and the
   epsilon figures, which :data:`~common.privacy.PRIVACY_UNIT` names as outside the accounting.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -187,6 +191,20 @@ def _reserve(site: Site, ledger: PrivacyLedger, entry: LedgerEntry) -> None:
     ledger.reserve(entry, within_cap)
 
 
+def noise_seed(cfg: SiteConfig, run: RunConfig, server_round: int) -> int | None:
+    """Where DP-SGD's sampling and noise come from: None, the secure source, at a real site.
+
+    A simulated site (``cfg.simulated``: a partition of ``idc-sim``) draws them from the run's
+    seed, its name and the round, so that the same experiment with the same seed repeats, and
+    its seeds are what tell runs apart. A real site's node config always names its data
+    folder, which keeps it off this path: no run config can make its noise predictable.
+    """
+    if not cfg.simulated:
+        return None
+    text = f"dp-noise/{run.seed}/{cfg.site_name}/{server_round}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
+
+
 def _private_round(
     site: Site,
     run: RunConfig,
@@ -215,7 +233,13 @@ def _private_round(
         return _refuse(site, ledger, audit, run_id, server_round, str(exc), exc.spent)
     optimizer = make_optimizer(model.parameters(), run.learning_rate, Recipe.from_run(run))
     private = make_private(
-        model, optimizer, loader, dp, run.local_epochs, seed=None, views=run.dp_augmult
+        model,
+        optimizer,
+        loader,
+        dp,
+        run.local_epochs,
+        seed=noise_seed(cfg, run, server_round),
+        views=run.dp_augmult,
     )
     try:
         # fp32 and the default layout: Opacus's per-sample gradients are validated there only.

@@ -259,6 +259,10 @@ class SiteConfig:
     max_epsilon: float = math.inf
     delta: float = 0.0  # the site's own delta; required with a cap; 0: none, use the run's
     small_policy: SmallPolicy = "pad"
+    # A virtual site of `idc-sim` (its node config names no data folder of its own): its DP
+    # noise may come from the run's seed so that experiments repeat (client.private). Never
+    # set from a real site's node config, which always names its data folder.
+    simulated: bool = False
 
     def __post_init__(self) -> None:
         """A cap is an (epsilon, delta) pair of the site's: never completed by the run."""
@@ -280,6 +284,7 @@ class SiteConfig:
             data_dir=folder / "data",
             state_dir=folder / "state",
             cache_dir=SitePaths(folder / "state").cache,
+            simulated=True,
         )
 
     @classmethod

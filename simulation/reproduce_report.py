@@ -211,7 +211,8 @@ def _dp(row: Mapping[str, Any], out: Path) -> str:
     return f"""{_skipped_md(row)}Sample-level DP-SGD at each of {row["sites"]} iid sites; the
 noise is set offline so each site's total epsilon over the whole run stays within the budget (delta
 {row["delta"]:g}, clipping norm {row["clip"]:g}). Mean ± sd over seeds {row["seeds"]} (each
-seed: its own site splits, init and sampling). Recipe overrides sent: {recipes}.
+seed: its own site splits, init, sampling and noise; a real site's noise is never seeded).
+Recipe overrides sent: {recipes}.
 
 {md_table(header, rows)}
 

@@ -313,3 +313,48 @@ def test_the_per_round_epsilon_key_says_so():
     assert RunConfig.from_run_config({"dp.epsilon-per-round": 0.5}).dp_epsilon_per_round == 0.5
     with pytest.raises(ValueError, match="renamed 'dp.epsilon-per-round'"):
         RunConfig.from_run_config({"dp.target-epsilon": 0.5})
+
+
+def test_a_real_sites_dp_noise_is_never_the_runs_to_choose(cfg: SiteConfig, tmp_path: Path):
+    """Same run, seed, round and data: a real site's two models differ (secure noise).
+
+    Only a virtual site of ``idc-sim`` seeds its noise, from the run's seed, its name and the
+    round, so that an experiment repeats; a node config that names a data folder (every real
+    site's) is never one, whatever the coordinator's run config says.
+    """
+    import numpy as np
+
+    from client.private import noise_seed
+
+    def weights(site: SiteConfig, name: str) -> dict:
+        outcome = _round(_copy((site, None), tmp_path / name))  # type: ignore[arg-type]
+        assert outcome.status == OK and outcome.arrays is not None
+        return outcome.arrays
+
+    def same(a: dict, b: dict) -> bool:
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    assert not same(weights(cfg, "real-1"), weights(cfg, "real-2"))
+    simulated = replace(cfg, simulated=True)
+    assert same(weights(simulated, "sim-1"), weights(simulated, "sim-2"))
+    # the seed differs by site, round and run seed; a real site has none whatever the run
+    seeds = {
+        noise_seed(replace(simulated, site_name=name), replace(DP_RUN, seed=s), r)
+        for name in ("site-000", "site-001")
+        for s in (0, 1)
+        for r in (1, 2)
+    }
+    assert len(seeds) == 8 and None not in seeds
+    assert noise_seed(cfg, replace(DP_RUN, seed=0), 1) is None
+    # a node config naming a data folder is a real site, even in a run that names virtual sites
+    node = {
+        "site-name": "hosp-a",
+        "data-dir": str(cfg.data_dir),
+        "state-dir": str(cfg.state_dir),
+        "cache-dir": str(cfg.cache_dir),
+        "partition-id": 0,
+    }
+    run = replace(DP_RUN, sim_sites_dir=str(tmp_path / "sites"))
+    assert not SiteConfig.from_context(node, run).simulated
+    virtual = SiteConfig.from_context({"partition-id": 0}, run)
+    assert virtual.simulated and virtual.site_name == "site-000"
