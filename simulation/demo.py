@@ -71,15 +71,18 @@ def run_demo(args: argparse.Namespace) -> int:
     data = _data(
         args.out / "data", SynthSpec(patients=args.patients, sites=SITES, site_shift=0.5, seed=0)
     )
-    # A demo's schedule: 10x the paper's learning rate and small batches, so that four
-    # epochs already learn; group norm so that the plain and the DP runs differ only by DP.
+    # A demo's schedule: 3x the paper's learning rate and small batches, so that four epochs
+    # already learn; group norm so that the plain and the DP runs differ only by DP. At 1e-3
+    # the group-norm network sat on the class prior for all four epochs when pooled (training
+    # loss 0.68, balanced accuracy 0.500 at 0.5 for seeds 0, 1 and 2) while FedAvg learnt:
+    # the demo's table showed a centralized baseline at chance.
     plan = SimPlan(
         data=data,
         sites=SITES,
         partition="site-shift",
         rounds=args.rounds,
         local_epochs=args.local_epochs,
-        lr=1e-3,
+        lr=3e-4,
         batch_size=16,
         norm="group",
         seed=0,
