@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    from common.config import SiteConfig
 
 DEFAULT_REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "idc-real"
 REAL_DATA = Path(os.environ.get("IDC_REAL_DATA", DEFAULT_REAL))
@@ -40,6 +44,17 @@ def write_patch(
         img = img.convert(mode)
     img.save(path)
     return path
+
+
+def node_config_of(cfg: SiteConfig, **extra: object) -> dict[str, object]:
+    """The node config ``idc-client start`` would give a ClientApp for ``cfg`` (plus ``extra``)."""
+    return {
+        "site-name": cfg.site_name,
+        "data-dir": str(cfg.data_dir),
+        "state-dir": str(cfg.state_dir),
+        "cache-dir": str(cfg.cache_dir),
+        **extra,
+    }
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from torch import nn
 
 from client.site import proximal_term
 from common.training import TrainConfig, train
+from tests.conftest import node_config_of
 from tests.unit.test_site_privacy import DP_RUN, _audit, cfg, trained  # noqa: F401
 
 
@@ -88,12 +89,7 @@ def test_the_site_fails_closed_on_a_proximal_term_it_cannot_honour(request, mu):
     from common.paths import SitePaths
     from common.site_data import model_arrays
 
-    node = {
-        "site-name": site.site_name,
-        "data-dir": str(site.data_dir),
-        "state-dir": str(site.state_dir),
-        "cache-dir": str(site.cache_dir),
-    }
+    node = node_config_of(site)
     ledger = PrivacyLedger(SitePaths(site.state_dir).ledger)
     before = len(ledger.entries())
     msg = _train_message(model_arrays(build_model("group", seed=DP_RUN.seed)), {"proximal-mu": mu})

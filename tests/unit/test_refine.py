@@ -29,6 +29,7 @@ from common.threshold import (
     zoom_range,
 )
 from server.refine import THRESHOLD_REFINED, refine
+from tests.conftest import node_config_of
 from tests.unit.test_site_privacy import _audit, _site_dir
 from tests.unit.test_threshold import pooled_bacc as _bacc
 from tests.unit.test_validation import EVAL, FakeGrid, Federation, flower_task  # noqa: F401
@@ -275,12 +276,7 @@ def _site_context(cfg) -> tuple[RunConfig, dict, Context]:  # noqa: ANN001
     from common.site_data import model_arrays
 
     run = RunConfig()
-    node = {
-        "site-name": cfg.site_name,
-        "data-dir": str(cfg.data_dir),
-        "state-dir": str(cfg.state_dir),
-        "cache-dir": str(cfg.cache_dir),
-    }
+    node = node_config_of(cfg)
     arrays = model_arrays(build_model(run.norm, seed=5, kind=run.model))
     return run, arrays, Context(7, 1, node, RecordDict(), run.to_run_config())
 

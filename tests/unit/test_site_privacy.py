@@ -30,6 +30,7 @@ from common.paths import SitePaths
 from common.protocol import OK, REFUSED
 from common.site_data import Site, model_arrays
 from simulation.synth import SynthSpec, synthesize
+from tests.conftest import node_config_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus's secure-RNG notice
 DELTA = 1e-3  # below 1/train patches of the small site
@@ -248,14 +249,7 @@ def test_the_clientapp_sends_no_weights_for_a_plain_round_to_a_capped_site(cfg: 
     from common.packing import pack
 
     (cfg.state_dir / "site.json").write_text(json.dumps({"site-name": cfg.site_name}))
-    node = {
-        "site-name": cfg.site_name,
-        "data-dir": str(cfg.data_dir),
-        "state-dir": str(cfg.state_dir),
-        "cache-dir": str(cfg.cache_dir),
-        "max-epsilon": 2.0,
-        "delta": DELTA,
-    }
+    node = node_config_of(cfg, **{"max-epsilon": 2.0, "delta": DELTA})
     run = replace(DP_RUN, dp_enabled=False).to_run_config()
     arrays = model_arrays(build_model("group", seed=DP_RUN.seed))
     packed, layout = pack(arrays)
@@ -347,13 +341,7 @@ def test_a_real_sites_dp_noise_is_never_the_runs_to_choose(cfg: SiteConfig, tmp_
     assert len(seeds) == 8 and None not in seeds
     assert noise_seed(cfg, replace(DP_RUN, seed=0), 1) is None
     # a node config naming a data folder is a real site, even in a run that names virtual sites
-    node = {
-        "site-name": "hosp-a",
-        "data-dir": str(cfg.data_dir),
-        "state-dir": str(cfg.state_dir),
-        "cache-dir": str(cfg.cache_dir),
-        "partition-id": 0,
-    }
+    node = node_config_of(cfg, **{"partition-id": 0})
     run = replace(DP_RUN, sim_sites_dir=str(tmp_path / "sites"))
     assert not SiteConfig.from_context(node, run).simulated
     virtual = SiteConfig.from_context({"partition-id": 0}, run)
