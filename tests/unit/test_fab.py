@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 from flwr.cli.build import build_fab_from_disk, build_fab_from_files
@@ -80,6 +80,15 @@ def test_the_installed_idc_fl_matches_the_fab_flower_builds_from_it():
     fab, _ = build_fab_from_files(files)
     assert app.mismatch(fab) is None
     assert app.label.startswith("idc-fl ")
+
+
+def test_the_fab_carries_the_packages_and_not_tests_benchmarks_deploy_or_reports():
+    fab = build_fab_from_disk(PROJECT_ROOT)
+    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+        tops = {PurePosixPath(name).parts[0] for name in bundle.namelist()}
+    assert {"common", "client", "server", "simulation", "flowerctl", "README.md"} <= tops
+    assert not tops & {"tests", "benchmarks", "deploy", "docs"}
+    assert InstalledApp.snapshot(PROJECT_ROOT).mismatch(fab) is None
 
 
 def test_same_files_same_bundle_hash_and_accepted(tmp_path, installed):
