@@ -10,7 +10,9 @@ Rows (each one a call to an existing runner; no second training loop):
 3. ``fedavg``: :func:`simulation.federated.run_compare` per partition (iid by patient at each
    site count, label skew, size skew), FedAvg with the same total local epochs as its pooled
    baseline on the same patients, local-only for contrast.
-4. ``dp``: :func:`simulation.sweep.run_sweep` at each total epsilon and seed, per model.
+4. ``dp``: :func:`simulation.sweep.run_sweep` at each total epsilon and seed, per model, and
+   the model's DP-SGD step time against a plain step at the row's batch
+   (:func:`simulation.dp_speed.step_times`).
 
 Every row works on one cohort: the source's patients (or a seeded subsample of them, for
 ``--quick``) linked once into ``OUT/cohort``. A row that fails is recorded with its error and
@@ -34,6 +36,7 @@ import numpy as np
 from common.cli_util import one_line
 from simulation import recipe, sim_runtime
 from simulation.centralized import BaselineConfig, run_centralized
+from simulation.dp_speed import step_times
 from simulation.federated import run_compare
 from simulation.partitioners import MIN_PATIENTS
 from simulation.plan import DPSpec, SimPlan
@@ -177,10 +180,12 @@ def row_dp(
             continue
         layer = {"model": model} if recipe.supports("model") else {}
         rec = recipe.Recipe.of(recipe.BASE, recipe.DP, layer)
-        plan = replace(_plan(cohort, sched, sites, "iid", seeds[0]), rounds=sched.dp_rounds)
+        plan = recipe.with_recipe(
+            replace(_plan(cohort, sched, sites, "iid", seeds[0]), rounds=sched.dp_rounds), rec
+        )
         say(f"[dp {model}] epsilon {list(sched.dp_epsilons)} x seeds {list(seeds)} ...")
         res = run_sweep(
-            recipe.with_recipe(plan, rec),
+            plan,
             sched.dp_epsilons,
             seeds,
             out / model,
@@ -189,7 +194,14 @@ def row_dp(
             late=late,
         )
         out_rows["not_run"] += [f"{model} {point}" for point in res["not_run"]]
-        out_rows["models"][model] = {"recipe": rec.facts(), "folder": str(out / model), **res}
+        speed = step_times(model, plan.batch_size, timed=sched.speed_steps)
+        say(f"[dp {model}] step time at batch {plan.batch_size}: {speed['ratio']:.2f}x plain")
+        out_rows["models"][model] = {
+            "recipe": rec.facts(),
+            "folder": str(out / model),
+            **res,
+            "step_time": speed,
+        }
     return out_rows
 
 

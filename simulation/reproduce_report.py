@@ -217,6 +217,27 @@ Recipe overrides sent: {recipes}.
 {md_table(header, rows)}
 
 ![balanced accuracy against epsilon](figures/dp-epsilon.png)
+
+{_step_times_md(row)}"""
+
+
+def _step_times_md(row: Mapping[str, Any]) -> str:
+    speeds = [(m, r["step_time"]) for m, r in row["models"].items() if "step_time" in r]
+    if not speeds:
+        return ""
+    cells = [
+        [m, str(s["batch"]), s["grad_sample_mode"], f"{s['plain_s']:.3f}", f"{s['dp_s']:.3f}"]
+        + [f"{s['ratio']:.2f}"]
+        for m, s in speeds
+    ]
+    first = speeds[0][1]
+    return f"""Step time at the row's batch, on this machine ({first["threads"]} torch thread(s)): a
+plain step and a DP-SGD step (per-sample gradients, clipping, noise; `common.privacy.make_private`
+with the engine the product picks) of the same model take turns on one fixed random batch,
+median of {first["timed_steps"]} each after {first["warmup_steps"]} warm-up
+(`simulation/dp_speed.py`; goal: at most 2.0x).
+
+{md_table(["model", "batch", "engine", "plain s/step", "DP-SGD s/step", "ratio"], cells)}
 """
 
 

@@ -31,6 +31,7 @@ class Schedule:
     # Other Flower strategies tried on the skewed partitions (only where RunConfig knows them)
     alt_strategies: tuple[str, ...] = ()
     batch_size: int = 64
+    speed_steps: int = 5  # timed plain and DP-SGD steps of row 4's step-time measurement
 
     @property
     def epochs(self) -> int:

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from common.paths import MODEL_FILE
+from simulation.report import fmt
 from simulation.reproduce import Request, reproduce
 from simulation.scoring import AT_CHOSEN
 from simulation.synth import SynthSpec, synthesize
-from tests.integration.test_reproduce import TINY
+from tests.integration.test_reproduce import TINY, _line
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +61,13 @@ def test_the_dp_sweep_stops_between_epsilons_and_names_what_it_skipped(
     report = (out / "report.md").read_text()
     assert f"| paper, at the validation-chosen threshold t={at['threshold']:.3g} |" in report
     assert "**Not run, --max-minutes reached: paper eps-3-seed-0" in report
+    # the row's DP step time, measured at its batch against a plain step, is a target
+    speed, batch = paper["step_time"], paper["recipe"]["applied"]["batch-size"]  # the DP recipe's
+    assert (speed["model"], speed["batch"], speed["grad_sample_mode"]) == ("paper", batch, "hooks")
+    assert speed["ratio"] == pytest.approx(speed["dp_s"] / speed["plain_s"])
+    line = _line(report, f"| 4 | DP-SGD paper step time / plain step at batch {batch} |")
+    assert f"| {fmt(speed['ratio'])} | {'met' if speed['ratio'] <= 2 else 'NOT met'} |" in line
+    assert f"| paper | {batch} | hooks | {speed['plain_s']:.3f} | {speed['dp_s']:.3f} |" in report
     assert any("epsilon 3, seed 0: not run" in line for line in said), said
 
 

@@ -56,7 +56,19 @@ def test_baselines_train_with_the_federated_runs_recipe(tmp_path: Path):
 def test_targets_of_rows_that_did_not_run_are_not_run():
     rows = {"paper": {"error": "boom"}, "central": {"skipped": "--max-minutes 1 reached"}}
     verdicts = {t["verdict"] for t in targets({"rows": rows})}
-    assert verdicts == {"not run", "not measured here (benchmarks/dp_overhead.py)"}
+    assert verdicts == {"not run"}
+
+
+def test_the_dp_step_time_is_a_target_per_model_met_at_most_twice_plain():
+    def model(ratio: float) -> dict:
+        return {"summary": [], "step_time": {"batch": 64, "ratio": ratio}}
+
+    rows = {"dp": {"sites": 5, "models": {"paper": model(2.4), "gap": model(1.4)}}}
+    got = {t["what"]: t for t in targets({"rows": rows}) if "step time" in t["what"]}
+    paper = got["DP-SGD paper step time / plain step at batch 64"]
+    gap = got["DP-SGD gap step time / plain step at batch 64"]
+    assert (paper["measured"], paper["verdict"], paper["target"]) == (2.4, "NOT met", "<= 2")
+    assert (gap["measured"], gap["verdict"]) == (1.4, "met")
 
 
 def test_targets_compare_fedavg_with_its_own_pooled_baseline():
