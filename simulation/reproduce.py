@@ -53,10 +53,20 @@ __all__ = ["FULL", "QUICK", "ROWS", "Request", "Schedule", "reproduce"]
 
 
 def row_paper(cohort: Cohort, sched: Schedule, out: Path, seed: int) -> dict[str, Any]:
-    """Row 1: balanced classes, random 70/30 patch split, Adam 1e-4, inputs /255."""
+    """Row 1: balanced classes, random 70/30 patch split, Adam 1e-4, inputs /255.
+
+    Every epoch of the schedule runs, as in the paper, and the one of lowest validation loss
+    is kept. Early stopping with the baselines' patience of 5 ended the first full-data run at
+    epoch 20 of 40 with training accuracy no higher than validation's (0.87 and 0.86): the
+    validation loss of 1,283 patches wandered by +-0.02 while the model still underfitted.
+    """
     data, balanced = link_balanced(cohort, out / "balanced-data", seed)
     config = BaselineConfig(
-        split="random", epochs=sched.paper_epochs, batch_size=sched.batch_size, seed=seed
+        split="random",
+        epochs=sched.paper_epochs,
+        batch_size=sched.batch_size,
+        seed=seed,
+        patience=sched.paper_epochs,  # never stops early; the best epoch is still restored
     )
     summary = run_centralized(data, out / "run", config, out / "cache")
     return {"balanced": balanced, "seed": seed, "folder": str(out / "run"), **summary}

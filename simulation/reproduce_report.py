@@ -82,6 +82,11 @@ def _status(row: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+def _best_epoch(history: list[Mapping[str, float]]) -> int:
+    """The epoch the loop restores: the first of lowest validation loss."""
+    return int(min(history, key=lambda r: r["val_loss"])["epoch"])
+
+
 def _paper(row: Mapping[str, Any], out: Path) -> str:
     test, sizes = row["test"], row["split_sizes"]
     table = md_table(["", *HEAD], both_rows("paper protocol, test patches", test))
@@ -91,7 +96,8 @@ def _paper(row: Mapping[str, Any], out: Path) -> str:
 
 Balanced set: {row["balanced"]["per_class"]} patches per class; random patch split, seed
 {row["seed"]}: {sizes["train"]} train, {sizes["val"]} validation, {sizes["test"]} test patches;
-{len(row["history"])} epoch(s) run (at most {row["config"]["epochs"]}, early stopping on
+{len(row["history"])} epoch(s) run of {row["config"]["epochs"]} (patience
+{row["config"]["patience"]}), the model of epoch {_best_epoch(row["history"])} kept (lowest
 validation loss).
 
 {table}

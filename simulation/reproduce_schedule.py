@@ -19,7 +19,7 @@ class Schedule:
 
     name: str
     patients: int | None  # a seeded subsample of the patients; None: all of them
-    paper_epochs: int  # upper bound; early stopping on the (random) validation patches
+    paper_epochs: int  # all run; the epoch of lowest loss on the (random) validation patches kept
     rounds: int  # FedAvg rounds; the pooled baselines get rounds x local_epochs epochs
     local_epochs: int
     site_counts: tuple[int, ...]

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 TINY = Schedule(
     name="tiny",
     patients=None,
-    paper_epochs=1,
+    paper_epochs=2,
     rounds=1,
     local_epochs=1,
     site_counts=(3,),
@@ -89,6 +89,10 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_runs(tmp_path, on
 
     # report.md shows exactly those numbers, both of each
     report = (out / "report.md").read_text()
+    row = doc["rows"]["paper"]  # the paper's every epoch runs; the best on validation is kept
+    assert row["config"]["patience"] == row["config"]["epochs"] == len(row["history"])
+    best = int(min(row["history"], key=lambda r: r["val_loss"])["epoch"])
+    assert f"the model of epoch {best} kept (lowest\nvalidation loss)" in report
     for start, m in (
         ("| paper protocol, test patches", paper),
         ("| candidate 0 (chosen)", central),
