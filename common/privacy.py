@@ -61,6 +61,8 @@ FUNCTORCH_MIN_BATCH = 32
 # kernel (functorch computes every layer itself and cannot use it). benchmarks/dp_overhead.py,
 # gap model, shared 2-core CPU under heavy load: batch 64, hooks 1.60x plain, functorch 3.83x;
 # batch 256, hooks 3.02x, functorch 3.07x, ghost 2.72x (ratios swing with the load).
+# simulation/dp_speed.py, idle 2-core CPU, 1 thread (2026-12-01), hooks vs ghost: gap 1.89x vs
+# 2.40x at batch 64, 1.50x vs 2.24x at 256; paper 2.73x vs 2.34x at 64, 1.88x vs 2.06x at 256.
 LARGE_BATCH_MODE: GradSampleMode = "hooks"
 # Loss of one batch: the plain cross-entropy, or ghost clipping's two-pass criterion.
 Criterion = Callable[[torch.Tensor, torch.Tensor], Any]
