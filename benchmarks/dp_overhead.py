@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
@@ -40,6 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.grad_samplers import use_fast_samplers
 from common.model import build_model
+from simulation.dp_speed import interleaved_medians
 
 MODES = ("hooks", "functorch", "ghost", "hooks+fast", "ghost+fast")
 GOAL = 2.0
@@ -117,20 +116,6 @@ def _clipped_grad(kind: str, mode: str, batch: Batch) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def _interleaved(steps: dict[str, Step], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of every stepper, taking turns."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _check(kind: str, modes: list[str]) -> dict[str, str]:
     small = _batch(16, seed=2)
     reference = _clipped_grad(kind, "hooks", small)
@@ -154,7 +139,7 @@ def measure(
     for mode in modes:
         if not notes[mode].startswith("unsupported"):
             steps[mode] = _dp_step(kind, mode, batch, physical, noise=1.0)[0]
-    secs = _interleaved(steps, args.steps, args.warmup)
+    secs = interleaved_medians(steps, args.steps, args.warmup)
     plain = secs["plain"]
     print(f"\nmodel {kind}, logical batch {logical}, physical <= {physical}")
     print(f"{'mode':<12}{'s/step':>9}{'x plain':>9}  grads match hooks")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +24,10 @@ from common.privacy import DPConfig, GradSampleMode, make_private
 from common.site_data import Loader
 
 
-def _median_seconds(steps: dict[str, Callable[[], None]], timed: int, warmup: int) -> dict:
+def interleaved_medians(
+    steps: Mapping[str, Callable[[], None]], timed: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds per call of every step function, the functions taking turns."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -73,7 +76,7 @@ def step_times(
         private.criterion(private.model(x), y).backward()
         private.optimizer.step()
 
-    secs = _median_seconds({"plain": plain_step, "dp": dp_step}, timed, warmup)
+    secs = interleaved_medians({"plain": plain_step, "dp": dp_step}, timed, warmup)
     return {
         "model": kind,
         "batch": batch,
