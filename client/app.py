@@ -169,11 +169,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this site's held-out test patients."""
-    from client.site import local_evaluate
+    """Evaluate the global model on this site's held-out test patients (the site's cap a run)."""
+    from client.site import claim_evaluation, local_evaluate
 
     with _received(msg, context, {"action": "evaluate"}) as received:
         run, site_cfg, run_id, server_round, audit, site = received
+        claim_evaluation(site_cfg, run_id)  # at most the site's cap a run
         arrays = _arrays(msg, run, run_id)
         metrics = local_evaluate(site, run, arrays).to_record()
         audit.append("metrics.sent", run_id, "ok", json_safe({"round": server_round, **metrics}))  # type: ignore[arg-type]

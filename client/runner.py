@@ -15,6 +15,7 @@ from client import console
 from client.events import Tail, events_path
 from client.sitestate import StartLock, StartSettings, parse_server
 from common.cli_util import add_command
+from common.config import DEFAULT_MAX_EVALUATIONS
 from common.data import LoadOptions, load_patches
 from common.fileio import read_json
 from common.paths import SitePaths
@@ -33,15 +34,23 @@ def node_config(args: argparse.Namespace, name: str, cache_dir: Path) -> dict[st
         cfg["max-epsilon"] = float(args.max_epsilon)
     if args.delta is not None:
         cfg["delta"] = float(args.delta)
+    if args.max_evaluations is not None:
+        cfg["max-evaluations"] = int(args.max_evaluations)
     return cfg
 
 
 def check_privacy_flags(args: argparse.Namespace, n_patches: int) -> None:
     """The site's cap: a positive epsilon with the site's own delta, below 1/number of patches.
 
-    Also refuses to start while the privacy ledger is missing rounds the audit log spent.
+    Also refuses a cap on evaluations under 1, and to start while the privacy ledger is
+    missing rounds the audit log spent.
     """
     from client.private import check_ledger
+
+    if args.max_evaluations is not None and args.max_evaluations < 1:
+        raise ValueError(
+            f"--max-evaluations must be at least 1 (evaluations a run), got {args.max_evaluations}"
+        )
 
     if args.max_epsilon is not None and not (
         args.max_epsilon > 0 and math.isfinite(args.max_epsilon)
@@ -230,5 +239,12 @@ def add_start_parser(sub: argparse._SubParsersAction) -> None:
         help="lifetime privacy cap of this site (needs --delta); then DP-SGD rounds only",
     )
     p.add_argument("--delta", type=float, default=None, help="the site's DP delta (< 1/patches)")
+    p.add_argument(
+        "--max-evaluations",
+        type=int,
+        default=None,
+        help="evaluations of global models this site answers a run (each sends test metrics "
+        f"and validation histograms, not DP; default {DEFAULT_MAX_EVALUATIONS})",
+    )
     p.add_argument("--small", choices=("pad", "skip"), default="pad")
     p.add_argument("--insecure", action="store_true", help="plain HTTP, no key (testing only)")

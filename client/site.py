@@ -11,6 +11,8 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,6 +157,14 @@ def _validation_probs(
     return labels, probs
 
 
+def _answered(path: Path, what: str) -> dict[str, Any]:
+    """A site's record of answered queries by run; one it cannot read refuses (fail closed)."""
+    answered = read_json(path) if path.exists() else {}
+    if not isinstance(answered, dict):
+        raise ValueError(f"{path} is not a record of {what}; restore it or remove it")
+    return answered
+
+
 def claim_refinement(config: SiteConfig, run_id: str) -> None:
     """Answer one threshold refinement a run: record this one, refuse any later one.
 
@@ -166,15 +176,37 @@ def claim_refinement(config: SiteConfig, run_id: str) -> None:
     refuses the query (fail closed).
     """
     path = SitePaths(config.state_dir).refinements
-    answered = read_json(path) if path.exists() else {}
-    if not isinstance(answered, dict):
-        raise ValueError(f"{path} is not a record of refinements; restore it or remove it")
+    answered = _answered(path, "refinements")
     if run_id in answered:
         raise ValueError(
             f"site {config.site_name} answers one threshold refinement a run and answered run "
             f"{run_id}'s at {answered[run_id]}"
         )
     answered[run_id] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    atomic_write(path, json.dumps(answered, indent=1).encode(), mode=0o600)
+
+
+def claim_evaluation(config: SiteConfig, run_id: str) -> None:
+    """Count one more evaluation of run ``run_id``; refuse it past the site's cap.
+
+    Each evaluation sends the test metrics and validation histograms of a model the
+    coordinator chose, none of it differentially private: a coordinator sending crafted model
+    after crafted model could learn about single patches. So a site answers at most
+    ``config.max_evaluations`` a run (``idc-client start --max-evaluations``), whatever the
+    run asks. Counted before anything is computed; a record that cannot be read or written
+    refuses (fail closed).
+    """
+    path = SitePaths(config.state_dir).evaluations
+    answered = _answered(path, "evaluations")
+    done = answered.get(run_id, 0)
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        raise ValueError(f"{path} is not a record of evaluations; restore it or remove it")
+    if done >= config.max_evaluations:
+        raise ValueError(
+            f"site {config.site_name} answers at most {config.max_evaluations} evaluations a "
+            f"run (its --max-evaluations) and answered {done} of run {run_id}"
+        )
+    answered[run_id] = done + 1
     atomic_write(path, json.dumps(answered, indent=1).encode(), mode=0o600)
 
 

@@ -248,6 +248,12 @@ def sim_site_dir(sites_dir: Path, partition_id: int) -> Path:
     return Path(sites_dir) / f"site-{partition_id:03d}"
 
 
+# Evaluations a site answers a run unless it says otherwise (idc-client start --max-evaluations):
+# each one sends test metrics and validation histograms of a model the coordinator chose, none of
+# it differentially private, so a run gets a bounded number (the longest schedule has 10 rounds).
+DEFAULT_MAX_EVALUATIONS = 100
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """Facts only the hospital knows, from its SuperNode's ``--node-config``."""
@@ -259,6 +265,8 @@ class SiteConfig:
     max_epsilon: float = math.inf
     delta: float = 0.0  # the site's own delta; required with a cap; 0: none, use the run's
     small_policy: SmallPolicy = "pad"
+    # Evaluations of global models this site answers a run (client.site.claim_evaluation)
+    max_evaluations: int = DEFAULT_MAX_EVALUATIONS
     # A virtual site of `idc-sim` (its node config names no data folder of its own): its DP
     # noise may come from the run's seed so that experiments repeat (client.private). Never
     # set from a real site's node config, which always names its data folder.
@@ -301,6 +309,8 @@ class SiteConfig:
         small = _get(cfg, "small-policy", str, "pad") if "small-policy" in cfg else "pad"
         _check(small in get_args(SmallPolicy), "small-policy", small, "'pad' or 'skip'")
         cache = _get(cfg, "cache-dir", str) if "cache-dir" in cfg else None
+        evals = _get(cfg, "max-evaluations", int, DEFAULT_MAX_EVALUATIONS)
+        _check(evals >= 1, "max-evaluations", evals, ">= 1")
         return cls(
             site_name=name,
             data_dir=Path(_get(cfg, "data-dir", str)),
@@ -309,4 +319,5 @@ class SiteConfig:
             max_epsilon=max_eps,
             delta=delta,
             small_policy=small,  # type: ignore[arg-type]  # checked just above
+            max_evaluations=evals,
         )

@@ -124,6 +124,11 @@ class SitePaths:
         return self.root / "refinements.json"
 
     @property
+    def evaluations(self) -> Path:
+        """How many evaluations this site answered, per run (at most its cap a run)."""
+        return self.root / "evaluations.json"
+
+    @property
     def cache(self) -> Path:
         """Decoded-patch cache of a running site (never next to the data)."""
         return self.root / "cache"

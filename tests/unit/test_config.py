@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.config import RunConfig, SiteConfig
+from common.config import DEFAULT_MAX_EVALUATIONS, RunConfig, SiteConfig
 from common.paths import CoordPaths
 from common.registry import new_registry
 from server.coordinator import Coordinator
@@ -164,6 +164,8 @@ NODE = {"site-name": "st-mary", "data-dir": "/data", "state-dir": "/state"}
         ({"max-epsilon": 8, "delta": 1e-6}, lambda c: c.max_epsilon == 8.0 and c.delta == 1e-6),
         ({"delta": 1e-6}, lambda c: c.delta == 1e-6),
         ({"small-policy": "skip"}, lambda c: c.small_policy == "skip"),
+        ({}, lambda c: c.max_evaluations == DEFAULT_MAX_EVALUATIONS),
+        ({"max-evaluations": 12}, lambda c: c.max_evaluations == 12),
     ],
 )
 def test_node_config_parses(extra: dict[str, Any], check: Any) -> None:
@@ -183,6 +185,9 @@ def test_node_config_parses(extra: dict[str, Any], check: Any) -> None:
         ({**NODE, "max-epsilon": "eight"}, "max-epsilon"),
         ({**NODE, "delta": 1.0}, "delta"),
         ({**NODE, "small-policy": "stretch"}, "small-policy"),
+        ({**NODE, "max-evaluations": 0}, "max-evaluations"),
+        ({**NODE, "max-evaluations": "12"}, "max-evaluations"),
+        ({**NODE, "max-evaluations": 2.5}, "max-evaluations"),
     ],
 )
 def test_bad_node_config_names_the_key(cfg: dict[str, Any], named: str) -> None:

@@ -338,3 +338,39 @@ def test_a_site_answers_one_refinement_a_run_and_refuses_the_next(cfg) -> None:
     with pytest.raises(ValueError, match="refinements.json is not valid JSON"):
         refine_handler(_query(arrays, [0.3, 0.7], run_id=9), context)
     assert len(_audit(cfg, HISTOGRAMS_SENT)) == 2
+
+
+def _evaluation(arrays: dict, run_id: int = 7) -> Message:
+    packed, layout = pack(arrays)
+    config = ConfigRecord({protocol.SERVER_ROUND: 1})
+    content = RecordDict(
+        {protocol.ARRAYS: packed, protocol.LAYOUT: layout, protocol.CONFIG: config}
+    )
+    meta = Metadata(run_id, "m1", 0, 1, "", "", time.time(), 600.0, "evaluate", 1, 2)
+    return Message(content, metadata=meta)
+
+
+def test_a_site_answers_at_most_its_cap_of_evaluations_a_run(cfg) -> None:
+    """Crafted model after crafted model gets the site's cap of answers, whatever the run asks."""
+    from client.app import evaluate as evaluate_handler
+    from common.paths import SitePaths
+
+    run, arrays, _ = _site_context(cfg)
+    node = node_config_of(cfg, **{"max-evaluations": 2})
+    context = Context(7, 1, node, RecordDict(), run.to_run_config())
+    for _ in range(2):
+        reply = evaluate_handler(_evaluation(arrays), context)
+        assert reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] > 0
+    with pytest.raises(ValueError, match="at most 2 evaluations a run .* answered 2 of run 7"):
+        evaluate_handler(_evaluation(arrays), context)
+    # the third is on record as received, and nothing more left the site
+    received = [e for e in _audit(cfg, "message.received") if e["details"]["action"] == "evaluate"]
+    assert len(received) == 3 and len(_audit(cfg, "metrics.sent")) == 2
+    # another run gets its own count
+    evaluate_handler(_evaluation(arrays, run_id=8), context)
+    assert json.loads(SitePaths(cfg.state_dir).evaluations.read_text()) == {"7": 2, "8": 1}
+    # a record the site cannot read refuses (fail closed)
+    SitePaths(cfg.state_dir).evaluations.write_text('{"9": "many"}')
+    with pytest.raises(ValueError, match="evaluations.json is not a record of evaluations"):
+        evaluate_handler(_evaluation(arrays, run_id=9), context)
+    assert len(_audit(cfg, "metrics.sent")) == 3

@@ -23,7 +23,7 @@ from client.site import open_audit
 from common import keys
 from common.accounting import epsilon
 from common.audit import AuditLog
-from common.config import RunConfig, SiteConfig
+from common.config import DEFAULT_MAX_EVALUATIONS, RunConfig, SiteConfig
 from common.ledger import LedgerError
 from common.model import build_model
 from common.paths import SitePaths
@@ -291,6 +291,7 @@ def test_idc_client_privacy_reports_one_budget_and_refuses_a_lost_ledger(
         (["--max-epsilon", "2"], "--max-epsilon needs --delta"),
         (["--max-epsilon", "2", "--delta", "0.5"], "--delta 0.5 must be in"),
         (["--max-epsilon", "2", "--delta", "1e-3"], "restore the ledger"),  # ledger deleted
+        (["--max-evaluations", "0"], "--max-evaluations must be at least 1"),
     ],
 )
 def test_idc_client_start_refuses_a_cap_it_cannot_hold(cfg: SiteConfig, flags, match: str):  # noqa: ANN001
@@ -301,6 +302,23 @@ def test_idc_client_start_refuses_a_cap_it_cannot_hold(cfg: SiteConfig, flags, m
     argv = ["start", "--dir", str(cfg.state_dir), "--server", "x:1", "--data", "d", *flags]
     with pytest.raises((ValueError, LedgerError), match=match):
         check_privacy_flags(build_parser().parse_args(argv), 40)
+
+
+def test_idc_client_start_hands_the_sites_cap_on_evaluations_to_its_clientapp(tmp_path: Path):
+    import tomllib
+
+    import tomli_w
+
+    from client.cli import build_parser
+    from client.runner import node_config
+
+    argv = ["start", "--dir", str(tmp_path), "--server", "x:1", "--data", "d"]
+    for flags, cap in (([], DEFAULT_MAX_EVALUATIONS), (["--max-evaluations", "12"], 12)):
+        node = node_config(build_parser().parse_args([*argv, *flags]), "st-mary", tmp_path / "c")
+        # as flowerctl writes node-config.toml and the ClientApp reads it back
+        assert (
+            SiteConfig.from_node_config(tomllib.loads(tomli_w.dumps(node))).max_evaluations == cap
+        )
 
 
 def test_the_per_round_epsilon_key_says_so():
