@@ -31,6 +31,7 @@ PLAIN = [*DP[1:6], "min-sites=1", "dp.enabled=false"]
 def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp_path):
     folders = synth_sites(tmp_path, SynthSpec(patients=6, sites=3, patches_per_patient=(40, 50)))
     caps = {
+        "hosp0": ["--max-evaluations", "1"],  # answers one evaluation of a global model a run
         "hosp1": ["--max-epsilon", "50", "--delta", "1e-4"],
         "hosp2": ["--max-epsilon", "0.01", "--delta", "1e-4"],  # less than one round
     }
@@ -58,6 +59,14 @@ def test_two_dp_rounds_match_the_site_ledgers_and_a_capped_site_refuses(fed, tmp
     assert '"privacy.refused"' in site_log and '"update.sent"' not in site_log
     coord_log = (fed.coord / "audit" / "coordinator-audit.jsonl").read_text()
     assert coord_log.count('"site.refused"') == 2
+    # hosp0's cap on evaluations holds too: it takes round 1's (2 patients a site leave no test
+    # patient, so every site's answer is an error) and refuses round 2's by its cap, by name
+    cap = "site hosp0 answers at most 1 evaluations a run (its --max-evaluations)"
+    reasons = [{f["site"]: f["reason"] for f in row["failures"]} for row in rows]
+    assert "zero examples" in reasons[0]["hosp0"] and cap in reasons[1]["hosp0"]
+    assert all("zero examples" in reasons[1][name] for name in ("hosp1", "hosp2"))
+    site_log0 = (fed.root / "hosp0" / "audit" / "site-audit.jsonl").read_text()
+    assert site_log0.count('"action":"evaluate"') == 2  # both asked, on record
     out = fed.cli("idc-client", "privacy", "--dir", str(fed.root / "hosp0")).stdout
     assert "one 50x50 patch" in out and "refused: run" not in out  # hosp0 refused nothing
 
