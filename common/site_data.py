@@ -76,7 +76,8 @@ class Site:
         """Load the site's patches and split its own patients, stable across rounds."""
         options = LoadOptions(small=config.small_policy)
         patches = load_patches(config.data_dir, cache_dir=config.cache_dir, options=options)
-        return cls(config, patches, split_by_patient(patches.patients, SITE_FRACTIONS, seed))
+        split = split_by_patient(patches.patients, patches.labels, SITE_FRACTIONS, seed)
+        return cls(config, patches, split)
 
     def loader(self, part: Part, batch_size: int, seed: int, train: bool = False) -> Loader:
         """A loader over one part of the split; training batches are shuffled.

@@ -73,7 +73,7 @@ class BaselineConfig:
 def make_split(patches: PatchSet, config: BaselineConfig) -> Split:
     """Split as configured, balancing the training part when asked."""
     if config.split == "patient":
-        split = split_by_patient(patches.patients, config.fractions, config.seed)
+        split = split_by_patient(patches.patients, patches.labels, config.fractions, config.seed)
     else:
         split = split_random(len(patches), config.fractions, config.seed)
     if config.balance:

@@ -26,7 +26,7 @@ def test_preflight_counts(real_data, tmp_path, capsys):
 
 def test_short_patient_split_training_beats_chance(real_data, tmp_path):
     ps = load_patches(real_data, cache_dir=tmp_path / "cache", workers=2)
-    split = split_by_patient(ps.patients, (0.6, 0.1, 0.3), seed=0)
+    split = split_by_patient(ps.patients, ps.labels, (0.6, 0.1, 0.3), seed=0)
     assert not set(ps.patients[split.train]) & set(ps.patients[split.test])
     assert not set(ps.patients[split.val]) & set(ps.patients[split.test])
     rng = np.random.default_rng(0)
