@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -157,12 +157,23 @@ def _validation_probs(
     return labels, probs
 
 
-def _answered(path: Path, what: str) -> dict[str, Any]:
-    """A site's record of answered queries by run; one it cannot read refuses (fail closed)."""
+def _answered(path: Path, what: str, entry: Callable[[Any], bool]) -> dict[str, Any]:
+    """A site's record of answered queries by run; one it cannot read refuses (fail closed).
+
+    ``entry``: whether a run's value is one this record holds.
+    """
     answered = read_json(path) if path.exists() else {}
-    if not isinstance(answered, dict):
+    if not isinstance(answered, dict) or not all(entry(v) for v in answered.values()):
         raise ValueError(f"{path} is not a record of {what}; restore it or remove it")
     return answered
+
+
+def _record(path: Path, answered: dict[str, Any]) -> None:
+    atomic_write(path, json.dumps(answered, indent=1).encode(), mode=0o600)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def claim_refinement(config: SiteConfig, run_id: str) -> None:
@@ -176,14 +187,14 @@ def claim_refinement(config: SiteConfig, run_id: str) -> None:
     refuses the query (fail closed).
     """
     path = SitePaths(config.state_dir).refinements
-    answered = _answered(path, "refinements")
+    answered = _answered(path, "refinements", lambda when: isinstance(when, str))
     if run_id in answered:
         raise ValueError(
             f"site {config.site_name} answers one threshold refinement a run and answered run "
             f"{run_id}'s at {answered[run_id]}"
         )
     answered[run_id] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    atomic_write(path, json.dumps(answered, indent=1).encode(), mode=0o600)
+    _record(path, answered)
 
 
 def claim_evaluation(config: SiteConfig, run_id: str) -> None:
@@ -197,17 +208,15 @@ def claim_evaluation(config: SiteConfig, run_id: str) -> None:
     refuses (fail closed).
     """
     path = SitePaths(config.state_dir).evaluations
-    answered = _answered(path, "evaluations")
+    answered = _answered(path, "evaluations", _is_count)
     done = answered.get(run_id, 0)
-    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
-        raise ValueError(f"{path} is not a record of evaluations; restore it or remove it")
     if done >= config.max_evaluations:
         raise ValueError(
             f"site {config.site_name} answers at most {config.max_evaluations} evaluations a "
             f"run (its --max-evaluations) and answered {done} of run {run_id}"
         )
     answered[run_id] = done + 1
-    atomic_write(path, json.dumps(answered, indent=1).encode(), mode=0o600)
+    _record(path, answered)
 
 
 def refine_histograms(
