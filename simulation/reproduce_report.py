@@ -130,7 +130,8 @@ def _central(row: Mapping[str, Any]) -> str:
         rows += both_rows(f"candidate {c['candidate']}{mark}", c["test"], extra)
     header = ["", "recipe applied", "train/val/test patches", "val. BAC at its t", *HEAD]
     return f"""{_skipped_md(row)}Patients split once by seed {row["seed"]} into
-train/validation/test (60/10/30). Each candidate's test patients were scored once; the
+train/validation/test (60/10/30 of the patients and of each class's patches: stratified, so
+validation is as IDC-rich as the cohort). Each candidate's test patients were scored once; the
 chosen one has the best validation balanced accuracy (its lowest-validation-loss epoch, at
 its own validation-chosen threshold); the test played no part in choosing.
 Rows 3 and 4 split patients per site, so each of their comparisons trains its own pooled
