@@ -97,7 +97,9 @@ def _start(args: argparse.Namespace) -> int:
     lock.acquire()  # one start per site folder; the kernel drops it when we end
     try:
         name = _preflight(args)
-        StartSettings.now(args.server, args.max_epsilon, args.delta).write(args.dir)
+        cap = args.max_evaluations
+        evaluations = DEFAULT_MAX_EVALUATIONS if cap is None else cap
+        StartSettings.now(args.server, args.max_epsilon, args.delta, evaluations).write(args.dir)
         return _run(args, name, server)
     finally:
         lock.release()

@@ -99,6 +99,7 @@ class StartSettings:
     delta: float | None
     started: str
     pid: int
+    max_evaluations: int | None = None  # None: a start before the cap was recorded
 
     @property
     def cap(self) -> float:
@@ -111,10 +112,12 @@ class StartSettings:
         atomic_write(Path(site_dir) / SETTINGS_NAME, data.encode())
 
     @classmethod
-    def now(cls, server: str, max_epsilon: float | None, delta: float | None) -> StartSettings:
+    def now(
+        cls, server: str, max_epsilon: float | None, delta: float | None, max_evaluations: int
+    ) -> StartSettings:
         """Settings of the running process, stamped with the current time."""
         started = datetime.now(UTC).isoformat(timespec="seconds")
-        return cls(server, max_epsilon, delta, started, os.getpid())
+        return cls(server, max_epsilon, delta, started, os.getpid(), max_evaluations)
 
     @classmethod
     def read(cls, site_dir: Path) -> StartSettings | None:
@@ -130,6 +133,7 @@ class StartSettings:
                 None if raw["delta"] is None else float(raw["delta"]),
                 str(raw["started"]),
                 int(raw["pid"]),
+                None if raw.get("max_evaluations") is None else int(raw["max_evaluations"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(

@@ -1,7 +1,8 @@
 """``idc-client status``: the site at a glance, from its own files only.
 
 Whether ``idc-client start`` is running (its lock, :mod:`client.sitestate`), the privacy cap
-it was started with and what is left of it (the ledger, :mod:`common.ledger`), whether the
+it was started with and what is left of it (the ledger, :mod:`common.ledger`), its cap on
+evaluations a run and the latest run's count (``SITE_DIR/evaluations.json``), whether the
 audit log verifies, and the site's last rounds as its signed audit log records them.
 """
 
@@ -94,6 +95,23 @@ def privacy_lines(site_dir: Path, settings: StartSettings | None) -> list[str]:
     return lines
 
 
+def evaluation_lines(site_dir: Path, settings: StartSettings | None) -> list[str]:
+    """The evaluation cap the site last started with and the latest run's count against it."""
+    if settings is None or settings.max_evaluations is None:
+        line = "evaluation cap: unknown (not recorded by the latest start)"
+    else:
+        line = f"evaluation cap: {settings.max_evaluations} a run (set by the latest start)"
+    path = SitePaths(site_dir).evaluations
+    try:
+        answered = read_json(path) if path.exists() else {}
+    except ValueError as exc:
+        return [line, f"evaluations: {exc} (every evaluation is refused until it is restored)"]
+    if isinstance(answered, dict) and answered:
+        run, count = list(answered.items())[-1]  # runs are recorded in the order first seen
+        line += f"; latest run {run}: {count} answered"
+    return [line]
+
+
 def _status(args: argparse.Namespace) -> int:
     paths = SitePaths(args.dir).require()
     name = read_json(paths.info)["site-name"]
@@ -107,7 +125,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"start: not running (last started {settings.started} for {settings.server})")
     else:
         print("start: never started")
-    for line in privacy_lines(args.dir, settings):
+    for line in privacy_lines(args.dir, settings) + evaluation_lines(args.dir, settings):
         print(line)
     if not paths.audit.exists():
         print("audit log: none yet")

@@ -13,6 +13,7 @@ import re
 
 import pytest
 
+from common.config import DEFAULT_MAX_EVALUATIONS
 from common.keys import load_public_key, public_key_fingerprint
 from common.privacy import PRIVACY_UNIT
 from flowerctl import free_port
@@ -107,6 +108,7 @@ def test_unreachable_coordinator_then_a_second_start_is_refused(fed, data):
     status = fed.cli("idc-client", "status", "--dir", str(site)).stdout
     assert f"start: running, pid {proc.pid} for {fed.address}" in status, status
     assert "privacy cap: none" in status
+    assert f"evaluation cap: {DEFAULT_MAX_EVALUATIONS} a run (set by the latest start)" in status
 
 
 def test_console_of_a_real_dp_round_and_each_failure(fed, data):
@@ -170,6 +172,7 @@ def test_console_of_a_real_dp_round_and_each_failure(fed, data):
     assert f"run {run_id} round 1: trained on {trained[1]} patches; epsilon" in status
     assert "update sent; evaluated (balanced accuracy" in status
     assert "privacy cap: epsilon 50 at delta 0.001 (set by the latest start)" in status
+    assert f"; latest run {run_id}: 1 answered" in status
     privacy = fed.cli("idc-client", "privacy", "--dir", str(site)).stdout
     assert f"\n{run_id} " in privacy, privacy  # the full run id, never cut
     assert "left" in privacy and PRIVACY_UNIT.splitlines()[0] in privacy

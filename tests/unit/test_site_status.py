@@ -36,7 +36,8 @@ def test_status_shows_rounds_cap_left_and_not_running(tmp_path, capsys):
     ]
     assert rounds[1].facts == ["trained on 40 patches", "refused: cap spent"]
     PrivacyLedger(paths.ledger).record(LedgerEntry("12345678901234567890", 1, 1.0, 0.1, 10, 1e-3))
-    StartSettings("c:1", 8.0, 1e-3, "2026-11-30T06:00:00+00:00", 1).write(site)
+    StartSettings("c:1", 8.0, 1e-3, "2026-11-30T06:00:00+00:00", 1, 40).write(site)
+    paths.evaluations.write_text('{"7": 2, "12345678901234567890": 3}')
     capsys.readouterr()
     assert cli.main(["status", "--dir", str(site), "--rounds", "2"]) == 0
     out = capsys.readouterr().out
@@ -44,6 +45,13 @@ def test_status_shows_rounds_cap_left_and_not_running(tmp_path, capsys):
     assert "audit log: 12 entries, chain and signatures verified" in out
     assert "run 12345678901234567890 round 4: trained on 40 patches; refused: cap spent" in out
     assert "privacy cap: epsilon 8 at delta 0.001 (set by the latest start);" in out
+    assert (
+        "evaluation cap: 40 a run (set by the latest start); "
+        "latest run 12345678901234567890: 3 answered"
+    ) in out
+    paths.evaluations.write_text("{")  # damaged: the site refuses every evaluation
+    assert cli.main(["status", "--dir", str(site)]) == 0
+    assert "evaluations.json is not valid JSON" in capsys.readouterr().out
     assert cli.main(["privacy", "--dir", str(site)]) == 0
     out = capsys.readouterr().out
     assert "\n12345678901234567890 " in out and " left" in out
@@ -59,4 +67,5 @@ def test_status_of_a_tampered_audit_log_says_so_and_exits_1(tmp_path, capsys):
     assert cli.main(["status", "--dir", str(site)]) == 1
     out = capsys.readouterr().out
     assert "start: never started" in out and "privacy cap: unknown" in out
+    assert "evaluation cap: unknown" in out
     assert "audit log: 1 entries, BAD" in out
