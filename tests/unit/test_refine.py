@@ -337,6 +337,9 @@ def test_a_site_answers_one_refinement_a_run_and_refuses_the_next(cfg) -> None:
     SitePaths(cfg.state_dir).refinements.write_text("[")
     with pytest.raises(ValueError, match="refinements.json is not valid JSON"):
         refine_handler(_query(arrays, [0.3, 0.7], run_id=9), context)
+    SitePaths(cfg.state_dir).refinements.write_text('{"7": null}')  # no longer says run 7 asked
+    with pytest.raises(ValueError, match="refinements.json is not a record of refinements"):
+        refine_handler(_query(arrays, [0.3, 0.7], run_id=7), context)
     assert len(_audit(cfg, HISTOGRAMS_SENT)) == 2
 
 
