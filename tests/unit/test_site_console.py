@@ -75,11 +75,17 @@ time.sleep(600)
 
 def test_settings_round_trip_and_a_broken_file_is_named(tmp_path):
     assert StartSettings.read(tmp_path) is None
-    StartSettings.now("c:1", 8.0, 1e-6).write(tmp_path)
+    StartSettings.now("c:1", 8.0, 1e-6, 12).write(tmp_path)
     read = StartSettings.read(tmp_path)
-    assert read is not None and (read.cap, read.delta, read.server) == (8.0, 1e-6, "c:1")
-    StartSettings.now("c:1", None, None).write(tmp_path)
+    assert read is not None
+    assert (read.cap, read.delta, read.server, read.max_evaluations) == (8.0, 1e-6, "c:1", 12)
+    StartSettings.now("c:1", None, None, 100).write(tmp_path)
     assert StartSettings.read(tmp_path).cap == float("inf")  # type: ignore[union-attr]
+    # a start.json written before the evaluation cap was recorded still reads
+    raw = json.loads((tmp_path / "start.json").read_text())
+    del raw["max_evaluations"]
+    (tmp_path / "start.json").write_text(json.dumps(raw))
+    assert StartSettings.read(tmp_path).max_evaluations is None  # type: ignore[union-attr]
     (tmp_path / "start.json").write_text("{")
     with pytest.raises(ValueError, match="start.json is not readable"):
         StartSettings.read(tmp_path)
