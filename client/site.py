@@ -7,22 +7,19 @@ here reads a Flower Context: the handlers parse it into :class:`RunConfig` and
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
+from client.answered import read_evaluations, read_refinements, write_answered
 from common import keys
 from common.accel import Accel
 from common.audit import UPDATE_SENT, AuditLog
 from common.config import RunConfig, SiteConfig
 from common.digests import digest_update
-from common.fileio import atomic_write, read_json
 from common.model import build_model
 from common.paths import SitePaths
 from common.protocol import EvalMetrics, Histograms, TrainMetrics
@@ -157,25 +154,6 @@ def _validation_probs(
     return labels, probs
 
 
-def _answered(path: Path, what: str, entry: Callable[[Any], bool]) -> dict[str, Any]:
-    """A site's record of answered queries by run; one it cannot read refuses (fail closed).
-
-    ``entry``: whether a run's value is one this record holds.
-    """
-    answered = read_json(path) if path.exists() else {}
-    if not isinstance(answered, dict) or not all(entry(v) for v in answered.values()):
-        raise ValueError(f"{path} is not a record of {what}; restore it or remove it")
-    return answered
-
-
-def _record(path: Path, answered: dict[str, Any]) -> None:
-    atomic_write(path, json.dumps(answered, indent=1).encode(), mode=0o600)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def claim_refinement(config: SiteConfig, run_id: str) -> None:
     """Answer one threshold refinement a run: record this one, refuse any later one.
 
@@ -187,14 +165,14 @@ def claim_refinement(config: SiteConfig, run_id: str) -> None:
     refuses the query (fail closed).
     """
     path = SitePaths(config.state_dir).refinements
-    answered = _answered(path, "refinements", lambda when: isinstance(when, str))
+    answered = read_refinements(path)
     if run_id in answered:
         raise ValueError(
             f"site {config.site_name} answers one threshold refinement a run and answered run "
             f"{run_id}'s at {answered[run_id]}"
         )
     answered[run_id] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _record(path, answered)
+    write_answered(path, answered)
 
 
 def claim_evaluation(config: SiteConfig, run_id: str) -> None:
@@ -208,7 +186,7 @@ def claim_evaluation(config: SiteConfig, run_id: str) -> None:
     refuses (fail closed).
     """
     path = SitePaths(config.state_dir).evaluations
-    answered = _answered(path, "evaluations", _is_count)
+    answered = read_evaluations(path)
     done = answered.get(run_id, 0)
     if done >= config.max_evaluations:
         raise ValueError(
@@ -216,7 +194,7 @@ def claim_evaluation(config: SiteConfig, run_id: str) -> None:
             f"run (its --max-evaluations) and answered {done} of run {run_id}"
         )
     answered[run_id] = done + 1
-    _record(path, answered)
+    write_answered(path, answered)
 
 
 def refine_histograms(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.answered import read_evaluations
 from client.sitestate import StartSettings, running_pid
 from common import accounting, keys
 from common.audit import UPDATE_SENT
@@ -103,10 +104,10 @@ def evaluation_lines(site_dir: Path, settings: StartSettings | None) -> list[str
         line = f"evaluation cap: {settings.max_evaluations} a run (set by the latest start)"
     path = SitePaths(site_dir).evaluations
     try:
-        answered = read_json(path) if path.exists() else {}
+        answered = read_evaluations(path)
     except ValueError as exc:
         return [line, f"evaluations: {exc} (every evaluation is refused until it is restored)"]
-    if isinstance(answered, dict) and answered:
+    if answered:
         run, count = list(answered.items())[-1]  # runs are recorded in the order first seen
         line += f"; latest run {run}: {count} answered"
     return [line]

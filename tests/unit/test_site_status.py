@@ -52,6 +52,10 @@ def test_status_shows_rounds_cap_left_and_not_running(tmp_path, capsys):
     paths.evaluations.write_text("{")  # damaged: the site refuses every evaluation
     assert cli.main(["status", "--dir", str(site)]) == 0
     assert "evaluations.json is not valid JSON" in capsys.readouterr().out
+    paths.evaluations.write_text('{"7": "many"}')  # JSON, but the site refuses it as well
+    assert cli.main(["status", "--dir", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "evaluations.json is not a record of evaluations" in out and "refused" in out
     assert cli.main(["privacy", "--dir", str(site)]) == 0
     out = capsys.readouterr().out
     assert "\n12345678901234567890 " in out and " left" in out
