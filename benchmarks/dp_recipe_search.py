@@ -11,7 +11,8 @@ through the project's own pieces: :func:`common.privacy.make_private` and THE tr
 a weighted average of the sites' weights per round (what FedAvg does), and no Flower processes
 (that is the only difference from the real row, and what makes a search affordable on a CPU).
 The global model is scored on the union of the sites' VALIDATION patients; test patients are
-never read. One line per candidate: validation balanced accuracy, AUC, wall time.
+never read. One line per candidate: validation balanced accuracy, AUC, the AUC that weighs
+every validation patient the same (a few patients hold most validation patches), wall time.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from common.model import build_model
 from common.privacy import DPConfig, make_private, release
 from common.recipe import Recipe, make_optimizer
 from common.site_data import Site, model_arrays, set_weights
-from common.training import TrainConfig, evaluate, train
+from common.training import TrainConfig, predict, score, train
 from simulation.centralized import eval_loader
 from simulation.federated import Prepared, prepare
 from simulation.plan import DPSpec, SimPlan, noise_for_plan
@@ -94,6 +95,22 @@ def _site_round(
     return model_arrays(model)
 
 
+def patient_weighted_auc(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray) -> float:
+    """AUC with every patient weighing the same (a patch weighs 1 / its patient's patches):
+    validation holds a few patients of hundreds of patches beside many of tens."""
+    _, inverse, counts = np.unique(patients, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts[inverse]
+    pos, neg = labels == 1, labels == 0
+    if not pos.any() or not neg.any():
+        return float("nan")
+    # Weighted rank-sum: each (IDC, non-IDC) pair weighs the product, ties count half.
+    values, group = np.unique(probs, return_inverse=True)
+    neg_at = np.bincount(group, weights=weight * neg, minlength=len(values))
+    below = np.cumsum(neg_at) - neg_at
+    won = (weight * pos * (below[group] + 0.5 * neg_at[group])).sum()
+    return float(won / (weight[pos].sum() * weight[neg].sum()))
+
+
 def run(prep: Prepared, data: Path, cand: Candidate, epsilon: float, seed: int) -> dict[str, Any]:
     """FedAvg with DP-SGD at every site; scores on the sites' validation patients."""
     plan = SimPlan(
@@ -116,7 +133,9 @@ def run(prep: Prepared, data: Path, cand: Candidate, epsilon: float, seed: int) 
         arrays = _average(updates)
     model = set_weights(build_model("group", seed=0, kind=cand.model), arrays)  # type: ignore[arg-type]
     val = prep.pooled_split(sites).val
-    ev = evaluate(model, eval_loader(prep.pooled, val), torch.device("cpu"))
+    labels, probs, loss = predict(model, eval_loader(prep.pooled, val), torch.device("cpu"))
+    ev = score(labels, probs, float(loss) / max(len(labels), 1))
+    patients = prep.pooled.patients[val]
     return {
         "candidate": cand.__dict__,
         "epsilon": epsilon,
@@ -126,6 +145,8 @@ def run(prep: Prepared, data: Path, cand: Candidate, epsilon: float, seed: int) 
         "val_patients": int(len(set(prep.pooled.patients[val]))),
         "val_balanced_accuracy": ev.balanced_accuracy,
         "val_auc": ev.auc,
+        "val_auc_per_patient": patient_weighted_auc(labels, probs, patients),
+        "val_p_range": [float(np.percentile(probs, 5)), float(np.percentile(probs, 95))],
         "seconds": time.monotonic() - start,
     }
 
@@ -157,6 +178,7 @@ def main() -> int:
                 print(
                     f"{text} eps {eps:g} seed {seed}: noise {row['noise']:.3f} val BAC "
                     f"{row['val_balanced_accuracy']:.3f} AUC {row['val_auc']:.3f} "
+                    f"per-patient AUC {row['val_auc_per_patient']:.3f} "
                     f"({row['seconds'] / 60:.1f} min)",
                     flush=True,
                 )
