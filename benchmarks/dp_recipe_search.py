@@ -142,7 +142,7 @@ def run(prep: Prepared, data: Path, cand: Candidate, epsilon: float, seed: int) 
         "seed": seed,
         "noise": noise,
         "val_patches": int(len(val)),
-        "val_patients": int(len(set(prep.pooled.patients[val]))),
+        "val_patients": int(len(set(patients))),
         "val_balanced_accuracy": ev.balanced_accuracy,
         "val_auc": ev.auc,
         "val_auc_per_patient": patient_weighted_auc(labels, probs, patients),

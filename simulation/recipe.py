@@ -66,7 +66,8 @@ STRATEGY_EXTRAS: dict[str, dict[str, Scalar]] = {"fedprox": {"proximal-mu": 0.01
 # unless named; 2-core CPU; validation patch AUC / AUC with every validation patient weighing
 # the same / BAC at 0.5): this recipe 0.857 / 0.641 / 0.500; gap lr 1e-3, 1 x 4 epochs 0.870 /
 # 0.581 / 0.500 (lr 3e-4: 0.867 / 0.572 / 0.500); that at epsilon 1000 (noise 0.119, clipping
-# only) 0.852 / 0.589 / 0.500; that with no DP at all 0.875 / 0.542 / 0.500, P(IDC) 0.14-0.26.
+# only) 0.852 / 0.589 / 0.500; that with no DP at all (a local copy of the harness without
+# make_private, other loader seeds; not committed) 0.875 / 0.542 / 0.500, P(IDC) 0.14-0.26.
 # One round leaves P(IDC) in a narrow band with or without noise: QUICK's DP row at 0.5 is its
 # one-round schedule, not its noise. Four rounds x 1 epoch, lr 1e-3: no DP 0.877 / 0.551 /
 # 0.834 (P(IDC) 0.06-0.61); epsilon 8 (noise 1.019) 0.857 / 0.540 / 0.505: with rounds, the
