@@ -22,6 +22,11 @@ AUC = "auc"
 CONFUSION = "confusion"  # [[tn, fp], [fn, tp]]: rows true class, columns predicted class
 EXAMPLES = "examples"
 SCALAR_METRICS = (LOSS, ACCURACY, BALANCED_ACCURACY, PRECISION, RECALL, F1, AUC)
+# the same two with every patient weighing alike (a patch weighs 1 / its patient's patches):
+# a few patients hold hundreds of patches each, most hold tens
+BAC_PER_PATIENT = "balanced_accuracy_per_patient"
+AUC_PER_PATIENT = "auc_per_patient"
+PER_PATIENT = (BAC_PER_PATIENT, AUC_PER_PATIENT)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -37,22 +42,62 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else 0.0
 
 
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum statistic, ties counted half; NaN if one class."""
+def roc_auc(y_true: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Area under the ROC curve by the rank-sum statistic, ties counted half; NaN if one class.
+
+    ``weights``: per example (default 1 each); a pair of an IDC and a non-IDC example weighs the
+    product of theirs, so :func:`patient_weights` makes every patient weigh the same.
+    """
     y_true = np.asarray(y_true, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
-    pos = int(y_true.sum())
-    neg = len(y_true) - pos
-    if pos == 0 or neg == 0:
+    w = np.ones(len(y_true)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if not (y_true.shape == scores.shape == w.shape):
+        raise ValueError(f"labels {y_true.shape}, scores {scores.shape}, weights {w.shape} differ")
+    pos, neg = w * (y_true == 1), w * (y_true == 0)
+    if pos.sum() <= 0 or neg.sum() <= 0:
         return math.nan
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # Average ranks over ties so that equal scores count half.
-    _, start, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = start + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y_true == 1].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+    values, group = np.unique(scores, return_inverse=True)
+    neg_at = np.bincount(group, weights=neg, minlength=len(values))  # non-IDC weight per score
+    below = np.cumsum(neg_at) - neg_at
+    won = (pos * (below[group] + 0.5 * neg_at[group])).sum()
+    return float(won / (pos.sum() * neg.sum()))
+
+
+def patient_weights(patients: np.ndarray) -> np.ndarray:
+    """Per example, 1 / its patient's number of examples: every patient then weighs 1."""
+    _, inverse, counts = np.unique(np.asarray(patients), return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]
+
+
+def balanced_accuracy(
+    y_true: np.ndarray,
+    prob_pos: np.ndarray,
+    threshold: float = 0.5,
+    weights: np.ndarray | None = None,
+) -> float:
+    """Mean over the classes present of the (weighted) share of that class called right."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    called = np.asarray(prob_pos, dtype=np.float64) >= threshold
+    w = np.ones(len(y_true)) if weights is None else np.asarray(weights, dtype=np.float64)
+    recalls = []
+    for cls, right in ((0, ~called), (1, called)):
+        mass = w[y_true == cls].sum()
+        if mass > 0:
+            recalls.append(w[(y_true == cls) & right].sum() / mass)
+    if not recalls:
+        raise ValueError("cannot compute balanced accuracy on zero examples")
+    return float(np.mean(recalls))
+
+
+def per_patient(
+    y_true: np.ndarray, prob_pos: np.ndarray, patients: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """Balanced accuracy at ``threshold`` and AUC with every patient weighing the same."""
+    w = patient_weights(patients)
+    return {
+        BAC_PER_PATIENT: balanced_accuracy(y_true, prob_pos, threshold, w),
+        AUC_PER_PATIENT: roc_auc(y_true, prob_pos, w),
+    }
 
 
 @dataclass(frozen=True)
@@ -84,15 +129,13 @@ def score(
         raise ValueError("cannot compute metrics on zero examples")
     y_pred = (prob_pos >= threshold).astype(np.int64)
     (tn, fp), (fn, tp) = confusion_matrix(y_true, y_pred)
-    recalls = [_ratio(tn, tn + fp)] if tn + fp else []
-    recalls += [_ratio(tp, tp + fn)] if tp + fn else []
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
     return Evaluation(
         loss=float(loss),
         examples=len(y_true),
         accuracy=_ratio(tn + tp, len(y_true)),
-        balanced_accuracy=float(np.mean(recalls)),
+        balanced_accuracy=balanced_accuracy(y_true, prob_pos, threshold),
         precision=precision,
         recall=recall,
         f1=_ratio(2 * precision * recall, precision + recall),

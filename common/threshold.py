@@ -199,20 +199,27 @@ def resolves(positives: Sequence[int], negatives: Sequence[int]) -> bool:
     return bool(pos.sum() > 0 and neg.sum() > 0 and np.count_nonzero(pos + neg) >= 2)
 
 
-def best_exact(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float] | None:
+def best_exact(
+    labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[float, float] | None:
     """The threshold maximising balanced accuracy of ``p >= t`` on these patches, and that accuracy.
 
     Candidates are the unique probabilities themselves, so the accuracy returned is exactly
-    what the threshold gives on these patches, however close together they are. Ties go to
-    the candidate nearest the default 0.5; None without both classes.
+    what the threshold gives on these patches, however close together they are. ``weights``:
+    per patch (default 1 each; :func:`common.metrics.patient_weights` makes each patient weigh
+    the same within its class). Ties go to the candidate nearest the default 0.5; None without
+    both classes.
     """
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    pos, neg = np.sort(probs[labels == 1]), np.sort(probs[labels == 0])
-    if len(pos) == 0 or len(neg) == 0:
+    w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
+    pos, neg = w * (labels == 1), w * (labels == 0)
+    if pos.sum() <= 0 or neg.sum() <= 0:
         return None
-    cand = np.unique(probs)
-    recall = (len(pos) - np.searchsorted(pos, cand, "left")) / len(pos)
-    specificity = np.searchsorted(neg, cand, "left") / len(neg)
+    cand, group = np.unique(probs, return_inverse=True)
+    pos_at = np.bincount(group, weights=pos, minlength=len(cand))
+    neg_at = np.bincount(group, weights=neg, minlength=len(cand))
+    recall = pos_at[::-1].cumsum()[::-1] / pos.sum()  # positives at or above each candidate
+    specificity = (neg_at.cumsum() - neg_at) / neg.sum()  # negatives below it
     bacc = (recall + specificity) / 2
     best = np.flatnonzero(np.isclose(bacc, bacc.max(), rtol=0, atol=1e-12))
     k = best[np.argmin(np.abs(cand[best] - DEFAULT))]

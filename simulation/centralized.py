@@ -120,7 +120,7 @@ def run_centralized(
     where = f"this run's {config.split}-split validation part, seed {config.seed}"
     choice = on_validation(model, patches, split.val, where)
     labels, probs, loss = probabilities(model, patches, split.test)
-    test = both((labels, probs, loss), choice)
+    test = both((labels, probs, loss), choice, patches.patients[split.test])
     summary: dict[str, Any] = {
         "config": asdict(config),
         "data": {

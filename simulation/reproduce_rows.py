@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1
+from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1, PER_PATIENT
 from simulation.report import fmt, md_table
 from simulation.scoring import AT_CHOSEN
 
-HEAD = (ACCURACY, BALANCED_ACCURACY, F1, AUC)
+HEAD = (ACCURACY, BALANCED_ACCURACY, F1, AUC, *PER_PATIENT)
 THRESHOLDS = (
     "Every model is scored twice on its test patients: **at 0.5** and **at the "
     "validation-chosen threshold t**, the one that maximises balanced accuracy on that run's "
@@ -22,7 +22,10 @@ THRESHOLDS = (
     "coordinator's own choice from the sites' summed validation histograms (what the product "
     "deploys), or, where those 50 bins cannot resolve the model (every P(IDC) in one bin), the "
     "exact choice on the sites' pooled validation patients; `results.json` names each "
-    "threshold's source. The targets table uses the numbers at the validation-chosen threshold."
+    "threshold's source. The targets table uses the numbers at the validation-chosen threshold. "
+    "Every metric weighs each test patch the same, as the issue's targets do, except the last "
+    "two columns (`_per_patient`): there every test patient weighs the same (a patch 1 / its "
+    "patient's patches), since a few patients hold hundreds of patches and most hold tens."
 )
 
 

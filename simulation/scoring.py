@@ -25,7 +25,16 @@ import torch
 from common.config import Norm
 from common.data import PatchSet
 from common.dataset import PatchDataset, make_loader
-from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, CONFUSION, EXAMPLES, F1
+from common.metrics import (
+    ACCURACY,
+    AUC,
+    BALANCED_ACCURACY,
+    CONFUSION,
+    EXAMPLES,
+    F1,
+    PER_PATIENT,
+    per_patient,
+)
 from common.metrics import score as score_at
 from common.model import build_model, model_kind
 from common.site_data import EVAL_BATCH, Loader, set_weights
@@ -41,6 +50,7 @@ from common.training import predict, resolve_device
 
 AT_CHOSEN = "at_validation_threshold"
 HEADLINE = (ACCURACY, BALANCED_ACCURACY, F1, AUC)
+KEPT = (*HEADLINE, *PER_PATIENT)  # what a scored row keeps of the metrics
 Probs = tuple[np.ndarray, np.ndarray, float]  # labels, P(IDC), mean loss
 
 
@@ -65,24 +75,35 @@ def on_validation(
     return choose_exact(labels, probs, where)
 
 
-def both(test: Probs, choice: Choice | None) -> dict[str, Any]:
-    """Metrics at 0.5 (top level) and, given a choice, at its threshold (:data:`AT_CHOSEN`)."""
+def both(test: Probs, choice: Choice | None, patients: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics at 0.5 (top level) and, given a choice, at its threshold (:data:`AT_CHOSEN`).
+
+    ``patients``: per patch, its patient; then each part also holds the balanced accuracy and
+    AUC with every patient weighing the same (:data:`common.metrics.PER_PATIENT`).
+    """
     labels, probs, loss = test
-    out: dict[str, Any] = score_at(labels, probs, loss).as_dict()
+
+    def at(t: float) -> dict[str, Any]:
+        out: dict[str, Any] = score_at(labels, probs, loss, t).as_dict()
+        if patients is not None:
+            out |= per_patient(labels, probs, patients, t)
+        return out
+
+    out = at(DEFAULT)
     if choice is not None:
-        at = score_at(labels, probs, loss, choice.threshold).as_dict()
+        chosen = at(choice.threshold)
         out[AT_CHOSEN] = {
             "threshold": choice.threshold,
             "threshold_source": choice.source,
             "validation_balanced_accuracy": choice.balanced_accuracy,
-            **{k: at[k] for k in (*HEADLINE, CONFUSION, EXAMPLES)},
+            **{k: chosen[k] for k in (*KEPT, CONFUSION, EXAMPLES) if k in chosen},
         }
     return out
 
 
 def headline(res: Mapping[str, Any]) -> dict[str, Any]:
     """The keys a row keeps: headline metrics, confusion, count, the chosen-threshold part."""
-    keep = (*HEADLINE, CONFUSION, EXAMPLES, AT_CHOSEN)
+    keep = (*KEPT, CONFUSION, EXAMPLES, AT_CHOSEN)
     return {k: res[k] for k in keep if k in res}
 
 
@@ -95,7 +116,7 @@ def metrics(
     model: Any, patches: PatchSet, idx: np.ndarray, choice: Choice | None = None
 ) -> dict[str, Any]:
     """Headline metrics of ``model`` on ``patches[idx]`` at 0.5 and at ``choice`` if given."""
-    return headline(both(probabilities(model, patches, idx), choice))
+    return headline(both(probabilities(model, patches, idx), choice, patches.patients[idx]))
 
 
 def score(
@@ -110,9 +131,9 @@ def score(
 
 
 def mean_spread(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of each headline metric over ``rows`` (NaNs skipped) and its standard deviation."""
+    """Mean of each kept metric over ``rows`` (NaNs skipped) and its standard deviation."""
     out: dict[str, Any] = {}
-    for key in HEADLINE:
+    for key in KEPT:
         vals = np.array([r[key] for r in rows if r.get(key) is not None], dtype=np.float64)
         vals = vals[np.isfinite(vals)]
         out[key] = float(vals.mean()) if len(vals) else float("nan")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1
+from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1, PER_PATIENT
 from common.privacy import PRIVACY_UNIT
 from simulation.cli import main as sim_main
 from simulation.report import fmt
@@ -43,7 +43,7 @@ def _line(report: str, start: str) -> str:
 
 
 def _cells(m: dict) -> str:
-    return " | ".join(fmt(m[k]) for k in (ACCURACY, BALANCED_ACCURACY, F1, AUC))
+    return " | ".join(fmt(m[k]) for k in (ACCURACY, BALANCED_ACCURACY, F1, AUC, *PER_PATIENT))
 
 
 def test_reproduce_writes_a_report_whose_numbers_come_from_the_runs(tmp_path, one_thread):

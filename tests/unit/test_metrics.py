@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from common.metrics import AUC, json_safe, roc_auc, score
+from common.metrics import AUC, json_safe, patient_weights, roc_auc, score
 
 
 def test_metrics_against_hand_computed_values():
@@ -27,6 +27,28 @@ def test_metrics_against_hand_computed_values():
 def test_auc_counts_ties_half():
     assert roc_auc(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
     assert roc_auc(np.array([0, 0, 1]), np.array([0.2, 0.5, 0.5])) == pytest.approx(0.75)
+
+
+def test_weighted_auc_counts_a_weight_of_k_as_k_copies():
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 2, 40), np.round(rng.random(40), 1)  # ties across classes
+    k = rng.integers(1, 6, 40)
+    weighted = roc_auc(y, p, k.astype(float))
+    assert weighted == pytest.approx(roc_auc(np.repeat(y, k), np.repeat(p, k)))
+    assert weighted != pytest.approx(roc_auc(y, p))  # the weights did something
+
+
+def test_patient_weights_make_every_patient_weigh_one():
+    patients = np.array(["a"] * 6 + ["b"] * 2 + ["c"])
+    w = patient_weights(patients)
+    assert w.tolist() == pytest.approx([1 / 6] * 6 + [0.5] * 2 + [1.0])
+    # a large patient ranked wrongly decides the plain AUC but not the patient-weighted one
+    y = np.array([0] * 6 + [1] * 2 + [0])
+    p = np.array([0.9] * 6 + [0.8, 0.8] + [0.1])
+    assert roc_auc(y, p) == pytest.approx(1 / 7)
+    assert roc_auc(y, p, w) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="weights"):
+        roc_auc(y, p, w[:3])
 
 
 def test_single_class_edge_case():

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import BALANCED_ACCURACY, score
+from common.metrics import (
+    AUC_PER_PATIENT,
+    BAC_PER_PATIENT,
+    BALANCED_ACCURACY,
+    PER_PATIENT,
+    score,
+)
 from common.patch_types import PatchSet
 from common.threshold import BINS, VALIDATION_BAC, best_edge, best_exact, histograms
 from simulation.scoring import (
@@ -81,6 +87,23 @@ def test_both_keeps_the_numbers_at_half_and_adds_the_chosen_ones() -> None:
     assert out[AT_CHOSEN][BALANCED_ACCURACY] == at_t[BALANCED_ACCURACY]
     assert out[AT_CHOSEN]["confusion"] == at_t["confusion"]
     assert AT_CHOSEN not in both((labels, probs, 0.25), None)
+
+
+def test_per_patient_metrics_weigh_every_patient_the_same() -> None:
+    # patient "big": 6 non-IDC patches scored high (wrong at 0.5); "a", "b": right
+    labels = np.array([0] * 6 + [1, 1, 0])
+    probs = np.array([0.9] * 6 + [0.8, 0.7, 0.1])
+    patients = np.array(["big"] * 6 + ["a", "a", "b"])
+    patches, val, _ = grey_patches()
+    choice = on_validation(Brightness(), patches, val, "v")
+    out = both((labels, probs, 0.25), choice, patients)
+    assert out[BALANCED_ACCURACY] == pytest.approx((1 / 7 + 1) / 2)  # per patch
+    assert out[BAC_PER_PATIENT] == pytest.approx((1 / 2 + 1) / 2)  # "big" is one of 2 negatives
+    assert out[AUC_PER_PATIENT] == pytest.approx(0.5)
+    at = score(labels, probs, 0.25, choice.threshold)
+    assert out[AT_CHOSEN][BALANCED_ACCURACY] == at.balanced_accuracy
+    assert set(PER_PATIENT) <= set(out[AT_CHOSEN])
+    assert not set(PER_PATIENT) & set(both((labels, probs, 0.25), choice))  # needs patients
 
 
 def _rounds(pos: list[int], neg: list[int]) -> list[dict]:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common import protocol
+from common.metrics import patient_weights
 from common.protocol import EvalMetrics, RoundRow
 from common.threshold import (
     BINS,
@@ -152,6 +153,27 @@ def test_the_exact_choice_is_the_best_threshold_on_the_patches(seed: int, n: int
     assert bacc == pytest.approx(pooled_bacc(y, p, t))  # exactly what t gives
     for cand in np.linspace(0, 1, 201):  # no threshold, on the grid or between, does better
         assert pooled_bacc(y, p, cand) <= bacc + 1e-9
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 40))
+def test_a_weight_of_k_counts_as_k_copies_of_the_patch(seed: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    y, p = rng.integers(0, 2, n), np.round(rng.random(n), 1)
+    k = rng.integers(1, 5, n)
+    assert best_exact(y, p, k.astype(float)) == best_exact(np.repeat(y, k), np.repeat(p, k))
+
+
+def test_patient_weights_keep_one_large_patient_from_choosing() -> None:
+    # one patient of 90 non-IDC patches scored high, against ten patients of one each
+    y = np.array([0] * 90 + [0] * 5 + [1] * 5)
+    p = np.array([0.7] * 90 + [0.1, 0.2, 0.2, 0.3, 0.3] + [0.6, 0.6, 0.8, 0.9, 0.9])
+    patients = np.array(["big"] * 90 + [f"p{i}" for i in range(10)])
+    by_patch = best_exact(y, p)
+    by_patient = best_exact(y, p, patient_weights(patients))
+    assert by_patch is not None and by_patient is not None
+    assert by_patch == (0.8, pytest.approx((3 / 5 + 1) / 2))  # set by the large patient
+    assert by_patient == (0.6, pytest.approx((1 + 5 / 6) / 2))  # finds every IDC patient
 
 
 def nearly_constant(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
