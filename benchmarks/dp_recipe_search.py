@@ -13,6 +13,7 @@ a weighted average of the sites' weights per round (what FedAvg does), and no Fl
 The global model is scored on the union of the sites' VALIDATION patients; test patients are
 never read. One line per candidate: validation balanced accuracy, AUC, the AUC that weighs
 every validation patient the same (a few patients hold most validation patches), wall time.
+``--epsilons 0`` is the control: the same sites, loaders, optimizer and loop without DP-SGD.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.metrics import patient_weights, roc_auc
 from common.model import build_model
 from common.privacy import DPConfig, make_private, release
 from common.recipe import Recipe, make_optimizer
@@ -71,17 +73,21 @@ def _average(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.n
 
 
 def _site_round(
-    site: Site, arrays: dict[str, np.ndarray], cand: Candidate, noise: float, seed: int
+    site: Site, arrays: dict[str, np.ndarray], cand: Candidate, noise: float | None, seed: int
 ) -> dict[str, np.ndarray]:
+    """One site's local epochs from ``arrays``: DP-SGD at ``noise``, or plain when None."""
     model = set_weights(build_model("group", seed=0, kind=cand.model), arrays)  # type: ignore[arg-type]
     recipe = Recipe("dihedral+color", 1e-4, "constant", cand.ema)
     opt = make_optimizer(model.parameters(), cand.lr, recipe)
     loader = site.loader("train", cand.batch, seed, train=True)
-    dp = DPConfig(noise, None, cand.clip, 1e-5)
-    private = make_private(model, opt, loader, dp, cand.epochs, seed=seed, views=cand.augmult)
     config = TrainConfig(
         epochs=cand.epochs, lr=cand.lr, patience=None, device="cpu", recipe=recipe, seed=seed
     )
+    if noise is None:  # the no-DP control: the same loader, optimizer and loop
+        train(model, loader, config, optimizer=opt)
+        return model_arrays(model)
+    dp = DPConfig(noise, None, cand.clip, 1e-5)
+    private = make_private(model, opt, loader, dp, cand.epochs, seed=seed, views=cand.augmult)
     try:
         train(
             private.model,
@@ -95,22 +101,6 @@ def _site_round(
     return model_arrays(model)
 
 
-def patient_weighted_auc(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray) -> float:
-    """AUC with every patient weighing the same (a patch weighs 1 / its patient's patches):
-    validation holds a few patients of hundreds of patches beside many of tens."""
-    _, inverse, counts = np.unique(patients, return_inverse=True, return_counts=True)
-    weight = 1.0 / counts[inverse]
-    pos, neg = labels == 1, labels == 0
-    if not pos.any() or not neg.any():
-        return float("nan")
-    # Weighted rank-sum: each (IDC, non-IDC) pair weighs the product, ties count half.
-    values, group = np.unique(probs, return_inverse=True)
-    neg_at = np.bincount(group, weights=weight * neg, minlength=len(values))
-    below = np.cumsum(neg_at) - neg_at
-    won = (weight * pos * (below[group] + 0.5 * neg_at[group])).sum()
-    return float(won / (weight[pos].sum() * weight[neg].sum()))
-
-
 def run(prep: Prepared, data: Path, cand: Candidate, epsilon: float, seed: int) -> dict[str, Any]:
     """FedAvg with DP-SGD at every site; scores on the sites' validation patients."""
     plan = SimPlan(
@@ -122,7 +112,9 @@ def run(prep: Prepared, data: Path, cand: Candidate, epsilon: float, seed: int) 
         seed=seed,
     )
     sites = prep.open(seed)
-    noise = noise_for_plan(plan, sites, DPSpec(epsilon=epsilon, max_grad_norm=cand.clip))
+    noise = None  # epsilon 0: no DP (the control)
+    if epsilon > 0:
+        noise = noise_for_plan(plan, sites, DPSpec(epsilon=epsilon, max_grad_norm=cand.clip))
     start = time.monotonic()
     arrays = model_arrays(build_model("group", seed=seed, kind=cand.model))  # type: ignore[arg-type]
     for rnd in range(1, cand.rounds + 1):
@@ -145,7 +137,7 @@ def run(prep: Prepared, data: Path, cand: Candidate, epsilon: float, seed: int) 
         "val_patients": int(len(set(patients))),
         "val_balanced_accuracy": ev.balanced_accuracy,
         "val_auc": ev.auc,
-        "val_auc_per_patient": patient_weighted_auc(labels, probs, patients),
+        "val_auc_per_patient": roc_auc(labels, probs, patient_weights(patients)),
         "val_p_range": [float(np.percentile(probs, 5)), float(np.percentile(probs, 95))],
         "seconds": time.monotonic() - start,
     }
@@ -157,7 +149,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--patients", type=int, default=60)
     parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--epsilons", default="8")
+    parser.add_argument("--epsilons", default="8", help="0: no DP, the control")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--config", action="append", required=True)
     args = parser.parse_args()
@@ -175,8 +167,9 @@ def main() -> int:
                 row = run(prep, cohort.data, cand, eps, seed)
                 with results.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
+                noise = "no DP" if row["noise"] is None else f"noise {row['noise']:.3f}"
                 print(
-                    f"{text} eps {eps:g} seed {seed}: noise {row['noise']:.3f} val BAC "
+                    f"{text} eps {eps:g} seed {seed}: {noise}, val BAC "
                     f"{row['val_balanced_accuracy']:.3f} AUC {row['val_auc']:.3f} "
                     f"per-patient AUC {row['val_auc_per_patient']:.3f} "
                     f"({row['seconds'] / 60:.1f} min)",
