@@ -13,7 +13,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1, json_safe  # noqa: E402
+from common.metrics import (  # noqa: E402
+    ACCURACY,
+    AUC,
+    AUC_PER_PATIENT,
+    BAC_PER_PATIENT,
+    BALANCED_ACCURACY,
+    F1,
+    json_safe,
+)
 from common.privacy import PRIVACY_UNIT  # noqa: E402
 from simulation.scoring import AT_CHOSEN  # noqa: E402
 
@@ -22,6 +30,8 @@ COLUMNS = (
     (BALANCED_ACCURACY, "balanced accuracy"),
     (F1, "F1"),
     (AUC, "AUC"),
+    (BAC_PER_PATIENT, "balanced accuracy per patient"),  # every test patient weighs the same
+    (AUC_PER_PATIENT, "AUC per patient"),
 )
 
 
@@ -76,7 +86,8 @@ CHOSEN_HEADER = "balanced accuracy at the validation-chosen threshold"
 CHOSEN_NOTE = (
     "Metrics are at the decision threshold 0.5, except the column at the threshold chosen on "
     "validation patients only (the one a deployed model carries; see results.json for it and "
-    "its source)."
+    "its source). Every metric weighs each test patch the same, except those per patient: "
+    "there every test patient weighs the same (a patch 1 / its patient's patches)."
 )
 
 

@@ -20,6 +20,7 @@ from common.data import load_patches
 from common.dataset import PatchDataset, make_loader
 from common.errors import EXIT_INTERRUPTED
 from common.keys import load_public_key
+from common.metrics import AUC_PER_PATIENT, BAC_PER_PATIENT
 from common.model import build_model
 from common.privacy import PRIVACY_UNIT
 from common.provenance import load_model
@@ -174,6 +175,10 @@ def test_fedavg_simulation_learns_compares_and_leaves_nothing_running(
     chosen = results["fedavg"]["fedavg"]["union"]["at_validation_threshold"]
     fedavg_row = next(line for line in report.splitlines() if line.startswith("| FedAvg |"))
     assert fedavg_row.rstrip(" |").endswith(f"{chosen['balanced_accuracy']:.4f}"), fedavg_row
+    # and, beside the patch-level metrics, those that weigh every test patient the same
+    fed = results["fedavg"]["fedavg"]["union"]
+    per_patient = f"| {fed[BAC_PER_PATIENT]:.4f} | {fed[AUC_PER_PATIENT]:.4f} |"
+    assert per_patient in fedavg_row, fedavg_row
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     # the real coordinator path: registered keys, signed updates, verifiable audit logs
