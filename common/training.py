@@ -118,7 +118,8 @@ def train_epoch(
     to each step's loss for the gradient only; the reported loss stays the data's.
     ``transform`` augments each batch on the device; ``after_step`` runs after each
     optimizer step (the recipe's schedule and parameter average). ``criterion`` replaces
-    the cross-entropy (:attr:`common.privacy.PrivateObjects.criterion`).
+    the cross-entropy (:attr:`common.privacy.PrivateObjects.criterion`). A batch of one
+    example is skipped when the model has batch norm, which cannot train on it.
     """
     accel = accel or Accel(device)
     model.train()
@@ -127,7 +128,12 @@ def train_epoch(
     loss_sum = torch.zeros((), device=device)
     correct_sum = torch.zeros((), device=device, dtype=torch.long)
     seen, steps = 0, 0
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if batch_norm and len(y) == 1:
+            # batch norm cannot train on one example (it raises): a training part of
+            # k * batch + 1 patches leaves one out of each epoch, a different one each shuffle
+            continue
         x, y = to_device(x, y, device, accel)
         if transform is not None:
             x = transform(x)

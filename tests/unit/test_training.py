@@ -72,6 +72,18 @@ def test_short_training_learns_and_evaluation_reports_all_metrics():
     }
 
 
+def test_a_last_batch_of_one_patch_does_not_stop_a_batch_norm_model():
+    # 65 training patches at batch 64 (a site's or a split's count, not chosen by anyone)
+    images, labels = toy(65)
+    model = build_model("batch", seed=0, kind="paper")
+    loader = make_loader(PatchDataset(images, labels), 64, True)
+    result = train(model, loader, TrainConfig(epochs=2, lr=1e-3, patience=None))
+    assert result.steps == 2 and result.examples == 2 * 64  # the lone patch is left out
+    group = build_model("group", seed=0, kind="paper")  # without batch norm every patch counts
+    result = train(group, loader, TrainConfig(epochs=1, lr=1e-3, patience=None))
+    assert result.steps == 2 and result.examples == 65
+
+
 def test_early_stopping_restores_the_best_weights():
     images, labels = toy(64)
     model = build_model(seed=0)
