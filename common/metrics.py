@@ -42,18 +42,31 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else 0.0
 
 
+def class_weights(
+    y_true: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per example, its weight if IDC (else 0) and its weight if not IDC (else 0).
+
+    ``weights``: per example, default 1 each; :func:`patient_weights` makes every patient weigh
+    the same.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    w = np.ones(len(y_true)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != y_true.shape:
+        raise ValueError(f"labels {y_true.shape} and weights {w.shape} differ in shape")
+    return w * (y_true == 1), w * (y_true == 0)
+
+
 def roc_auc(y_true: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
     """Area under the ROC curve by the rank-sum statistic, ties counted half; NaN if one class.
 
     ``weights``: per example (default 1 each); a pair of an IDC and a non-IDC example weighs the
     product of theirs, so :func:`patient_weights` makes every patient weigh the same.
     """
-    y_true = np.asarray(y_true, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
-    w = np.ones(len(y_true)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if not (y_true.shape == scores.shape == w.shape):
-        raise ValueError(f"labels {y_true.shape}, scores {scores.shape}, weights {w.shape} differ")
-    pos, neg = w * (y_true == 1), w * (y_true == 0)
+    pos, neg = class_weights(y_true, weights)
+    if scores.shape != pos.shape:
+        raise ValueError(f"labels {pos.shape} and scores {scores.shape} differ in shape")
     if pos.sum() <= 0 or neg.sum() <= 0:
         return math.nan
     values, group = np.unique(scores, return_inverse=True)
@@ -76,14 +89,13 @@ def balanced_accuracy(
     weights: np.ndarray | None = None,
 ) -> float:
     """Mean over the classes present of the (weighted) share of that class called right."""
-    y_true = np.asarray(y_true, dtype=np.int64)
     called = np.asarray(prob_pos, dtype=np.float64) >= threshold
-    w = np.ones(len(y_true)) if weights is None else np.asarray(weights, dtype=np.float64)
-    recalls = []
-    for cls, right in ((0, ~called), (1, called)):
-        mass = w[y_true == cls].sum()
-        if mass > 0:
-            recalls.append(w[(y_true == cls) & right].sum() / mass)
+    pos, neg = class_weights(y_true, weights)
+    recalls = [
+        mass[right].sum() / mass.sum()
+        for mass, right in ((neg, ~called), (pos, called))
+        if mass.sum() > 0
+    ]
     if not recalls:
         raise ValueError("cannot compute balanced accuracy on zero examples")
     return float(np.mean(recalls))

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.metrics import class_weights
+
 BINS = 50
 DEFAULT = 0.5
 MIN_SPAN = 1.0 / BINS  # the narrowest range a refinement may ask for: one coarse bin
@@ -210,9 +212,8 @@ def best_exact(
     the same within its class). Ties go to the candidate nearest the default 0.5; None without
     both classes.
     """
-    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
-    pos, neg = w * (labels == 1), w * (labels == 0)
+    probs = np.asarray(probs, dtype=np.float64)
+    pos, neg = class_weights(labels, weights)
     if pos.sum() <= 0 or neg.sum() <= 0:
         return None
     cand, group = np.unique(probs, return_inverse=True)
