@@ -18,7 +18,9 @@ Every row works on one cohort: the source's patients (or a seeded subsample of t
 ``--quick``) linked once into ``OUT/cohort``. A row that fails is recorded with its error and
 the others go on; the command then exits non-zero. ``--max-minutes`` skips the rows, and the
 runs inside a row (candidates, partitions, DP points), that would start after the deadline,
-and names them in the report.
+and names them in the report. The report is written after every row, the rows not reached
+yet marked so, and once more at the end: a command stopped from outside (a job's time limit,
+a lost machine) leaves the rows it finished.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 Say = Callable[[str], None]
 ROWS = ("paper", "central", "fedavg", "dp")
 Late = Callable[[], bool]  # whether --max-minutes has passed
+# what a requested row holds in a report written before the row ended
+NOT_REACHED = {"skipped": "not reached when this report was written (a later write replaces it)"}
 __all__ = ["FULL", "QUICK", "ROWS", "Request", "Schedule", "reproduce"]
 
 
@@ -259,9 +263,17 @@ Clock = Callable[[], float]  # seconds, for --max-minutes (time.monotonic)
 
 
 def run_rows(
-    req: Request, cohort: Cohort, say: Say, started: float, clock: Clock = time.monotonic
+    req: Request,
+    cohort: Cohort,
+    say: Say,
+    started: float,
+    clock: Clock = time.monotonic,
+    after_row: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Every requested row in order; a failed row is recorded, a late one skipped."""
+    """Every requested row in order; a failed row is recorded, a late one skipped.
+
+    ``after_row`` is called with the rows so far after each one that ran.
+    """
     rows: dict[str, Any] = {}
 
     def late() -> bool:
@@ -286,6 +298,7 @@ def run_rows(
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
         rows[name]["seconds"] = clock() - t0
         say(f"[{i}/{len(req.rows)}] {name}: done in {rows[name]['seconds'] / 60:.1f} min")
+        after_row(rows)
     return rows
 
 
@@ -302,18 +315,26 @@ def reproduce(req: Request, say: Say = log.info, clock: Clock = time.monotonic) 
     need = req.schedule.patients_needed(req.rows)
     cohort = make_cohort(req.data, out, req.schedule.patients, req.seeds[0], need)
     say(f"cohort: {cohort.facts['patients']} patients, {cohort.facts['patches']} patches")
-    rows = run_rows(replace(req, out=out), cohort, say, started, clock)
-    results = {
-        "label": req.schedule.name.upper(),
-        "schedule": asdict(req.schedule),
-        "seeds": list(req.seeds),
-        "rows_requested": list(req.rows),
-        "max_minutes": req.max_minutes,
-        "data": cohort.facts,
-        "machine": reproduce_report.machine(),
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall)),
-        "wall_seconds": clock() - started,
-        "rows": rows,
-    }
-    reproduce_report.write(out, results)
-    return results
+
+    def results(rows: dict[str, Any], finished: bool) -> dict[str, Any]:
+        done = {name: rows.get(name, NOT_REACHED) for name in req.rows}
+        return {
+            "label": req.schedule.name.upper(),
+            "schedule": asdict(req.schedule),
+            "seeds": list(req.seeds),
+            "rows_requested": list(req.rows),
+            "max_minutes": req.max_minutes,
+            "data": cohort.facts,
+            "machine": reproduce_report.machine(),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall)),
+            "wall_seconds": clock() - started,
+            "finished": finished,
+            "rows": done,
+        }
+
+    def partial(rows: dict[str, Any]) -> None:
+        reproduce_report.write(out, results(rows, finished=False))
+
+    final = results(run_rows(replace(req, out=out), cohort, say, started, clock, partial), True)
+    reproduce_report.write(out, final)
+    return final

@@ -267,8 +267,14 @@ def _header(r: Mapping[str, Any]) -> str:
     m, d, s = r["machine"], r["data"], r["schedule"]
     device = f"GPU {m['gpu']}" if m["gpu"] else f"CPU {m['cpu']}, {m['cores']} cores"
     quick = " (a reduced schedule, not the full run)" if r["label"] == "QUICK" else ""
+    partial = (
+        ""
+        if r.get("finished", True)
+        else "\n\n**Partial report**: written after a row while the command still ran; a row "
+        "not reached yet says so. If this is the last version, the command was stopped there."
+    )
     sched = ", ".join(f"{k} {v}" for k, v in s.items() if k != "name")
-    return f"""# idc-sim reproduce: {r["label"]}{quick}
+    return f"""# idc-sim reproduce: {r["label"]}{quick}{partial}
 
 - Machine: {device}; torch {m["torch"]}, {m["threads"]} thread(s), Python {m["python"]}.
 - Started {r["started_utc"]}; wall time {r["wall_seconds"] / 60:.1f} min.

@@ -57,6 +57,8 @@ def test_reproduce_writes_a_report_whose_numbers_come_from_the_runs(tmp_path, on
     assert doc["label"] == "TINY" and doc["data"]["patches"] == summary.patches
     assert doc["data"]["patients"] == 9 and len(doc["data"]["digest"]) == 64
     assert doc["machine"]["torch"] == torch.__version__
+    assert doc["finished"] is True  # the last write: no row says "not reached"
+    assert "Partial report" not in (out / "report.md").read_text()
     for name in (
         "paper-curves.png",
         "paper-confusion.png",

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from common.metrics import ACCURACY
 from common.paths import MODEL_FILE
 from simulation.report import fmt
-from simulation.reproduce import Request, reproduce
+from simulation.reproduce import NOT_REACHED, Request, reproduce
 from simulation.scoring import AT_CHOSEN
 from simulation.synth import SynthSpec, synthesize
 from tests.integration.test_reproduce import TINY, _line
@@ -83,3 +84,33 @@ def test_the_central_row_stops_between_candidates(tmp_path: Path, one_thread: No
     assert not (out / "central" / "candidate-1").exists()
     report = (out / "report.md").read_text()
     assert "**Not run, --max-minutes reached: candidate-1.**" in report
+
+
+class Stopped(BaseException):
+    """What a job's time limit does to the command: it ends it from outside, mid-row."""
+
+
+def test_a_command_stopped_mid_run_leaves_the_rows_it_finished(
+    tmp_path: Path, one_thread: None
+) -> None:
+    out = tmp_path / "out"
+    req = Request(_data(tmp_path), out, TINY, seeds=(0,), rows=("paper", "central"))
+
+    def say(line: str) -> None:
+        if line.startswith("[2/2] central: starting"):
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        reproduce(req, say=say)
+
+    doc = json.loads((out / "results.json").read_text())
+    paper = json.loads((out / "paper" / "run" / "metrics.json").read_text())["test"]
+    assert doc["finished"] is False
+    assert doc["rows"]["paper"]["test"][ACCURACY] == paper[ACCURACY]
+    assert doc["rows"]["central"] == NOT_REACHED
+    verdicts = {t["row"]: t["verdict"] for t in doc["targets"]}
+    assert verdicts["2"] == "not run" and verdicts["1"] in ("met", "NOT met")
+    report = (out / "report.md").read_text()
+    assert "**Partial report**" in report
+    assert f"_skipped: {NOT_REACHED['skipped']}_" in report
+    assert (out / "figures" / "paper-curves.png").read_bytes()[:4] == b"\x89PNG"
