@@ -171,12 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list", type=int, default=10, help="how many problem files to name")
     _add_management(sub)
-    from client import approvals, predict, runner, status
+    from client import approvals, predict_cli, runner, status
 
     runner.add_start_parser(sub)
     status.add_status_parser(sub)
     approvals.add_approve_parser(sub)
-    predict.add_predict_parser(sub)
+    predict_cli.add_predict_parser(sub)
     return parser
 
 
