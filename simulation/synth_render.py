@@ -1,19 +1,42 @@
 """How a synthetic patient's patches look: H&E-like stain, nuclei, fat and a compact tumour.
 
 The image model behind :mod:`simulation.synth` (which writes the patches to disk): pure
-functions of a seeded generator and a :class:`~simulation.synth.SynthSpec`.
+functions of a seeded generator and a :class:`Spec` (a :class:`~simulation.synth.SynthSpec`
+is one; this module does not import it, so the two never import each other).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from simulation.synth import SynthSpec
+
+class Spec(Protocol):
+    """What rendering reads of a :class:`~simulation.synth.SynthSpec`."""
+
+    @property
+    def seed(self) -> int:
+        """The run seed."""
+
+    @property
+    def sites(self) -> int:
+        """How many sites the patients are dealt to."""
+
+    @property
+    def site_shift(self) -> float:
+        """How far each site's stain drifts."""
+
+    @property
+    def patches_per_patient(self) -> tuple[int, int]:
+        """Fewest and most patches a patient."""
+
+    @property
+    def positive_fraction(self) -> tuple[float, float]:
+        """Range of a patient's IDC share."""
+
 
 PATCH = 50
 
@@ -24,7 +47,7 @@ _STAMP = np.arange(-5, 6)  # 11-pixel window: the largest nucleus (radius 4.8) f
 
 
 def render_patient(
-    rng: np.random.Generator, spec: SynthSpec, index: int
+    rng: np.random.Generator, spec: Spec, index: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return a patient's (P, 50, 50, 3) uint8 images, (P,) labels and (P, 2) slide x, y."""
     lo, hi = spec.patches_per_patient
@@ -70,7 +93,7 @@ class _Stain(NamedTuple):
     light: float  # brightness of bare glass
 
 
-def _stain(rng: np.random.Generator, spec: SynthSpec, index: int) -> _Stain:
+def _stain(rng: np.random.Generator, spec: Spec, index: int) -> _Stain:
     """Per-patient stain: jittered H/E directions and strengths, plus its site's profile."""
     h = _H_OD + rng.normal(0.0, 0.04, 3)
     e = _E_OD + rng.normal(0.0, 0.04, 3)
