@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' proce
 
 from common import keys
 from common.audit import AuditLog
+from common.cli_util import run_script
 from common.config import RunConfig
 from common.digests import digest_update
 from server.coordinator import initial_arrays
@@ -321,4 +322,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_script(main, "benchmarks/fl_round_overhead.py"))

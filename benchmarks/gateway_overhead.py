@@ -24,6 +24,7 @@ from flwr.proto.message_pb2 import PushObjectRequest
 from flwr.proto.node_pb2 import Node
 from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
 
+from common.cli_util import run_script
 from flowerctl import free_port, make_tls, start_superlink, stop_process, wait_superlink_ready
 from flowerctl.gateway import start_gateway
 
@@ -84,4 +85,4 @@ def main() -> None:  # noqa: D103
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_script(main, "benchmarks/gateway_overhead.py"))

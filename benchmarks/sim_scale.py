@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from common.cli_util import run_script
 from flowerctl import descendants
 from simulation.federated import prepare, run_fedavg
 from simulation.plan import SimPlan
@@ -115,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_script(main, "benchmarks/sim_scale.py"))

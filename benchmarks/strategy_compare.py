@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from common.cli_util import run_script
 from simulation import recipe
 from simulation.federated import run_compare
 from simulation.federated_cli import add_threads_argument
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_script(main, "benchmarks/strategy_compare.py"))

@@ -23,6 +23,7 @@ from common.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_REFUSED,
     IdcError,
 )
@@ -122,12 +123,27 @@ def dispatch(
     where = " ".join(
         str(v) for v in (prog, args.command, getattr(args, "audit_command", None)) if v
     )
-    with _terminate_as_interrupt():
+    with terminate_as_interrupt():
         return _run(args, where, prepare)
 
 
+def run_script(main: Callable[[], int | None], where: str) -> int:
+    """A script's ``main`` (a benchmark) under :func:`terminate_as_interrupt`.
+
+    Ctrl-C or ``kill PID`` unwinds it like :func:`dispatch` does a command, so the SuperLink,
+    Ray and Flower processes it started are stopped on the way out; one line says so and the
+    exit status is :data:`EXIT_INTERRUPTED`.
+    """
+    try:
+        with terminate_as_interrupt():
+            return int(main() or EXIT_OK)
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (``kill``, systemd, a CI timeout) unwinds like Ctrl-C while a command runs.
 
     Python's default for SIGTERM ends the process at once, skipping every ``finally`` and

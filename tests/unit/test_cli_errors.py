@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client import cli as client_cli
-from common.errors import EXIT_BAD_INPUT, EXIT_REFUSED
+from common.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_REFUSED
 from common.model import build_model
 from common.paths import SitePaths
 from common.provenance import save_model
@@ -246,3 +252,49 @@ def test_reproduce_on_patches_of_one_class_says_so_before_any_row(tmp_path, caps
     assert sim_cli.main(argv) == EXIT_BAD_INPUT  # once: the row failed, its traceback logged
     one_error_line(capsys, str(data), "no IDC(+) patch")
     assert not (out / "cohort").exists()
+
+
+SCRIPT = """
+import subprocess, sys, time
+from pathlib import Path
+from common.cli_util import run_script
+
+def main():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(sys.argv[1]).write_text(str(child.pid))
+    try:
+        time.sleep(600)
+    finally:
+        child.kill()
+        child.wait()
+        Path(sys.argv[2]).write_text("stopped")
+
+raise SystemExit(run_script(main, "bench.py"))
+"""
+
+
+def test_a_killed_script_stops_what_it_started_on_the_way_out(tmp_path):
+    """``kill PID`` on a benchmark (run_script) unwinds its ``finally``: no process is left.
+
+    Before run_script, Python's default SIGTERM ended a benchmark at once and left the
+    SuperLink and Ray processes it had started running.
+    """
+    pid_file, done = tmp_path / "child.pid", tmp_path / "done"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(pid_file), str(done)],
+        cwd=root,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert err.strip() == "bench.py: interrupted" and done.read_text() == "stopped"
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
