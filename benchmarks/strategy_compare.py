@@ -27,8 +27,8 @@ from common.cli_util import run_script
 from simulation import recipe
 from simulation.federated import run_compare
 from simulation.federated_cli import add_threads_argument
-from simulation.reproduce import FULL, QUICK, _plan
 from simulation.reproduce_cohort import make_cohort
+from simulation.reproduce_schedule import FULL, QUICK, sim_plan
 from simulation.scoring import AT_CHOSEN
 
 
@@ -68,7 +68,9 @@ def main() -> None:
     for name in args.strategies:
         layer = {} if name == "fedavg" else recipe.strategy(name)
         rec = recipe.Recipe.of(recipe.BASE, layer)
-        plan = recipe.with_recipe(_plan(cohort, sched, args.sites, args.partition, args.seed), rec)
+        plan = recipe.with_recipe(
+            sim_plan(cohort.data, sched, args.sites, args.partition, args.seed), rec
+        )
         t0 = time.monotonic()
         res = run_compare(plan, args.out / f"{args.partition}-{args.sites}-{name}", local=False)
         print(json.dumps(_line(name, res, time.monotonic() - t0)), flush=True)

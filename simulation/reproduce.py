@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,19 +38,15 @@ import numpy as np
 from common.cli_util import one_line
 from simulation import recipe, sim_runtime
 from simulation.centralized import BaselineConfig, run_centralized
-from simulation.dp_speed import step_times
 from simulation.federated import run_compare
 from simulation.partitioners import MIN_PATIENTS
-from simulation.plan import DPSpec, SimPlan
 from simulation.reproduce_cohort import Cohort, link_balanced, make_cohort
-from simulation.reproduce_schedule import FULL, QUICK, Schedule
+from simulation.reproduce_dp import row_dp
+from simulation.reproduce_schedule import FULL, QUICK, Late, Say, Schedule, sim_plan
 from simulation.scoring import AT_CHOSEN
-from simulation.sweep import run_sweep
 
 log = logging.getLogger(__name__)
-Say = Callable[[str], None]
 ROWS = ("paper", "central", "fedavg", "dp")
-Late = Callable[[], bool]  # whether --max-minutes has passed
 # what a requested row holds in a report written before the row ended
 NOT_REACHED = {"skipped": "not reached when this report was written (a later write replaces it)"}
 __all__ = ["FULL", "QUICK", "ROWS", "Request", "Schedule", "reproduce"]
@@ -122,19 +118,6 @@ def row_central(
     }
 
 
-def _plan(cohort: Cohort, sched: Schedule, sites: int, partition: str, seed: int) -> SimPlan:
-    return SimPlan(
-        data=cohort.data,
-        sites=sites,
-        partition=partition,
-        rounds=sched.rounds,
-        local_epochs=sched.local_epochs,
-        batch_size=sched.batch_size,
-        seed=seed,
-        partition_seed=seed,
-    )
-
-
 FedRow = tuple[str, int, str, dict[str, Any]]
 
 
@@ -162,61 +145,11 @@ def row_fedavg(
             continue
         say(f"[fedavg {name}] {sites} sites, {part}, {sched.rounds} rounds ...")
         rec = recipe.Recipe.of(recipe.BASE, layer)
-        plan = recipe.with_recipe(_plan(cohort, sched, sites, part, seed), rec)
+        plan = recipe.with_recipe(sim_plan(cohort.data, sched, sites, part, seed), rec)
         local = part in sched.local_only and not layer  # one local-only contrast per split
         res = run_compare(plan, out / name, local=local, say=say)
         results["runs"][name] = {"folder": str(out / name), "recipe": rec.facts(), **res}
     return results
-
-
-def dp_models() -> list[str]:
-    """The paper's network, and the DP-friendly one when this checkout's RunConfig has it."""
-    return [m for m in recipe.DP_MODELS if m == "paper" or recipe.supports("model", m)]
-
-
-def row_dp(
-    cohort: Cohort, sched: Schedule, out: Path, seeds: Sequence[int], say: Say, late: Late
-) -> dict[str, Any]:
-    """Row 4: DP-SGD at every site, whole-run epsilon per site, per model and seed."""
-    sites = sched.site_counts[0]
-    spec = DPSpec(epsilon=1.0, max_grad_norm=recipe.DP_CLIP, delta=recipe.DP_DELTA)
-    out_rows: dict[str, Any] = {
-        "seeds": list(seeds),
-        "sites": sites,
-        "delta": spec.delta,
-        "clip": spec.max_grad_norm,
-        "models": {},
-        "not_run": [],
-    }
-    for model in dp_models():
-        if late():
-            out_rows["not_run"].append(model)
-            continue
-        layer = {"model": model} if recipe.supports("model") else {}
-        rec = recipe.Recipe.of(recipe.BASE, recipe.DP, layer)
-        plan = recipe.with_recipe(
-            replace(_plan(cohort, sched, sites, "iid", seeds[0]), rounds=sched.dp_rounds), rec
-        )
-        say(f"[dp {model}] epsilon {list(sched.dp_epsilons)} x seeds {list(seeds)} ...")
-        res = run_sweep(
-            plan,
-            sched.dp_epsilons,
-            seeds,
-            out / model,
-            spec,
-            say=say,
-            late=late,
-        )
-        out_rows["not_run"] += [f"{model} {point}" for point in res["not_run"]]
-        speed = step_times(model, plan.batch_size, timed=sched.speed_steps)
-        say(f"[dp {model}] step time at batch {plan.batch_size}: {speed['ratio']:.2f}x plain")
-        out_rows["models"][model] = {
-            "recipe": rec.facts(),
-            "folder": str(out / model),
-            **res,
-            "step_time": speed,
-        }
-    return out_rows
 
 
 @dataclass(frozen=True)

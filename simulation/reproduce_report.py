@@ -220,12 +220,39 @@ noise is set offline so each site's total epsilon over the whole run stays withi
 {row["delta"]:g}, clipping norm {row["clip"]:g}). Mean ± sd over seeds {row["seeds"]} (each
 seed: its own site splits, init, sampling and noise; a real site's noise is never seeded).
 Recipe overrides sent: {recipes}.
-
+{_dp_choice_md(row)}
 {md_table(header, rows)}
 
 ![balanced accuracy against epsilon](figures/dp-epsilon.png)
 
 {_step_times_md(row)}"""
+
+
+def _dp_choice_md(row: Mapping[str, Any]) -> str:
+    """The DP recipes each model chose among on validation patients, when it had a choice."""
+    lines = []
+    for model, res in row["models"].items():
+        tried = res.get("candidates") or []
+        if not tried:
+            continue
+        cells = ", ".join(
+            f"candidate {t['candidate']} ("
+            + ", ".join(f"{k}={v}" for k, v in t["recipe"]["applied"].items() if k != "model")
+            + f") {fmt(t['val_balanced_accuracy'])}"
+            for t in tried
+        )
+        eps, seed = tried[0]["epsilon"], tried[0]["seed"]
+        lines.append(
+            f"- {model}: candidate {res['chosen']} chosen at epsilon {eps:g}, seed {seed}, by "
+            f"validation balanced accuracy at the coordinator's threshold: {cells}"
+        )
+    if not lines:
+        return ""
+    return (
+        "\nChosen on the sites' validation patients only; the chosen run is the sweep's point "
+        "at that epsilon and seed. The choice reads models trained on the sites' patches, and "
+        "its own privacy cost is not counted in the epsilons below.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def _step_times_md(row: Mapping[str, Any]) -> str:

@@ -6,11 +6,17 @@ patches) and is labelled in the report.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from common.config import Scalar
 from simulation import recipe
 from simulation.partitioners import MIN_PATIENTS
+from simulation.plan import SimPlan
+
+Say = Callable[[str], None]
+Late = Callable[[], bool]  # whether --max-minutes has passed
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,8 @@ class Schedule:
     dp_epsilons: tuple[float, ...]
     dp_rounds: int
     candidates: int  # how many of recipe.CENTRAL_CANDIDATES row 2 tries
+    # The DP recipes row 4 chooses among on validation patients, per model (one: no choice)
+    dp_candidates: tuple[Mapping[str, Scalar], ...] = (recipe.DP,)
     # Other Flower strategies tried on the skewed partitions (only where RunConfig knows them)
     alt_strategies: tuple[str, ...] = ()
     batch_size: int = 64
@@ -60,6 +68,7 @@ FULL = Schedule(
     dp_epsilons=(1.0, 3.0, 8.0),
     dp_rounds=10,
     candidates=len(recipe.CENTRAL_CANDIDATES),
+    dp_candidates=recipe.DP_CANDIDATES,
     alt_strategies=("fedprox", "fedadam", "fedavgm"),
 )
 # About an hour on a 2-core CPU for the shared real patches. Rounds x local epochs is 4 x 1, not
@@ -80,3 +89,17 @@ QUICK = Schedule(
     dp_rounds=1,
     candidates=1,
 )
+
+
+def sim_plan(data: Path, sched: Schedule, sites: int, partition: str, seed: int) -> SimPlan:
+    """The FedAvg plan of a row of ``sched``: ``sites`` sites of ``partition``, seeded."""
+    return SimPlan(
+        data=data,
+        sites=sites,
+        partition=partition,
+        rounds=sched.rounds,
+        local_epochs=sched.local_epochs,
+        batch_size=sched.batch_size,
+        seed=seed,
+        partition_seed=seed,
+    )

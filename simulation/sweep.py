@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -132,12 +132,16 @@ def run_sweep(
     spec: DPSpec | None = None,
     say: Say = log.info,
     late: Callable[[], bool] = lambda: False,
+    done: Mapping[tuple[float, int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Every (seed, epsilon) point; writes sweep.json, sweep.md and sweep.png into ``out``.
 
     ``late`` is asked before each point; once it says yes, the points left are not run and
     are named in ``not_run`` (their folder tags), the summary covering the points run.
+    ``done`` holds points already run with this plan elsewhere, by (epsilon, seed): they are
+    taken as they are (their ``run`` names their folder), not run again.
     """
+    done = done or {}
     # Group norm everywhere, no-DP point included, so that only the noise differs.
     plan = replace(plan, norm="group")
     spec = spec or DPSpec(epsilon=1.0)
@@ -150,6 +154,9 @@ def run_sweep(
     points, not_run = [], []
     for seed in seeds:
         for eps in epsilons:
+            if (eps, seed) in done:
+                points.append(done[(eps, seed)])
+                continue
             if late():  # each point is a whole FedAvg run: a deadline is kept between them
                 not_run.append(tag(eps, seed))
                 say(f"epsilon {eps:g}, seed {seed}: not run, the time allowed is spent")

@@ -22,14 +22,22 @@ from tests.integration.test_reproduce import TINY, _line
 pytestmark = pytest.mark.slow
 
 TWO_EPSILONS = replace(TINY, dp_epsilons=(8.0, 3.0))  # the DP row: two points to stop between
+# ... and two recipes to choose between, on validation patients, at epsilon 8
+TWO_RECIPES = replace(
+    TWO_EPSILONS,
+    dp_candidates=(
+        {"batch-size": 32, "learning-rate": 1e-2},
+        {"batch-size": 16, "learning-rate": 3e-3},
+    ),
+)
 
 
-def spent_by_one_run(folder: Path, artefact: str) -> Callable[[], float]:
-    """A clock that stands still until the first run has written ``artefact`` under
-    ``folder``, then jumps two minutes: --max-minutes 1 is spent by one run on any machine."""
+def spent_by_one_run(folder: Path, artefact: str, runs: int = 1) -> Callable[[], float]:
+    """A clock that stands still until ``runs`` runs have written ``artefact`` under
+    ``folder``, then jumps two minutes: --max-minutes 1 is spent by them on any machine."""
 
     def clock() -> float:
-        return 120.0 if any(folder.rglob(artefact)) else 0.0
+        return 120.0 if len(list(folder.rglob(artefact))) >= runs else 0.0
 
     return clock
 
@@ -43,12 +51,26 @@ def test_the_dp_sweep_stops_between_epsilons_and_names_what_it_skipped(
     tmp_path: Path, one_thread: None
 ) -> None:
     out = tmp_path / "out"
-    req = Request(_data(tmp_path), out, TWO_EPSILONS, seeds=(0,), rows=("dp",), max_minutes=1)
+    req = Request(_data(tmp_path), out, TWO_RECIPES, seeds=(0,), rows=("dp",), max_minutes=1)
     said: list[str] = []
-    reproduce(req, say=said.append, clock=spent_by_one_run(out / "dp", MODEL_FILE))
+    reproduce(req, say=said.append, clock=spent_by_one_run(out / "dp", MODEL_FILE, runs=2))
 
     row = json.loads((out / "results.json").read_text())["rows"]["dp"]
     paper = row["models"]["paper"]
+    # both recipes ran at epsilon 8; the one chosen on validation patients is the row's recipe
+    tried = paper["candidates"]
+    assert [(t["candidate"], t["epsilon"], t["seed"]) for t in tried] == [(0, 8.0, 0), (1, 8.0, 0)]
+    for t in tried:
+        assert t["val_balanced_accuracy"] == t["point"][AT_CHOSEN]["validation_balanced_accuracy"]
+        assert t["point"]["run"].startswith(str(out / "dp" / "paper-candidates"))
+    scores = [t["val_balanced_accuracy"] for t in tried]
+    chosen = paper["chosen"]
+    assert scores[chosen] == max(scores)
+    batch = TWO_RECIPES.dp_candidates[chosen]["batch-size"]
+    assert paper["recipe"]["applied"]["batch-size"] == batch
+    # the chosen run is the sweep's point at epsilon 8: taken over, not run again
+    assert paper["points"] == [tried[chosen]["point"]]
+    assert not (out / "dp" / "paper" / "runs" / "eps-8-seed-0").exists()
     assert [(p["epsilon"], p["seed"]) for p in paper["points"]] == [(8.0, 0)]
     assert paper["not_run"] == ["eps-3-seed-0"]
     assert not (out / "dp" / "paper" / "runs" / "eps-3-seed-0").exists()
@@ -62,6 +84,7 @@ def test_the_dp_sweep_stops_between_epsilons_and_names_what_it_skipped(
     report = (out / "report.md").read_text()
     assert f"| paper, at the validation-chosen threshold t={at['threshold']:.3g} |" in report
     assert "**Not run, --max-minutes reached: paper eps-3-seed-0" in report
+    assert f"- paper: candidate {chosen} chosen at epsilon 8, seed 0, by validation" in report
     # the row's DP step time, measured at its batch against a plain step, is a target
     speed, batch = paper["step_time"], paper["recipe"]["applied"]["batch-size"]  # the DP recipe's
     assert (speed["model"], speed["batch"], speed["grad_sample_mode"]) == ("paper", batch, "hooks")

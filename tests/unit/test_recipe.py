@@ -7,9 +7,10 @@ from pathlib import Path
 
 from common.config import RunConfig
 from simulation import cli as sim_cli
-from simulation import federated_cli
+from simulation import federated_cli, recipe
 from simulation.plan import SimPlan
 from simulation.recipe import Recipe, RecipePlan, known_keys, supports, with_recipe
+from simulation.reproduce_schedule import FULL
 from simulation.reproduce_targets import CHOSEN, targets
 from simulation.scoring import AT_CHOSEN
 
@@ -114,3 +115,15 @@ def args_without_recipe(data: Path) -> list[str]:
         "--epsilons",
         "8",
     ]
+
+
+def test_every_candidate_recipe_of_the_full_schedule_is_sent_whole():
+    """A candidate's key or value this checkout would not accept is dropped silently from
+    the runs (kept aside, not sent): then two candidates could run the same recipe."""
+    layers = [*recipe.CENTRAL_CANDIDATES, *FULL.dp_candidates]
+    for layer in layers:
+        for model in recipe.DP_MODELS:
+            rec = Recipe.of(recipe.BASE, layer, {"model": model})
+            assert rec.skipped == {} and rec.applied["model"] == model, (layer, rec.skipped)
+    sizes = [(c["batch-size"], c["learning-rate"]) for c in FULL.dp_candidates]
+    assert len(set(sizes)) == len(sizes) > 1 and FULL.dp_candidates[0] == recipe.DP
