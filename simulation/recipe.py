@@ -81,8 +81,9 @@ DP: dict[str, Scalar] = {"batch-size": 64, "learning-rate": 3e-3}
 # rounds x 2 epochs at epsilon 8 (delta 1e-5, Opacus RDP) the noise multiplier is 0.85 at batch
 # 64 (640 steps), 1.67 at 512 (80 steps) and 2.20 at 1024 (40 steps), so the noise on each
 # step's averaged clipped gradient has norm sqrt(92,610) x sigma / B = 4.05, 0.99 and 0.65 clip
-# norms for the `gap` network (13 to 28 times those for the paper's). Fewer steps take a larger
-# learning rate. QUICK's sites (~800 patches, one round) keep DP alone.
+# norms for the `gap` network (the paper's, 2,648,514 parameters: 21.6, 5.3 and 3.5), where a
+# clipped patch's gradient is at most 1 (benchmarks/dp_noise_table.py prints the table). Fewer
+# steps take a larger learning rate. QUICK's sites (~800 patches, one round) keep DP alone.
 DP_CANDIDATES: tuple[dict[str, Scalar], ...] = (
     DP,
     {"batch-size": 512, "learning-rate": 3e-3},
