@@ -123,7 +123,12 @@ FedRow = tuple[str, int, str, dict[str, Any]]
 
 def fed_configs(sched: Schedule) -> list[FedRow]:
     """(name, sites, partition, strategy overrides) of every federated row of ``sched``."""
-    rows: list[FedRow] = [(f"iid-{n}", n, "iid", {}) for n in sched.site_counts]
+    rows: list[FedRow] = []
+    for n in sched.site_counts:
+        rows.append((f"iid-{n}", n, "iid", {}))
+        for name in sched.iid_strategies:
+            if recipe.supports("strategy", name):
+                rows.append((f"iid-{n}-{name}", n, "iid", recipe.strategy(name)))
     first = sched.site_counts[0]
     for p in sched.skews:
         rows.append((f"{p}-{first}", first, p, {}))

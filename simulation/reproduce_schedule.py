@@ -38,6 +38,9 @@ class Schedule:
     dp_candidates: tuple[Mapping[str, Scalar], ...] = (recipe.DP,)
     # Other Flower strategies tried on the skewed partitions (only where RunConfig knows them)
     alt_strategies: tuple[str, ...] = ()
+    # ... and on the iid partitions (FedAvgM: chosen on validation at both QUICK site counts by
+    # benchmarks/strategy_compare.py, 2026-12-02; it narrowed the 10-site gap from -4.9 to -1.9)
+    iid_strategies: tuple[str, ...] = ()
     batch_size: int = 64
     speed_steps: int = 5  # timed plain and DP-SGD steps of row 4's step-time measurement
 
@@ -70,6 +73,7 @@ FULL = Schedule(
     candidates=len(recipe.CENTRAL_CANDIDATES),
     dp_candidates=recipe.DP_CANDIDATES,
     alt_strategies=("fedprox", "fedadam", "fedavgm"),
+    iid_strategies=("fedavgm",),
 )
 # About an hour on a 2-core CPU for the shared real patches. Rounds x local epochs is 4 x 1, not
 # 2 x 2: the first QUICK report (2 x 2) had FedAvg iid-5 6.3 BAC points under its pooled

@@ -10,6 +10,7 @@ from simulation import cli as sim_cli
 from simulation import federated_cli, recipe
 from simulation.plan import SimPlan
 from simulation.recipe import Recipe, RecipePlan, known_keys, supports, with_recipe
+from simulation.reproduce import QUICK, fed_configs
 from simulation.reproduce_schedule import FULL
 from simulation.reproduce_targets import CHOSEN, targets
 from simulation.scoring import AT_CHOSEN
@@ -127,3 +128,16 @@ def test_every_candidate_recipe_of_the_full_schedule_is_sent_whole():
             assert rec.skipped == {} and rec.applied["model"] == model, (layer, rec.skipped)
     sizes = [(c["batch-size"], c["learning-rate"]) for c in FULL.dp_candidates]
     assert len(set(sizes)) == len(sizes) > 1 and FULL.dp_candidates[0] == recipe.DP
+
+
+def test_full_runs_fedavgm_beside_fedavg_at_every_iid_site_count_and_quick_does_not():
+    full = {name: (sites, part, layer) for name, sites, part, layer in fed_configs(FULL)}
+    for n in FULL.site_counts:
+        assert full[f"iid-{n}"] == (n, "iid", {})
+        assert full[f"iid-{n}-fedavgm"] == (n, "iid", recipe.strategy("fedavgm"))
+    assert [name for name, *_ in fed_configs(QUICK)] == [
+        "iid-5",
+        "iid-10",
+        "label-skew-5",
+        "size-skew-5",
+    ]
