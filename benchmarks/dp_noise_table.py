@@ -4,8 +4,9 @@ Run: ``.venv/bin/python benchmarks/dp_noise_table.py --patches 2000 --epochs 20`
 
 For one site of ``--patches`` training patches and a whole run of ``--epochs`` local epochs
 (rounds x local epochs), at each epsilon (delta 1e-5) and batch: the noise multiplier the
-product would set for the whole run (:func:`simulation.plan.noise_for_plan`'s rule: Opacus's
-sampling rate 1 / batches per epoch and its RDP accountant), the steps it allows, and the norm
+product would set for the whole run (:func:`simulation.plan.site_noise`, what
+:func:`~simulation.plan.noise_for_plan` asks of each site: Opacus's sampling rate 1 / batches
+per epoch and its RDP accountant), the steps it allows, and the norm
 of the noise on one step's averaged clipped gradient, ``sqrt(parameters) x sigma / batch`` in
 clip norms, for each network. A clipped per-patch gradient is at most one clip norm long, so
 where that noise norm is well above 1 a step is mostly noise. No data is read and nothing is
@@ -19,8 +20,8 @@ import argparse
 import math
 import warnings
 
-from common.accounting import loader_batches, noise_for_target, schedule
 from common.model import build_model, count_parameters
+from simulation.plan import DPSpec, site_noise
 
 
 def main() -> int:
@@ -40,9 +41,8 @@ def main() -> int:
     )
     for eps in (float(e) for e in args.epsilons.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
-            rate, per_epoch = schedule(loader_batches(args.patches, batch))
-            steps = args.epochs * per_epoch
-            sigma = noise_for_target(eps, args.delta, rate, steps, "rdp")
+            spec = DPSpec(epsilon=eps, delta=args.delta, accountant="rdp")
+            sigma, rate, steps = site_noise(args.patches, batch, args.epochs, spec)
             noise = ", ".join(f"{k} {math.sqrt(n) * sigma / batch:.2f}" for k, n in params.items())
             print(
                 f"epsilon {eps:g} batch {batch}: rate {rate:.3f}, {steps} steps, noise "

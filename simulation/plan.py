@@ -136,13 +136,23 @@ def noise_for_plan(plan: SimPlan, sites: Sequence[Site], spec: DPSpec) -> float:
         return spec.noise_multiplier
     if spec.epsilon is None:  # DPSpec holds exactly one of the two
         raise ValueError("a DP spec needs an epsilon or a noise multiplier")
-    noises = []
-    for site in sites:
-        # The schedule each site's plan_round will use: Opacus's, from its loader's length.
-        rate, per_epoch = schedule(loader_batches(len(site.split.train), plan.batch_size))
-        steps = plan.rounds * plan.local_epochs * per_epoch
-        noises.append(noise_for_target(spec.epsilon, spec.delta, rate, steps, spec.accountant))
-    return max(noises)
+    epochs = plan.rounds * plan.local_epochs
+    return max(site_noise(len(s.split.train), plan.batch_size, epochs, spec)[0] for s in sites)
+
+
+def site_noise(
+    patches: int, batch_size: int, epochs: int, spec: DPSpec
+) -> tuple[float, float, int]:
+    """(noise multiplier, sampling rate, steps) that spend ``spec.epsilon`` in ``epochs``.
+
+    For one site of ``patches`` training patches over its whole run. The schedule is the one
+    the site's plan_round will use: Opacus's, from its loader's length.
+    """
+    if spec.epsilon is None:
+        raise ValueError("a DP spec needs an epsilon to set the noise from")
+    rate, per_epoch = schedule(loader_batches(patches, batch_size))
+    steps = epochs * per_epoch
+    return noise_for_target(spec.epsilon, spec.delta, rate, steps, spec.accountant), rate, steps
 
 
 def plan_facts(plan: SimPlan) -> dict[str, Any]:

@@ -33,8 +33,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from common.cli_util import one_line
 from simulation import recipe, sim_runtime
 from simulation.centralized import BaselineConfig, run_centralized
@@ -43,7 +41,7 @@ from simulation.partitioners import MIN_PATIENTS
 from simulation.reproduce_cohort import Cohort, link_balanced, make_cohort
 from simulation.reproduce_dp import row_dp
 from simulation.reproduce_schedule import FULL, QUICK, Late, Say, Schedule, sim_plan
-from simulation.scoring import AT_CHOSEN
+from simulation.scoring import AT_CHOSEN, best_on_validation, validation_score
 
 log = logging.getLogger(__name__)
 ROWS = ("paper", "central", "fedavg", "dp")
@@ -72,16 +70,6 @@ def row_paper(cohort: Cohort, sched: Schedule, out: Path, seed: int) -> dict[str
     return {"balanced": balanced, "seed": seed, "folder": str(out / "run"), **summary}
 
 
-def _val_score(summary: dict[str, Any]) -> float:
-    """Validation balanced accuracy of the kept model at its validation-chosen threshold.
-
-    Not at 0.5: a candidate whose P(IDC) all sits on one side of 0.5 would score chance there
-    however well it ranks, and it is scored on the test at its chosen threshold anyway.
-    """
-    value = summary["test"][AT_CHOSEN]["validation_balanced_accuracy"]
-    return float("nan") if value is None else float(value)
-
-
 def row_central(
     cohort: Cohort, sched: Schedule, out: Path, seed: int, late: Late
 ) -> dict[str, Any]:
@@ -103,12 +91,11 @@ def row_central(
                 "candidate": k,
                 "recipe": rec.facts(),
                 "folder": str(out / f"candidate-{k}"),
-                "val_balanced_accuracy": _val_score(summary),
+                "val_balanced_accuracy": validation_score(summary["test"][AT_CHOSEN]),
                 **summary,
             }
         )
-    scores = [t["val_balanced_accuracy"] for t in tried]
-    best = int(np.nanargmax(scores)) if any(math.isfinite(s) for s in scores) else 0
+    best = best_on_validation([t["val_balanced_accuracy"] for t in tried])
     return {
         "seed": seed,
         "chosen": best,
@@ -124,17 +111,17 @@ FedRow = tuple[str, int, str, dict[str, Any]]
 def fed_configs(sched: Schedule) -> list[FedRow]:
     """(name, sites, partition, strategy overrides) of every federated row of ``sched``."""
     rows: list[FedRow] = []
+
+    def add(sites: int, part: str, strategies: tuple[str, ...]) -> None:
+        rows.append((f"{part}-{sites}", sites, part, {}))
+        for name in strategies:
+            if recipe.supports("strategy", name):
+                rows.append((f"{part}-{sites}-{name}", sites, part, recipe.strategy(name)))
+
     for n in sched.site_counts:
-        rows.append((f"iid-{n}", n, "iid", {}))
-        for name in sched.iid_strategies:
-            if recipe.supports("strategy", name):
-                rows.append((f"iid-{n}-{name}", n, "iid", recipe.strategy(name)))
-    first = sched.site_counts[0]
+        add(n, "iid", sched.iid_strategies)
     for p in sched.skews:
-        rows.append((f"{p}-{first}", first, p, {}))
-        for name in sched.alt_strategies:
-            if recipe.supports("strategy", name):
-                rows.append((f"{p}-{first}-{name}", first, p, recipe.strategy(name)))
+        add(sched.site_counts[0], p, sched.alt_strategies)
     return rows
 
 

@@ -6,20 +6,17 @@ then swept over the schedule's epsilons and the seeds.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from simulation import recipe
 from simulation.dp_speed import step_times
 from simulation.plan import DPSpec, SimPlan
 from simulation.reproduce_cohort import Cohort
 from simulation.reproduce_schedule import Late, Say, Schedule, sim_plan
-from simulation.scoring import AT_CHOSEN
+from simulation.scoring import AT_CHOSEN, best_on_validation, validation_score
 from simulation.sweep import run_sweep
 
 
@@ -111,7 +108,6 @@ def _choose_dp(
             recipe.with_recipe(base, rec), [eps], [seed], out / f"candidate-{k}", spec, say=say
         )
         [point] = res["points"]
-        val = point[AT_CHOSEN]["validation_balanced_accuracy"]
         tried.append(
             {
                 "candidate": k,
@@ -119,12 +115,11 @@ def _choose_dp(
                 "folder": str(out / f"candidate-{k}"),
                 "epsilon": eps,
                 "seed": seed,
-                "val_balanced_accuracy": float("nan") if val is None else float(val),
+                "val_balanced_accuracy": validation_score(point[AT_CHOSEN]),
                 "point": point,
             }
         )
-    scores = [t["val_balanced_accuracy"] for t in tried]
-    best = int(np.nanargmax(scores)) if any(math.isfinite(x) for x in scores) else 0
+    best = best_on_validation([t["val_balanced_accuracy"] for t in tried])
     return {
         "recipe": recipes[tried[best]["candidate"]],
         "done": {(eps, seed): tried[best]["point"]},

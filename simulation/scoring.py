@@ -54,6 +54,21 @@ KEPT = (*HEADLINE, *PER_PATIENT)  # what a scored row keeps of the metrics
 Probs = tuple[np.ndarray, np.ndarray, float]  # labels, P(IDC), mean loss
 
 
+def validation_score(at_chosen: Mapping[str, Any]) -> float:
+    """Validation balanced accuracy at a model's validation-chosen threshold (NaN if none).
+
+    Not at 0.5: a candidate whose P(IDC) all sits on one side of 0.5 would score chance there
+    however well it ranks, and it is scored on the test at its chosen threshold anyway.
+    """
+    value = at_chosen["validation_balanced_accuracy"]
+    return float("nan") if value is None else float(value)
+
+
+def best_on_validation(scores: Sequence[float]) -> int:
+    """Index of the best validation score; the first when none is a number."""
+    return int(np.nanargmax(scores)) if any(np.isfinite(s) for s in scores) else 0
+
+
 def eval_loader(patches: PatchSet, idx: np.ndarray) -> Loader:
     """A plain, unshuffled loader over ``idx``."""
     return make_loader(PatchDataset(patches.images, patches.labels, idx), EVAL_BATCH, False)
