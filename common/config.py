@@ -24,6 +24,8 @@ LRSchedule = Literal["constant", "cosine"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 AUGMENTS: tuple[str, ...] = get_args(Augment)
 LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
+Optimizer = Literal["adam", "sgd"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 Accountant = Literal["rdp", "prv"]
 CentralDPMode = Literal["none", "client-fixed", "server-fixed"]
 SmallPolicy = Literal["pad", "skip"]
@@ -83,6 +85,7 @@ class RunConfig:
     weight_decay: float = 0.0  # > 0: AdamW; 0 keeps the paper's Adam
     lr_schedule: LRSchedule = "constant"
     ema: float = 0.0  # decay of the parameter average; 0: off
+    optimizer: Optimizer = "adam"  # "sgd": momentum 0.9 (for DP-SGD: its step follows the noise)
     max_examples_per_site: int = 1_000_000  # weight bound of sites that declared no count
     max_update_norm: float = 0.0  # 0: no bound on an update's L2 distance from the model
     # Flower's aggregation strategy (server/aggregators.py); the coordinator's checks wrap it.
@@ -183,6 +186,8 @@ class RunConfig:
         sched = self.lr_schedule
         _check(sched in LR_SCHEDULES, "lr-schedule", sched, f"one of {LR_SCHEDULES}")
         _check(0 <= self.ema < 1, "ema", self.ema, "in [0, 1) (0: off)")
+        opt = self.optimizer
+        _check(opt in OPTIMIZERS, "optimizer", opt, f"one of {OPTIMIZERS}")
         cap = self.max_examples_per_site
         _check(cap >= 0, "max-examples-per-site", cap, ">= 0 (0: no bound)")
         norm = self.max_update_norm

@@ -40,6 +40,7 @@ ADDED: tuple[tuple[str, Any], ...] = (
     ("ema", 0.0),
     ("compile", "off"),  # eager modules before
     ("dp.augmult", 1),  # one view of each sampled patch
+    ("optimizer", "adam"),  # Adam (AdamW with weight decay) was the only optimizer
 )
 # Releases that hashed every key they knew, by how many of ADDED they knew: until the
 # strategy keys, until precision and layout, until the recipe keys, until this module (the

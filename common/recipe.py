@@ -1,9 +1,9 @@
 """The training recipe's levers around THE loop: augmentation, optimizer, schedule, averaging.
 
 :class:`Recipe` is what a run chooses (run-config keys ``augment``, ``weight-decay``,
-``lr-schedule``, ``ema``); :class:`RecipeRun` is one call of :func:`common.training.train`
-applying it. The defaults are the paper's: no augmentation in the loop, Adam, a constant
-learning rate, no averaging.
+``lr-schedule``, ``ema``, ``optimizer``); :class:`RecipeRun` is one call of
+:func:`common.training.train` applying it. The defaults are the paper's: no augmentation in
+the loop, Adam, a constant learning rate, no averaging.
 
 Scope of one call. The cosine schedule runs over the call's own steps and the average starts
 from the call's starting weights. In a federated run a call is one round's local training at
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from common.augment import augment_batch, check_augment
-from common.config import LR_SCHEDULES, Augment, LRSchedule, RunConfig
+from common.config import LR_SCHEDULES, OPTIMIZERS, Augment, LRSchedule, Optimizer, RunConfig
 
 EMA_WARMUP = 10.0
 
@@ -42,6 +42,7 @@ class Recipe:
     weight_decay: float = 0.0  # > 0: AdamW with this decoupled decay; 0: Adam
     lr_schedule: LRSchedule = "constant"
     ema: float = 0.0  # decay of the parameter average; 0: off
+    optimizer: Optimizer = "adam"  # "sgd": momentum 0.9, its step as large as the gradient
 
     def __post_init__(self) -> None:
         check_augment(self.augment)
@@ -52,17 +53,27 @@ class Recipe:
             raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema decay must be in [0, 1) (0: off), got {self.ema}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     @classmethod
     def from_run(cls, run: RunConfig) -> Recipe:
         """The recipe a run config names."""
-        return cls(run.augment, run.weight_decay, run.lr_schedule, run.ema)
+        return cls(run.augment, run.weight_decay, run.lr_schedule, run.ema, run.optimizer)
 
 
 def make_optimizer(
     params: Iterable[nn.Parameter], lr: float, recipe: Recipe
 ) -> torch.optim.Optimizer:
-    """Adam at ``lr`` (the paper), or AdamW when the recipe asks for weight decay."""
+    """Adam at ``lr`` (the paper), AdamW when the recipe asks for weight decay, or SGD.
+
+    SGD (momentum 0.9, the weight decay coupled) is for DP-SGD: Adam divides each coordinate's
+    step by its running gradient size, so where the noise outweighs the clipped gradients
+    (most of a large layer) it takes lr-sized random steps; SGD's step is as small as the
+    averaged noise is.
+    """
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=recipe.weight_decay)
     if recipe.weight_decay > 0:
         return torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
     return torch.optim.Adam(params, lr=lr)

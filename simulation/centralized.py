@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from common.config import Augment, LRSchedule, ModelKind
+from common.config import Augment, LRSchedule, ModelKind, Optimizer
 from common.data import PatchSet, load_patches
 from common.dataset import PatchDataset, make_loader
 from common.metrics import ACCURACY, AUC, BALANCED_ACCURACY, F1, json_safe
@@ -41,6 +41,7 @@ class BaselineConfig:
     weight_decay: float = 0.0
     lr_schedule: LRSchedule = "constant"
     ema: float = 0.0
+    optimizer: Optimizer = "adam"
     seed: int = 0
     norm: Norm = "batch"
     model: ModelKind = "paper"
@@ -56,7 +57,7 @@ class BaselineConfig:
 
     def recipe(self) -> Recipe:
         """The recipe levers of this baseline."""
-        return Recipe(self.augment, self.weight_decay, self.lr_schedule, self.ema)
+        return Recipe(self.augment, self.weight_decay, self.lr_schedule, self.ema, self.optimizer)
 
     def train_config(self) -> TrainConfig:
         """The loop's part of this config."""

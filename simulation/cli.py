@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from common.cli_util import add_command, dispatch, new_parser
-from common.config import AUGMENTS, LR_SCHEDULES, MODEL_KINDS
+from common.config import AUGMENTS, LR_SCHEDULES, MODEL_KINDS, OPTIMIZERS
 from common.errors import EXIT_OK
 from simulation.federated_cli import add_federated, add_sweep, add_threads_argument
 
@@ -44,6 +44,7 @@ def _centralized(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule,
         ema=args.ema,
+        optimizer=args.optimizer,
         model=args.model,
         seed=args.seed,
         progress=sys.stderr.isatty(),
@@ -85,6 +86,7 @@ def _add_centralized(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="> 0: AdamW")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     p.add_argument("--ema", type=float, default=0.0, help="parameter averaging decay; 0: off")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="sgd: momentum 0.9")
     p.add_argument("--model", choices=MODEL_KINDS, default="paper", help="gap: DP-friendly")
     p.add_argument("--seed", type=int, default=0)
 

@@ -161,7 +161,7 @@ def _add_site_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="training-recipe keys of the run config, for the FedAvg runs and the pooled and "
         "local-only baselines alike: model=gap (the DP-friendly network), augment, "
-        "weight-decay, lr-schedule, ema, dp.augmult (see `idc-server run --help`)",
+        "weight-decay, lr-schedule, ema, optimizer, dp.augmult (see `idc-server run --help`)",
     )
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds per FedAvg run")
     p.add_argument("--out", type=Path, required=True, help="results folder (replaced if ours)")

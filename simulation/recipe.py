@@ -137,6 +137,7 @@ _BASELINE_FIELDS: dict[str, tuple[str, type]] = {
     "weight-decay": ("weight_decay", float),
     "lr-schedule": ("lr_schedule", str),
     "ema": ("ema", float),
+    "optimizer": ("optimizer", str),
     "model": ("model", str),
     "norm": ("norm", str),
 }

@@ -92,19 +92,21 @@ def test_targets_compare_fedavg_with_its_own_pooled_baseline():
 def test_idc_sim_recipe_flag_reaches_the_fedavg_runs_and_both_baselines(tmp_path: Path):
     args = sim_cli.build_parser().parse_args(
         ["federated", "--data", str(tmp_path), "--sites", "3", "--rounds", "2", "--out", "o"]
-        + ["--recipe", "model=gap", "ema=0.99", "lr-schedule=cosine"]
+        + ["--recipe", "model=gap", "ema=0.99", "lr-schedule=cosine", "optimizer=sgd"]
     )
     plan = federated_cli._plan(args)
     assert isinstance(plan, RecipePlan)
     run = plan.run_config(tmp_path / "r", tmp_path / "c", tmp_path / "s")
-    assert (run.model, run.ema, run.lr_schedule, run.num_server_rounds) == (
+    assert (run.model, run.ema, run.lr_schedule, run.optimizer, run.num_server_rounds) == (
         "gap",
         0.99,
         "cosine",
+        "sgd",
         2,
     )
     base = plan.baseline()
     assert (base.model, base.ema, base.lr_schedule, base.epochs) == ("gap", 0.99, "cosine", 2)
+    assert base.recipe().optimizer == "sgd"
     sweep = sim_cli.build_parser().parse_args(args_without_recipe(tmp_path))
     plain = federated_cli._plan(sweep, seed=0)
     assert not isinstance(plain, RecipePlan)

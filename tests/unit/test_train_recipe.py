@@ -109,6 +109,7 @@ def test_the_loop_augments_training_batches_only_never_validation():
         ({"weight_decay": -0.1}, "weight decay"),
         ({"lr_schedule": "step"}, "schedule"),
         ({"ema": 1.0}, "ema"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
     ],
 )
 def test_recipe_rejects_bad_values_naming_them(kw: dict[str, object], word: str):
@@ -118,7 +119,13 @@ def test_recipe_rejects_bad_values_naming_them(kw: dict[str, object], word: str)
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("augment", "flip"), ("weight-decay", -1.0), ("lr-schedule", "step"), ("ema", 1.5)],
+    [
+        ("augment", "flip"),
+        ("weight-decay", -1.0),
+        ("lr-schedule", "step"),
+        ("ema", 1.5),
+        ("optimizer", "rmsprop"),
+    ],
 )
 def test_run_config_names_the_bad_recipe_key(key: str, value: object):
     with pytest.raises(ValueError, match=f"'{key}'"):
@@ -127,9 +134,15 @@ def test_run_config_names_the_bad_recipe_key(key: str, value: object):
 
 def test_run_config_keys_reach_the_recipe_and_defaults_keep_todays_training():
     run = RunConfig.from_run_config(
-        {"augment": "dihedral", "weight-decay": 0.05, "lr-schedule": "cosine", "ema": 0.9}
+        {
+            "augment": "dihedral",
+            "weight-decay": 0.05,
+            "lr-schedule": "cosine",
+            "ema": 0.9,
+            "optimizer": "sgd",
+        }
     )
-    assert Recipe.from_run(run) == Recipe("dihedral", 0.05, "cosine", 0.9)
+    assert Recipe.from_run(run) == Recipe("dihedral", 0.05, "cosine", 0.9, "sgd")
     default = Recipe.from_run(RunConfig())
     # Sites have always trained on flipped, rotated, jittered patches with a plain Adam.
     assert default == Recipe(augment="dihedral+color")
@@ -143,6 +156,23 @@ def test_weight_decay_switches_adam_to_adamw():
     adamw = make_optimizer(params, 1e-3, Recipe(weight_decay=0.05))
     assert type(adamw) is torch.optim.AdamW
     assert adamw.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_sgd_steps_by_the_gradients_size_where_adam_steps_by_its_learning_rate():
+    """Why DP-SGD rows may choose SGD: on a gradient that is all noise of one small size, Adam's
+    first step moves every coordinate by the learning rate; SGD's moves it by lr x gradient."""
+    params = [nn.Parameter(torch.zeros(10_000))]
+    noise = 1e-3 * torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for name in ("adam", "sgd"):
+        params[0].data.zero_()
+        opt = make_optimizer(params, 0.01, Recipe(optimizer=name))  # type: ignore[arg-type]
+        params[0].grad = noise.clone()
+        opt.step()
+        steps[name] = params[0].detach().abs().mean().item()
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.9
+    assert abs(steps["adam"] - 0.01) < 1e-4  # lr on every coordinate, whatever the noise's size
+    assert abs(steps["sgd"] - 0.01 * noise.abs().mean().item()) < 1e-9
 
 
 def _batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
