@@ -59,8 +59,14 @@ class Candidate:
     @classmethod
     def parse(cls, text: str) -> Candidate:
         """``model=gap,batch=64,...`` -> a Candidate (unnamed fields keep their defaults)."""
-        kinds = {"model": str, "optimizer": str, "batch": int, "rounds": int, "epochs": int}
-        kinds["augmult"] = int
+        kinds = {
+            "model": str,
+            "optimizer": str,
+            "batch": int,
+            "rounds": int,
+            "epochs": int,
+            "augmult": int,
+        }
         values: dict[str, Any] = {}
         for item in filter(None, text.split(",")):
             key, _, value = item.partition("=")
@@ -79,7 +85,7 @@ def _site_round(
 ) -> dict[str, np.ndarray]:
     """One site's local epochs from ``arrays``: DP-SGD at ``noise``, or plain when None."""
     model = set_weights(build_model("group", seed=0, kind=cand.model), arrays)  # type: ignore[arg-type]
-    recipe = Recipe("dihedral+color", 1e-4, "constant", cand.ema, cand.optimizer)  # type: ignore[arg-type]
+    recipe = Recipe("dihedral+color", 1e-4, ema=cand.ema, optimizer=cand.optimizer)  # type: ignore[arg-type]
     opt = make_optimizer(model.parameters(), cand.lr, recipe)
     loader = site.loader("train", cand.batch, seed, train=True)
     config = TrainConfig(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -57,9 +57,12 @@ class Recipe:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     @classmethod
-    def from_run(cls, run: RunConfig) -> Recipe:
-        """The recipe a run config names."""
-        return cls(run.augment, run.weight_decay, run.lr_schedule, run.ema, run.optimizer)
+    def from_run(cls, run: RunConfig | object) -> Recipe:
+        """The recipe a run config names (or a baseline's config: the same fields by name).
+
+        Read by field name, so a lever added to the recipe reaches every caller at once.
+        """
+        return cls(**{f.name: getattr(run, f.name) for f in fields(cls)})
 
 
 def make_optimizer(

@@ -57,7 +57,7 @@ class BaselineConfig:
 
     def recipe(self) -> Recipe:
         """The recipe levers of this baseline."""
-        return Recipe(self.augment, self.weight_decay, self.lr_schedule, self.ema, self.optimizer)
+        return Recipe.from_run(self)
 
     def train_config(self) -> TrainConfig:
         """The loop's part of this config."""
